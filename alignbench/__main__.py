@@ -1,0 +1,5 @@
+import sys
+
+from alignbench.cli import main
+
+sys.exit(main())

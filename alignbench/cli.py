@@ -1,0 +1,160 @@
+"""The `alignbench` command line.
+
+User errors (bad config keys, values, files, method names) print one message naming
+what is wrong and what is accepted, and exit with status 2 — no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from alignbench.config import ConfigError
+
+EXIT_USER_ERROR = 2
+
+
+def _quiet_environment() -> None:
+    # No network at run time: W&B offline unless configured, HF telemetry off; and keep
+    # third-party warnings that mean nothing to a user off the console.
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*predefined.*")
+    warnings.filterwarnings("ignore", message=".*transfer_batch_to_device.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    import logging
+
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+    logging.getLogger("lightning.pytorch.accelerators.cuda").setLevel(logging.WARNING)
+
+
+def _print_results(directory: Path, fmt: str) -> None:
+    from alignbench.analysis.tables import format_table, load_runs, results_frame, summary_table
+
+    runs = load_runs(directory)
+    if not runs:
+        raise ConfigError(f"no finished runs (metrics.json) under {directory}")
+    table = summary_table(results_frame(runs))
+    if fmt == "md":
+        # Metrics as rows and methods as columns: readable in a terminal with many metrics.
+        transposed = table.set_index("method").drop(columns=["experiment"]).T.reset_index().rename(columns={"index": "metric"})
+        print(format_table(transposed, "md"))
+    else:
+        print(format_table(table, fmt), end="")
+
+
+def cmd_run(args) -> None:
+    from alignbench.experiment import load_experiment
+    from alignbench.runner import run_one
+
+    config = load_experiment(args.experiment, args.overrides)
+    result = run_one(config, Path(args.out))
+    metrics = result["metrics"]
+    keys = [k for k in metrics if k.startswith("eval/") and not k.endswith(("_ci_low", "_ci_high"))]
+    for key in keys:
+        ci = f" [{metrics.get(key + '_ci_low', float('nan')):.3f}, {metrics.get(key + '_ci_high', float('nan')):.3f}]" if key + "_ci_low" in metrics else ""
+        print(f"{key:28s} {metrics[key]:.4f}{ci}")
+    print(f"results: {Path(args.out) / result['experiment'] / result['run_name']}")
+
+
+def cmd_quickstart(args) -> None:
+    from alignbench.experiment import load_experiment
+    from alignbench.pipeline import Pipeline
+    from alignbench.runner import run_one
+
+    started = time.perf_counter()
+    config = load_experiment(args.experiment, args.overrides)
+    pipeline = Pipeline(config, Path(args.out))
+    for seed in config.seeds:
+        for method in config.methods:
+            run_one(config, Path(args.out), method=method, seed=seed, pipeline=pipeline)
+    print()
+    _print_results(Path(args.out) / config.name, "md")
+    print(f"quickstart finished in {time.perf_counter() - started:.0f}s; results in {Path(args.out) / config.name}")
+
+
+def cmd_results(args) -> None:
+    _print_results(Path(args.directory), args.format)
+
+
+def cmd_methods(args) -> None:
+    from alignbench.config import describe
+    from alignbench.registry import METHODS
+
+    for name, cls in METHODS.items():
+        doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
+        print(f"{name}: {doc[0] if doc else ''}")
+        print(f"    needs_reference={cls.needs_reference} feedback={cls.feedback} trains={cls.trains}")
+        for key, type_name, default, field_doc in describe(cls.config_class, prefix=name):
+            print(f"    {key} ({type_name}) = {default!r}  {field_doc}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="alignbench", description="Compare alignment methods head to head.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name, func, help_text):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--out", default="runs", help="output directory (default: runs)")
+        p.set_defaults(func=func)
+        return p
+
+    p = add("quickstart", cmd_quickstart, "world -> SFT -> reward models -> every method and baseline -> evaluation -> table")
+    p.add_argument("--experiment", default="quickstart", help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p = add("run", cmd_run, "one run: one method, one seed (dotted key=value or --key=value overrides)")
+    p.add_argument("experiment", help="a shipped experiment name (quickstart) or a YAML path")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method=dpo dpo.beta=0.2")
+    p = add("results", cmd_results, "the results table of an experiment directory")
+    p.add_argument("directory")
+    p.add_argument("--format", choices=["md", "csv", "latex"], default="md")
+    add("methods", cmd_methods, "the registered methods and their configs")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    # W&B agents pass --key=value: whatever argparse does not know becomes an override.
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        if not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.overrides = list(args.overrides) + unknown
+    _quiet_environment()
+    from alignbench.training import NonFiniteLossError
+
+    try:
+        args.func(args)
+    except ConfigError as err:
+        print(f"alignbench: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except FileNotFoundError as err:
+        print(f"alignbench: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except NonFiniteLossError as err:
+        print(f"alignbench: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("alignbench: interrupted; finished runs are kept, rerun to finish the rest", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

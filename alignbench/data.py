@@ -1,0 +1,179 @@
+"""Datasets and Lightning DataModules: prompts, demonstrations and preferences.
+
+All three are `datasets.Dataset`s of text, tokenised once with the run's `TextCodec`.
+
+A preference dataset holds one row per prompt: the responses' pairwise comparisons for
+that prompt (`chosen[i]` beat `rejected[i]`, optionally with a margin `margin[i]`). A
+ranking of K responses expands to all K-choose-2 pairs in one row, so a batch always
+holds every comparison of a prompt together, as InstructGPT did to avoid overfitting
+to responses that appear in many pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import lightning as L
+import torch
+from datasets import Dataset
+from torch.utils.data import DataLoader
+
+from alignbench.logprobs import PackedBatch, pack_sequences
+from alignbench.models import TextCodec
+
+
+def preference_rows(records: Sequence[dict], allow_empty_responses: bool = False) -> Dataset:
+    """Validate flat pair records ({prompt, chosen, rejected, margin?}) and group them by prompt.
+
+    Each row holds a prompt's distinct responses once and its comparisons as index pairs,
+    so a response in several pairs is scored once per step (InstructGPT's reason for
+    batching a prompt's K-choose-2 comparisons together). Sampled responses may be empty
+    (the policy ended at once); rows of a user's dataset may not, unless
+    `allow_empty_responses`.
+    """
+    grouped: dict[str, dict] = {}
+    for index, record in enumerate(records):
+        for column in ("prompt", "chosen", "rejected"):
+            value = record.get(column)
+            empty_ok = allow_empty_responses and column != "prompt"
+            if not isinstance(value, str) or (not value.strip() and not empty_ok):
+                raise ValueError(f"preference row {index}: column '{column}' is missing or empty (got {value!r})")
+        row = grouped.setdefault(record["prompt"], {"prompt": record["prompt"], "responses": [], "chosen": [], "rejected": [], "margin": []})
+        for column in ("chosen", "rejected"):
+            if record[column] not in row["responses"]:
+                row["responses"].append(record[column])
+            row[column].append(row["responses"].index(record[column]))
+        row["margin"].append(float(record.get("margin", 0.0) or 0.0))
+    return Dataset.from_list(list(grouped.values()))
+
+
+@dataclass
+class PreferenceBatch:
+    """The comparisons of a batch of prompts.
+
+    responses: PackedBatch [R, T], every distinct response of the batch's prompts once.
+    chosen, rejected: [P] indices into `responses` for the P pairs; margin: [P];
+    group: [P] which prompt (0..num_groups-1) a pair belongs to;
+    response_index: [R] position of each response in the whole dataset (for precomputed
+    reference log-probs).
+    """
+
+    responses: PackedBatch
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    margin: torch.Tensor
+    group: torch.Tensor
+    num_groups: int
+    response_index: torch.Tensor
+
+    def to(self, device) -> "PreferenceBatch":
+        return PreferenceBatch(
+            self.responses.to(device), self.chosen.to(device), self.rejected.to(device), self.margin.to(device),
+            self.group.to(device), self.num_groups, self.response_index.to(device),
+        )
+
+
+class PreferenceDataModule(L.LightningDataModule):
+    """Preference comparisons, batched by prompt (`batch_size` prompts per batch)."""
+
+    def __init__(self, dataset: Dataset, codec: TextCodec, batch_size: int, max_length: int, seed: int = 0, shuffle: bool = True):
+        super().__init__()
+        self.codec, self.batch_size, self.max_length, self.seed, self.shuffle = codec, batch_size, max_length, seed, shuffle
+        offsets, total = [], 0
+        for n in (len(r) for r in dataset["responses"]):
+            offsets.append(total)
+            total += n
+        self.num_responses = total
+        self.num_pairs = sum(len(c) for c in dataset["chosen"])
+        self.dataset = dataset.add_column("offset", offsets).map(
+            lambda row: {"prompt_ids": codec.encode_prompt(row["prompt"]), "response_ids": codec.encode_responses(row["responses"])},
+            desc="tokenising preferences",
+        )
+
+    def collate(self, rows: list[dict]) -> PreferenceBatch:
+        prompts, responses, response_index = [], [], []
+        chosen, rejected, margin, group = [], [], [], []
+        for g, row in enumerate(rows):
+            first = len(responses)
+            for k, ids in enumerate(row["response_ids"]):
+                prompts.append(row["prompt_ids"])
+                responses.append(ids)
+                response_index.append(row["offset"] + k)
+            chosen += [first + i for i in row["chosen"]]
+            rejected += [first + i for i in row["rejected"]]
+            margin += row["margin"]
+            group += [g] * len(row["chosen"])
+        return PreferenceBatch(
+            responses=pack_sequences(prompts, responses, self.codec.pad_token_id, max_length=self.max_length),
+            chosen=torch.tensor(chosen), rejected=torch.tensor(rejected),
+            margin=torch.tensor(margin, dtype=torch.float32), group=torch.tensor(group), num_groups=len(rows),
+            response_index=torch.tensor(response_index),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            self.dataset.with_format(None), batch_size=self.batch_size, shuffle=self.shuffle,
+            collate_fn=self.collate, generator=generator,
+        )
+
+    def ordered_dataloader(self, batch_size: int) -> DataLoader:
+        return DataLoader(self.dataset.with_format(None), batch_size=batch_size, shuffle=False, collate_fn=self.collate)
+
+
+@dataclass
+class DemonstrationBatch:
+    batch: PackedBatch  # loss on response tokens only (the prompt is masked)
+    num_tokens: int
+
+
+class DemonstrationDataModule(L.LightningDataModule):
+    """(prompt, response) demonstrations for supervised fine-tuning; loss masked on the prompt."""
+
+    def __init__(self, dataset: Dataset, codec: TextCodec, batch_size: int, max_length: int, seed: int = 0):
+        super().__init__()
+        for column in ("prompt", "response"):
+            if column not in dataset.column_names:
+                raise ValueError(f"demonstration data needs a '{column}' column; it has {dataset.column_names}")
+        self.codec, self.batch_size, self.max_length, self.seed = codec, batch_size, max_length, seed
+        self.dataset = dataset.map(
+            lambda row: {
+                "prompt_ids": codec.encode_prompt(row["prompt"]),
+                "response_ids": codec.encode_responses([row["response"]])[0],
+            },
+            desc="tokenising demonstrations",
+        )
+
+    def collate(self, rows: list[dict]) -> DemonstrationBatch:
+        packed = pack_sequences(
+            [r["prompt_ids"] for r in rows], [r["response_ids"] for r in rows], self.codec.pad_token_id,
+            max_length=self.max_length,
+        )
+        return DemonstrationBatch(packed, int(packed.attention_mask.sum()))
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            self.dataset.with_format(None), batch_size=self.batch_size, shuffle=True,
+            collate_fn=self.collate, generator=generator, drop_last=len(self.dataset) > self.batch_size,
+        )
+
+
+class PromptDataModule(L.LightningDataModule):
+    """Prompts only: what online and sampling-based methods draw rollouts from."""
+
+    def __init__(self, prompts: Sequence[str], batch_size: int, seed: int = 0, harmful: Sequence[bool] | None = None):
+        super().__init__()
+        columns = {"prompt": list(prompts)}
+        if harmful is not None:
+            columns["harmful"] = list(harmful)
+        self.dataset = Dataset.from_dict(columns)
+        self.batch_size, self.seed = batch_size, seed
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            self.dataset.with_format(None), batch_size=self.batch_size, shuffle=True, generator=generator,
+            collate_fn=lambda rows: rows,
+        )

@@ -1,0 +1,179 @@
+"""The experiment config: one typed tree for world, model, stages, evaluation and methods.
+
+Each registered method contributes a section named after it (`dpo: {beta: 0.1}`), so an
+override such as `dpo.beta=0.2` is type-checked like any other key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+from alignbench.annotator import AnnotatorConfig
+from alignbench.config import ConfigError, apply_overrides, config_hash, did_you_mean, from_dict, load_yaml, parse_overrides, to_dict
+from alignbench.evaluation import EvalConfig
+from alignbench.registry import METHODS, get_method
+from alignbench.reward import RewardModelConfig
+from alignbench.sft import SFTConfig
+from alignbench.tracking import TrackingConfig
+from alignbench.training import TrainerConfig
+from alignbench.world import WorldConfig
+
+
+@dataclass
+class ModelConfig:
+    """The policy every method starts from (before SFT)."""
+
+    name: str = "world-small"
+    """A named world model (world-tiny, world-mini, world-small, world-base) or any HF causal LM (hub name or local path)."""
+    trust_remote_code: bool = False
+    """Allow a hub model's own Python code to run. Off unless you trust the model's authors."""
+    init_seed: int = 0
+    """Seed of a named world model's random initialisation."""
+
+
+@dataclass
+class LabelConfig:
+    """How the preference labels shared by reward models and preference methods are collected."""
+
+    n_prompts: int = 3000
+    """Training prompts whose sampled responses are labelled."""
+    responses_per_prompt: int = 4
+    """K responses sampled from the SFT policy per prompt and ranked (all K-choose-2 pairs are used)."""
+    temperature: float = 1.0
+    """Sampling temperature for the responses to label."""
+    source: Literal["annotator", "gold"] = "annotator"
+    """Who labels: the simulated human annotator, or the gold reward (noise-free oracle labels)."""
+    annotator: AnnotatorConfig = field(default_factory=AnnotatorConfig)
+    """The simulated annotators' noise (Bradley–Terry temperature, flips, biases)."""
+    seed: int = 0
+    """Seed of prompt choice, sampling and labelling."""
+
+    def __post_init__(self):
+        if self.n_prompts < 10:
+            raise ValueError(f"labels.n_prompts={self.n_prompts} must be >= 10")
+        if not 2 <= self.responses_per_prompt <= 9:
+            raise ValueError(f"labels.responses_per_prompt={self.responses_per_prompt} must be in 2..9")
+
+
+@dataclass
+class ExperimentBase:
+    name: str = "experiment"
+    """The experiment's name: its folder under --out and its W&B project."""
+    methods: list[str] = field(default_factory=lambda: ["sft", "best_of_n", "dpo"])
+    """Methods compared by `quickstart` / `sweep` (registry names)."""
+    method: str | None = None
+    """The method of a single `alignbench run` (default: the only entry of `methods`)."""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """Seeds compared by `quickstart` / `sweep`."""
+    seed: int | None = None
+    """The seed of a single run (default: the first of `seeds`)."""
+    world: WorldConfig = field(default_factory=WorldConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    labels: LabelConfig = field(default_factory=LabelConfig)
+    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+_SHARED_SECTIONS = {f.name for f in dataclasses.fields(ExperimentBase)}
+# A method named like a shared section (the `sft` baseline) has no options of its own: its
+# behaviour is the shared section's.
+ExperimentConfig = dataclasses.make_dataclass(
+    "ExperimentConfig",
+    [(name, cls.config_class, field(default_factory=cls.config_class)) for name, cls in METHODS.items() if name not in _SHARED_SECTIONS],
+    bases=(ExperimentBase,),
+)
+ExperimentConfig.__doc__ = "A whole experiment: shared stages, evaluation, tracking and every method's section."
+
+# Keys that change how a run is executed or shown, never its numbers.
+_NOT_IN_RUN_IDENTITY = ("methods", "seeds", "tracking", "trainer.progress_bar", "trainer.threads")
+
+
+def shipped_experiments() -> dict[str, Path]:
+    root = resources.files("alignbench.experiments")
+    found = {}
+    for path in sorted(Path(str(root)).rglob("*.yaml")):
+        found.setdefault(path.stem, path)
+        found[str(path.relative_to(Path(str(root))).with_suffix(""))] = path
+    return found
+
+
+def find_experiment(name_or_path: str) -> Path:
+    """A YAML path, or a bare name of a shipped experiment (`quickstart`)."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"experiment file not found: {name_or_path}")
+        return path
+    shipped = shipped_experiments()
+    key = name_or_path.removesuffix(".yaml")
+    if key in shipped:
+        return shipped[key]
+    raise ConfigError(
+        f"no experiment named {name_or_path!r};{did_you_mean(key, shipped)} shipped experiments: {', '.join(sorted(shipped))} "
+        "(or give a path to a YAML file)"
+    )
+
+
+def load_experiment(name_or_path: str, overrides: Sequence[str] = ()):
+    """Load, override and validate an experiment; every user error is a ConfigError."""
+    path = find_experiment(name_or_path)
+    data = apply_overrides(load_yaml(path), parse_overrides(overrides))
+    data.setdefault("name", path.stem)
+    config = from_dict(ExperimentConfig, data)
+    for name in config.methods:
+        get_method(name)
+    if config.method is not None:
+        get_method(config.method)
+    if not config.methods or not config.seeds:
+        raise ConfigError("an experiment needs at least one entry in 'methods' and in 'seeds'")
+    return config
+
+
+def for_run(config, method: str | None = None, seed: int | None = None):
+    """The config of one run: one method and one seed resolved."""
+    method = method or config.method
+    if method is None:
+        if len(config.methods) != 1:
+            raise ConfigError(f"experiment {config.name!r} compares {len(config.methods)} methods; choose one with method=NAME ({', '.join(config.methods)})")
+        method = config.methods[0]
+    get_method(method)
+    seed = seed if seed is not None else (config.seed if config.seed is not None else config.seeds[0])
+    return dataclasses.replace(config, method=method, seed=seed)
+
+
+def method_config(config):
+    """The config section of the run's method (default options where it has none)."""
+    if config.method in _SHARED_SECTIONS:
+        return get_method(config.method).config_class()
+    return getattr(config, config.method)
+
+
+def run_config_dict(config) -> dict[str, Any]:
+    """The resolved config of one run: shared sections plus its own method's section only."""
+    data = to_dict(config)
+    for name in METHODS:
+        if name != config.method and name not in _SHARED_SECTIONS:
+            data.pop(name, None)
+    return data
+
+
+def run_identity(config) -> str:
+    data = run_config_dict(config)
+    for dotted in _NOT_IN_RUN_IDENTITY:
+        *parents, leaf = dotted.split(".")
+        node = data
+        for p in parents:
+            node = node.get(p, {})
+        node.pop(leaf, None)
+    return config_hash(data, length=8)
+
+
+def run_name(config) -> str:
+    return f"{config.method}-seed{config.seed}-{run_identity(config)}"

@@ -1,0 +1,275 @@
+"""The one batched sampling engine used by every method and by the evaluator.
+
+Design notes:
+
+* Prompts (each repeated ``num_samples`` times) are sorted by length and cut into batches, so a
+  batch holds prompts of similar length and needs little left padding; results are put back in
+  the caller's order.
+* Positions are passed explicitly (see :func:`alignbench.logprobs.position_ids_from_mask`), so a
+  left-padded row is computed exactly like the same row alone.
+* All per-step work is vectorised over the batch; the only Python loop is over decoding steps.
+* Rows that have produced EOS are dropped from the batch (and from the KV cache) once enough of
+  them have accumulated, so a batch with a long tail costs only as much as its unfinished rows.
+* Randomness comes from ``generator`` alone: one uniform number per row and step, turned into a
+  token by inverse-CDF sampling, which works whatever devices the model and the generator are on.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+from alignbench.logprobs import position_ids_from_mask
+
+__all__ = ["SampleOutput", "sample"]
+
+# Drop finished rows from the batch once at least this fraction of the rows still in it have
+# finished. Each drop copies the KV cache, so dropping after every single EOS would cost more than
+# it saves; at a quarter, the copies cost at most a few decoding steps per batch.
+_COMPACT_FRACTION = 0.25
+
+# transformers 5 builds a cache with the right layer kinds (e.g. sliding-window) from the config;
+# older versions take no config and only ever have one layer kind.
+_CACHE_TAKES_CONFIG = "config" in inspect.signature(DynamicCache.__init__).parameters
+
+
+@dataclass
+class SampleOutput:
+    """Samples in the order ``prompt 0 sample 0, prompt 0 sample 1, ..., prompt 1 sample 0, ...``.
+
+    Attributes:
+        response_ids: generated tokens per sample, including the final EOS when one was
+            generated, nothing after it, no padding.
+        logprobs: sum over the generated tokens of ``log pi(token | context)`` under the model's
+            own distribution at temperature 1 (unscaled logits, no top-p), whatever temperature
+            and top_p were used to sample; used for KL estimates.
+        finished: whether the sample ended with EOS (otherwise it hit ``max_new_tokens``).
+    """
+
+    response_ids: list[list[int]]
+    logprobs: list[float]
+    finished: list[bool]
+
+
+@dataclass(frozen=True)
+class _ForwardKeywords:
+    """Keyword names that differ between transformers versions, detected once per call."""
+
+    cache: str  # "cache" in transformers >= 5.24, "past_key_values" before (removed in 5.40)
+    logits_to_keep: bool  # the forward can skip the LM head on positions we do not need
+
+    @classmethod
+    def of(cls, model: nn.Module) -> _ForwardKeywords:
+        params = inspect.signature(model.forward).parameters
+        if "cache" not in params and "past_key_values" not in params and hasattr(model, "get_base_model"):
+            # PEFT wrappers take **kwargs and pass them on to the wrapped transformers model.
+            params = inspect.signature(model.get_base_model().forward).parameters
+        return cls(
+            cache="cache" if "cache" in params else "past_key_values",
+            logits_to_keep="logits_to_keep" in params,
+        )
+
+
+@torch.no_grad()
+def sample(
+    model: nn.Module,
+    prompt_ids: list[list[int]],
+    *,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    num_samples: int = 1,
+    batch_size: int = 256,
+    generator: torch.Generator | None = None,
+    progress: bool | str = False,
+) -> SampleOutput:
+    """Sample ``num_samples`` continuations of every prompt with a Hugging Face causal LM.
+
+    Args:
+        model: a causal LM; put in eval mode while sampling and then returned to its previous mode.
+        prompt_ids: non-empty token lists, any lengths.
+        max_new_tokens: most tokens generated per sample (including EOS).
+        eos_token_id: a sample ends right after this token.
+        pad_token_id: fills the left padding of prompts (masked, so any id works).
+        temperature: divides the logits before sampling; 0 means greedy argmax.
+        top_p: nucleus sampling; keeps the most likely tokens until their probability (after
+            temperature) reaches ``top_p``; 1 keeps all.
+        num_samples: samples per prompt.
+        batch_size: rows (prompt-sample pairs) decoded together.
+        generator: source of all randomness; same seed, same inputs -> same samples. It may live
+            on a different device than the model. ``None`` uses torch's global RNG.
+        progress: show a tqdm bar over batches; a string is used as its description.
+
+    Returns:
+        A :class:`SampleOutput` with ``len(prompt_ids) * num_samples`` samples, prompt-major.
+    """
+    if max_new_tokens < 1 or num_samples < 1 or batch_size < 1:
+        raise ValueError("max_new_tokens, num_samples and batch_size must be positive")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("every prompt needs at least one token")
+
+    rows = [prompt for prompt in prompt_ids for _ in range(num_samples)]
+    # Longest first (a batch that does not fit in memory fails at once); Python's sort is stable,
+    # so the samples of one prompt stay together.
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]), reverse=True)
+    keywords = _ForwardKeywords.of(model)
+
+    response_ids: list[list[int]] = [[] for _ in rows]
+    logprobs = [0.0] * len(rows)
+    finished = [False] * len(rows)
+    was_training = model.training
+    model.eval()
+    try:
+        starts = range(0, len(rows), batch_size)
+        for start in tqdm(starts, desc=progress if isinstance(progress, str) else None, disable=not progress):
+            batch_rows = order[start : start + batch_size]
+            batch = _sample_batch(
+                model,
+                [rows[i] for i in batch_rows],
+                keywords=keywords,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=eos_token_id,
+                pad_token_id=pad_token_id,
+                temperature=temperature,
+                top_p=top_p,
+                generator=generator,
+            )
+            for i, response, logprob, done in zip(batch_rows, *batch):
+                response_ids[i], logprobs[i], finished[i] = response, logprob, done
+    finally:
+        model.train(was_training)
+    return SampleOutput(response_ids, logprobs, finished)
+
+
+def _sample_batch(
+    model: nn.Module,
+    prompts: list[list[int]],
+    *,
+    keywords: _ForwardKeywords,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    temperature: float,
+    top_p: float,
+    generator: torch.Generator | None,
+) -> tuple[list[list[int]], list[float], list[bool]]:
+    """Decode one left-padded batch; returns (responses, logprob sums, finished) per row."""
+    device = next(model.parameters()).device
+    num_rows, prompt_width = len(prompts), max(len(p) for p in prompts)
+
+    input_ids = torch.full((num_rows, prompt_width), pad_token_id, dtype=torch.long)
+    # One mask buffer for prompt and generated tokens, so each step only flips a column to 1.
+    mask = torch.zeros((num_rows, prompt_width + max_new_tokens), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, prompt_width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, prompt_width - len(prompt) : prompt_width] = 1
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    position_ids = position_ids_from_mask(mask[:, :prompt_width])
+    next_position = position_ids[:, -1] + 1  # [R] position of the token about to be generated
+
+    # Results, indexed by the row's place in `prompts`.
+    generated = torch.full((num_rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    lengths = torch.zeros(num_rows, dtype=torch.long, device=device)
+    logprob_sums = torch.zeros(num_rows, dtype=torch.float32, device=device)
+    finished = torch.zeros(num_rows, dtype=torch.bool, device=device)
+
+    # The rows still in the batch (R of them): their place in `prompts`, and whether they are done
+    # (finished but not yet dropped; they keep decoding padding that is thrown away).
+    live = torch.arange(num_rows, device=device)
+    done = torch.zeros(num_rows, dtype=torch.bool, device=device)
+
+    cache = DynamicCache(config=model.config) if _CACHE_TAKES_CONFIG else DynamicCache()
+    extra = {"logits_to_keep": 1} if keywords.logits_to_keep else {}
+    for step in range(max_new_tokens):
+        logits = model(
+            input_ids=input_ids,
+            attention_mask=mask[:, : prompt_width + step],
+            position_ids=position_ids,
+            use_cache=True,
+            **{keywords.cache: cache},
+            **extra,
+        ).logits[:, -1].float()  # [R, V]
+        token, token_logprob = _next_token(logits, temperature, top_p, generator)
+        token = token.masked_fill(done, pad_token_id)
+
+        generated[live, step] = token
+        logprob_sums[live] += token_logprob.masked_fill(done, 0.0)
+        lengths[live] += (~done).long()
+        ended = (token == eos_token_id) & ~done
+        finished[live] |= ended
+        done = done | ended
+        if bool(done.all()):
+            break
+
+        if done.sum() >= _COMPACT_FRACTION * len(done):
+            keep = (~done).nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            live, done, token = live[keep], done[keep], token[keep]
+            next_position, mask = next_position[keep], mask[keep]
+
+        mask[:, prompt_width + step] = 1
+        input_ids = token.unsqueeze(1)
+        position_ids = next_position.unsqueeze(1)
+        next_position = next_position + 1
+
+    responses = [tokens[:length] for tokens, length in zip(generated.tolist(), lengths.tolist())]
+    return responses, logprob_sums.tolist(), finished.tolist()
+
+
+def _next_token(
+    logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor]:
+    """Pick the next token of every row.
+
+    Args:
+        logits: ``float32 [R, V]``, unscaled.
+
+    Returns:
+        ``token``: ``LongTensor [R]``; ``logprob``: ``float32 [R]``, its log-probability under the
+        unscaled logits (temperature 1, no top-p).
+    """
+    logprobs = torch.log_softmax(logits, dim=-1)
+    if temperature == 0:
+        token = logits.argmax(dim=-1)
+    else:
+        probs = logprobs.exp() if temperature == 1 else torch.softmax(logits / temperature, dim=-1)
+        token = _sample_top_p(probs, top_p, generator)
+    return token, logprobs.gather(-1, token.unsqueeze(-1)).squeeze(-1)
+
+
+def _sample_top_p(probs: Tensor, top_p: float, generator: torch.Generator | None) -> Tensor:
+    """Draw one token per row of ``probs [R, V]`` from its top-p nucleus; returns ``[R]``."""
+    if top_p >= 1:
+        return _inverse_cdf(probs, generator)
+    sorted_probs, sorted_tokens = probs.sort(dim=-1, descending=True)
+    # Keep a token while the tokens ranked above it hold less than top_p; the top one always stays.
+    outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+    choice = _inverse_cdf(sorted_probs.masked_fill(outside, 0.0), generator)
+    return sorted_tokens.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
+
+
+def _inverse_cdf(weights: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Draw index ``j`` of each row of ``weights [R, V]`` (unnormalised, >= 0) w.p. ``weights[j] / sum``.
+
+    Uses one uniform number per row, drawn on the generator's device and then moved, so a CPU
+    generator can drive a model on an accelerator without copying ``[R, V]`` tensors around.
+    """
+    cdf = weights.cumsum(dim=-1)
+    total = cdf[:, -1:].contiguous()
+    rand_device = generator.device if generator is not None else cdf.device
+    uniform = torch.rand((len(cdf), 1), generator=generator, device=rand_device).to(cdf.device)
+    choice = torch.searchsorted(cdf, uniform * total, right=True)
+    # Rounding can make uniform * total == total; never step past the last token with mass
+    # (tokens with zero weight, e.g. outside the nucleus, add nothing to the cdf and are skipped).
+    return torch.minimum(choice, torch.searchsorted(cdf, total)).squeeze(-1)

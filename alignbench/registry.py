@@ -1,0 +1,20 @@
+"""The method registry: a plain dict from registry name to method class."""
+
+from __future__ import annotations
+
+from alignbench.config import ConfigError, did_you_mean
+from alignbench.methods.base import AlignmentMethod
+from alignbench.methods.best_of_n import BestOfN, BestOfNGold
+from alignbench.methods.dpo import DPO
+from alignbench.methods.sft import SFTBaseline
+
+METHODS: dict[str, type[AlignmentMethod]] = {cls.name: cls for cls in (SFTBaseline, BestOfN, BestOfNGold, DPO)}
+
+
+def get_method(name: str) -> type[AlignmentMethod]:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown method {name!r};{did_you_mean(name, METHODS)} registered methods: {', '.join(METHODS)}"
+        ) from None

@@ -1,0 +1,165 @@
+"""Reward models: the ranking loss, training, calibration and the Llama 2 combination.
+
+InstructGPT (Ouyang et al. 2022, eq. 1) trains r_θ on all K-choose-2 comparisons of a
+prompt as one batch element:
+
+    loss(θ) = −1/C(K,2) · E_(x, y_w, y_l) [ log σ(r_θ(x, y_w) − r_θ(x, y_l)) ]
+
+Llama 2 (Touvron et al. 2023, eq. 2) subtracts a margin m(r) that grows with how much
+better the annotator said the chosen response was:
+
+    L = −log σ(r_θ(x, y_c) − r_θ(x, y_r) − m(r))
+
+Llama 2 trains a helpfulness RM and a safety RM and combines them (section 3.2.2):
+R_c = R_s if the prompt is a safety prompt or R_s < 0.15, else R_h.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from alignbench.data import PreferenceBatch
+from alignbench.logprobs import pack_sequences
+from alignbench.models import RewardModel, TextCodec
+from alignbench.training import OptimConfig, adamw_with_schedule, check_finite
+
+SAFETY_THRESHOLD = 0.15  # Llama 2, section 3.2.2
+
+
+@dataclass
+class RewardModelConfig:
+    """Training of the reward models (helpfulness and safety)."""
+
+    epochs: int = 3
+    """Passes over the labelled comparisons."""
+    batch_size: int = 32
+    """Prompts per step (each with all of its comparisons)."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_ratio=0.05))
+    """Optimiser of the reward models."""
+    margin: bool = True
+    """Use Llama 2's margin term m(r) from the annotators' margin levels."""
+    safety: bool = True
+    """Train a safety RM beside the helpfulness RM and combine them as Llama 2 does."""
+    holdout_fraction: float = 0.1
+    """Share of labelled prompts held out to measure accuracy against gold."""
+    max_length: int = 48
+    """Longest prompt + response in tokens."""
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("reward_model.epochs and reward_model.batch_size must be >= 1")
+        if not 0 < self.holdout_fraction < 1:
+            raise ValueError(f"reward_model.holdout_fraction={self.holdout_fraction} must be in (0, 1)")
+
+
+def ranking_loss(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    group: torch.Tensor,
+    num_groups: int,
+    margin: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """InstructGPT's ranking loss with Llama 2's optional margin.
+
+    chosen_rewards, rejected_rewards, margin, group: [P] for P pairs; `group` [P] in
+    0..num_groups-1 says which prompt a pair belongs to. Each prompt's pairs are averaged
+    first (the 1/C(K,2) factor), then prompts are averaged.
+    """
+    logits = chosen_rewards - rejected_rewards
+    if margin is not None:
+        logits = logits - margin
+    per_pair = -F.logsigmoid(logits)
+    counts = torch.zeros(num_groups, device=per_pair.device).index_add_(0, group, torch.ones_like(per_pair))
+    per_group = torch.zeros(num_groups, device=per_pair.device).index_add_(0, group, per_pair) / counts.clamp(min=1)
+    loss = per_group[counts > 0].mean()
+    accuracy = (chosen_rewards > rejected_rewards).float().mean()
+    return loss, {"accuracy": accuracy.detach(), "margin": (chosen_rewards - rejected_rewards).mean().detach()}
+
+
+class RewardModelTraining(L.LightningModule):
+    def __init__(self, model: RewardModel, config: RewardModelConfig, total_steps: int):
+        super().__init__()
+        self.model, self.config, self.total_steps = model, config, total_steps
+        model.train()  # the backbone comes from `from_pretrained`, which returns eval mode
+
+    def training_step(self, batch: PreferenceBatch, batch_idx: int):
+        rewards = self.model(batch.responses.input_ids, batch.responses.attention_mask)  # one pass per distinct response
+        loss, metrics = ranking_loss(
+            rewards[batch.chosen], rewards[batch.rejected], batch.group, batch.num_groups, batch.margin if self.config.margin else None
+        )
+        check_finite(loss, self.global_step)
+        size = batch.num_groups
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log("train/accuracy", metrics["accuracy"], prog_bar=True, batch_size=size)
+        return loss
+
+    def configure_optimizers(self):
+        return adamw_with_schedule(self.model.parameters(), self.config.optim, self.total_steps)
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        return batch.to(device)
+
+
+@torch.no_grad()
+def score_texts(model: RewardModel, codec: TextCodec, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 512, max_length: int = 64) -> torch.Tensor:
+    """Raw reward-model scores [N] of responses to prompts."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    scores = []
+    for start in range(0, len(prompts), batch_size):
+        packed = pack_sequences(
+            codec.encode_prompts(prompts[start : start + batch_size]),
+            codec.encode_responses(responses[start : start + batch_size]),
+            codec.pad_token_id, max_length=max_length,
+        ).to(device)
+        scores.append(model(packed.input_ids, packed.attention_mask).float().cpu())
+    model.train(was_training)
+    return torch.cat(scores) if scores else torch.zeros(0)
+
+
+def fit_calibration(raw_scores: torch.Tensor, labels: torch.Tensor, steps: int = 50) -> tuple[float, float]:
+    """Platt scaling: (a, b) maximising the likelihood of binary labels under σ(a·s + b).
+
+    A Bradley–Terry reward model is only defined up to a shift, but Llama 2 thresholds
+    the safety score (R_s < 0.15). Calibrating on the annotators' per-response safe /
+    unsafe labels gives the score that meaning: σ(a·s + b) ≈ P(safe).
+    """
+    x, y = raw_scores.double(), labels.double()
+    params = torch.zeros(2, dtype=torch.float64)
+    params[0] = 1.0
+    for _ in range(steps):  # Newton's method on a convex 2-parameter problem
+        p = torch.sigmoid(params[0] * x + params[1])
+        grad = torch.stack([((p - y) * x).sum(), (p - y).sum()])
+        w = (p * (1 - p)).clamp(min=1e-9)
+        hess = torch.stack([torch.stack([(w * x * x).sum(), (w * x).sum()]), torch.stack([(w * x).sum(), w.sum()])])
+        params -= torch.linalg.solve(hess + 1e-6 * torch.eye(2, dtype=torch.float64), grad)
+    return float(params[0]), float(params[1])
+
+
+class ProxyReward:
+    """The proxy reward a method optimises: the helpfulness RM, or Llama 2's combination
+    of the helpfulness and safety RMs. Scores are probabilities in (0, 1)."""
+
+    def __init__(self, codec: TextCodec, helpfulness: RewardModel, safety: RewardModel | None = None):
+        self.codec, self.helpfulness, self.safety = codec, helpfulness, safety
+
+    def to(self, device) -> "ProxyReward":
+        self.helpfulness.to(device)
+        if self.safety is not None:
+            self.safety.to(device)
+        return self
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str], harmful: Sequence[bool] | None = None) -> torch.Tensor:
+        """R_c per response [N]; `harmful` marks safety prompts (unknown -> threshold only)."""
+        help_prob = self.helpfulness.probability(score_texts(self.helpfulness, self.codec, prompts, responses))
+        if self.safety is None:
+            return help_prob
+        safe_prob = self.safety.probability(score_texts(self.safety, self.codec, prompts, responses))
+        flagged = torch.zeros_like(safe_prob, dtype=torch.bool) if harmful is None else torch.tensor(list(harmful), dtype=torch.bool)
+        return torch.where(flagged | (safe_prob < SAFETY_THRESHOLD), safe_prob, help_prob)

@@ -1,0 +1,151 @@
+"""One run: one method, one seed — train, evaluate, write results.
+
+`OUT/<experiment>/<run_name>/metrics.json` is written last and atomically; a run
+without it is not finished and is started again by the next invocation.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from alignbench.experiment import for_run, method_config, run_config_dict, run_name
+from alignbench.pipeline import Pipeline, RunContext, log, seeded_generator
+from alignbench.registry import get_method
+from alignbench.tracking import HistoryLogger, HistoryWriter, make_wandb_logger, write_json_atomic
+from alignbench.training import make_trainer
+
+
+class KLMonitor(Callback):
+    """Estimates KL(π‖π_ref) on fresh samples from a fixed set of training prompts every
+    `kl_every` steps (logged as `train/kl`), and stops training past the KL budget."""
+
+    def __init__(self, context: RunContext, every: int, n_prompts: int, max_kl: float | None):
+        self.context, self.every, self.max_kl = context, every, max_kl
+        self.prompts = context.train_prompts[:n_prompts]
+
+    def estimate(self, module) -> float:
+        from alignbench.evaluation import sample_policy
+
+        responses = sample_policy(module.policy, self.context.reference, self.context.codec, self.prompts, self.context.eval_config, seeded_generator(self.context.seed, "kl", module.global_step))
+        return float(np.mean(responses.kl))
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if self.every and step % self.every == 0:
+            kl = self.estimate(module)
+            for logger in trainer.loggers:
+                logger.log_metrics({"train/kl": kl}, step=step)
+            if self.max_kl is not None and kl > self.max_kl:
+                log(f"estimated KL {kl:.3f} passed the budget max_kl={self.max_kl} at step {step}; stopping training")
+                trainer.should_stop = True
+
+
+class PeriodicEvaluation(Callback):
+    """Evaluates on the validation split every `eval_every` steps (`val/*` metrics)."""
+
+    def __init__(self, context: RunContext, every: int):
+        self.context, self.every = context, every
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if self.every and step % self.every == 0:
+            metrics = validation_metrics(module, self.context, step)
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+
+
+def validation_metrics(method, context: RunContext, step: int) -> dict[str, float]:
+    responses = method.respond(context.evaluator.prompts["val"], seeded_generator(context.seed, "val", step))
+    metrics, _ = context.evaluator.evaluate(responses, split="val", prefix="val")
+    return metrics
+
+
+def versions() -> dict[str, str]:
+    import lightning
+    import transformers
+
+    import alignbench
+
+    return {
+        "alignbench": alignbench.__version__, "python": platform.python_version(), "torch": torch.__version__,
+        "lightning": lightning.__version__, "transformers": transformers.__version__,
+    }
+
+
+def run_one(config, out: Path, method: str | None = None, seed: int | None = None, group: str | None = None, pipeline: Pipeline | None = None) -> dict[str, Any]:
+    """Run one method at one seed; returns the metrics.json content. Skips a finished run."""
+    config = for_run(config, method, seed)
+    name = run_name(config)
+    run_dir = Path(out) / config.name / name
+    metrics_path = run_dir / "metrics.json"
+    if metrics_path.exists():
+        log(f"{config.name}/{name} is finished; skipping (delete {metrics_path} to run it again)")
+        return json.loads(metrics_path.read_text())
+    pipeline = pipeline or Pipeline(config, Path(out))
+    context = pipeline.context(config.seed)
+    # A run without metrics.json never finished: its partial files are started afresh.
+    for stale in ("history.jsonl", "samples.jsonl"):
+        (run_dir / stale).unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = run_config_dict(config)
+    history = HistoryWriter(run_dir / "history.jsonl")
+    wandb_logger = make_wandb_logger(config.tracking, run_dir=run_dir, experiment=config.name, run_name=name, method=config.method, group=group, resolved_config=resolved)
+    loggers = [HistoryLogger(history)] + ([wandb_logger] if wandb_logger is not None else [])
+    failed = True
+    try:
+        L.seed_everything(config.seed, verbose=False)
+        method_cls = get_method(config.method)
+        module = method_cls(method_config(config), context)
+        log(f"run {config.name}/{name}: method {config.method}, seed {config.seed}")
+        if method_cls.trains:
+            train(module, context, config, loggers)
+        responses = module.respond(context.evaluator.prompts["test"], seeded_generator(config.seed, "policy", "test"), desc=f"evaluating {config.method}")
+        metrics, records = context.evaluator.evaluate(responses, split="test")
+        metrics.update(context.rm_metrics)
+        metrics.update(context.budget.metrics())
+        final_train = {k: v for row in history.rows() for k, v in row.items() if k.startswith("train/")}
+        metrics.update(final_train)
+        for logger in loggers:
+            logger.log_metrics(metrics, step=getattr(module, "global_step", 0))
+        if wandb_logger is not None:
+            wandb_logger.experiment.summary.update(metrics)
+        with open(run_dir / "samples.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        result = {
+            "experiment": config.name, "run_name": name, "method": config.method, "seed": config.seed,
+            "config": resolved, "metrics": metrics, "versions": versions(),
+        }
+        write_json_atomic(metrics_path, result)
+        failed = False
+        return result
+    finally:
+        if wandb_logger is not None:
+            import wandb
+
+            wandb.finish(exit_code=1 if failed else 0)
+
+
+def train(module, context: RunContext, config, loggers) -> None:
+    data = module.datamodule()
+    total = module.total_steps(data)
+    mc = module.config
+    callbacks = [KLMonitor(context, mc.kl_every, mc.kl_prompts, mc.max_kl)]
+    if config.eval.eval_every:
+        callbacks.append(PeriodicEvaluation(context, config.eval.eval_every))
+    trainer = make_trainer(config.trainer, max_steps=total, max_epochs=mc.epochs, grad_clip=mc.optim.grad_clip, loggers=loggers, callbacks=callbacks)
+    trainer.fit(module, datamodule=data)
+    # The KL at the end of training, whatever the step (the eval KL is on the test split).
+    if mc.kl_every:
+        kl = callbacks[0].estimate(module)
+        for logger in loggers:
+            logger.log_metrics({"train/kl": kl}, step=trainer.global_step)

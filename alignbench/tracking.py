@@ -1,0 +1,165 @@
+"""Tracking: Weights & Biases (offline unless the user is logged in), plus local files.
+
+Every run writes `history.jsonl` (one line per logged step or evaluation) as it goes and
+`metrics.json` last and atomically, so nothing is lost when W&B is unreachable and the
+analysis works offline. W&B credentials are never written anywhere by alignbench.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import netrc
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_only
+
+
+@dataclass
+class TrackingConfig:
+    """Where runs are tracked."""
+
+    wandb: Literal["auto", "offline", "online", "disabled"] = "auto"
+    """'auto': online when the user is logged in to W&B (or sets WANDB_MODE), offline otherwise."""
+    project: str | None = None
+    """W&B project (default: the experiment's name)."""
+    entity: str | None = None
+    """W&B entity (team or user); None uses the user's default."""
+    group: str | None = None
+    """W&B group (default: the sweep's name, or the experiment's)."""
+
+
+def wandb_logged_in() -> bool:
+    """True when W&B credentials exist (environment or ~/.netrc), without reading them out."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def resolve_wandb_mode(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    env_mode = os.environ.get("WANDB_MODE")
+    if env_mode:
+        return {"dryrun": "offline", "run": "online"}.get(env_mode, env_mode)
+    return "online" if wandb_logged_in() else "offline"
+
+
+def json_safe(value: Any) -> Any:
+    """Floats that JSON cannot hold (NaN, inf) become None; tensors and numpy scalars become numbers."""
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 0) == 0:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over the target."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(json_safe(data), f, indent=2, sort_keys=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class HistoryWriter:
+    """Appends one JSON object per logged step / round / evaluation to history.jsonl."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, row: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(json_safe(row)) + "\n")
+
+    def rows(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+class HistoryLogger(Logger):
+    """A Lightning logger that writes every `self.log` step to history.jsonl."""
+
+    def __init__(self, writer: HistoryWriter, extra: dict[str, Any] | None = None):
+        super().__init__()
+        self.writer, self.extra = writer, extra or {}
+
+    @property
+    def name(self) -> str:
+        return "history"
+
+    @property
+    def version(self) -> str:
+        return "0"
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> HistoryWriter:
+        return self.writer
+
+    @rank_zero_only
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        row = {"step": step, **self.extra, **{k: float(v) for k, v in metrics.items() if k != "epoch"}}
+        self.writer.write(row)
+
+
+def make_wandb_logger(config: TrackingConfig, *, run_dir: Path, experiment: str, run_name: str, method: str, group: str | None, resolved_config: dict):
+    """Lightning's WandbLogger with alignbench's naming; None when W&B is disabled."""
+    mode = resolve_wandb_mode(config.wandb)
+    if mode == "disabled":
+        return None
+    from lightning.pytorch.loggers import WandbLogger
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return WandbLogger(
+        project=config.project or experiment,
+        entity=config.entity,
+        group=config.group or group or experiment,
+        job_type=method,
+        name=run_name,
+        id=_stable_run_id(experiment, run_name),
+        resume="allow",
+        save_dir=str(run_dir),
+        mode=mode,
+        config=resolved_config,
+        settings=_wandb_settings(),
+    )
+
+
+def _wandb_settings():
+    import wandb
+
+    # No console capture or system stats: they cost time in tiny CPU runs and add nothing.
+    return wandb.Settings(console="off", x_disable_stats=True, silent=True)
+
+
+def _stable_run_id(experiment: str, run_name: str) -> str:
+    """The same run gets the same W&B id, so a resumed run continues instead of starting anew."""
+    import hashlib
+
+    return hashlib.sha1(f"{experiment}/{run_name}".encode()).hexdigest()[:16]

@@ -1,0 +1,1 @@
+"""Analysis: results tables and paper-style figures (installed as ``alignbench.analysis``)."""

@@ -1,0 +1,78 @@
+"""The results table: one row per run (or per method, averaged over seeds), from the
+`metrics.json` files of an experiment directory — offline, no W&B needed."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+# The columns of the head-to-head table, in the order a reader wants them.
+TABLE_METRICS = (
+    "eval/win_rate", "eval/win_rate_ci_low", "eval/win_rate_ci_high",
+    "eval/gold_reward", "eval/gold_reward_ci_low", "eval/gold_reward_ci_high",
+    "eval/gold_helpfulness", "eval/gold_harmlessness", "eval/proxy_reward", "eval/kl",
+    "eval/length", "eval/distinct_2",
+    "budget/human_labels", "budget/ai_labels", "budget/policy_samples", "budget/train_tokens", "budget/wall_s",
+)
+
+
+def load_runs(directory: Path) -> list[dict]:
+    """Every finished run (a `metrics.json`) under `directory`, sorted by path."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"results directory not found: {directory}")
+    runs = []
+    for path in sorted(directory.rglob("metrics.json")):
+        if "cache" in path.relative_to(directory).parts:
+            continue
+        runs.append(json.loads(path.read_text()))
+    return runs
+
+
+def results_frame(runs: list[dict]) -> pd.DataFrame:
+    rows = [{"experiment": r["experiment"], "method": r["method"], "seed": r["seed"], "run": r["run_name"], **r["metrics"]} for r in runs]
+    return pd.DataFrame(rows)
+
+
+def _order(methods) -> list[str]:
+    baselines = ["sft", "best_of_n", "best_of_n_gold"]
+    return [m for m in baselines if m in methods] + sorted(m for m in methods if m not in baselines)
+
+
+def summary_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per (experiment, method): metrics averaged over seeds, plus the seed count."""
+    columns = [c for c in TABLE_METRICS if c in frame.columns]
+    grouped = frame.groupby(["experiment", "method"], sort=False)
+    table = grouped[columns].mean()
+    table.insert(0, "seeds", grouped.size())
+    methods = _order(table.index.get_level_values("method").unique())
+    return table.reset_index().set_index("method").loc[methods].reset_index()
+
+
+def _fmt(value) -> str:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float) and math.isnan(value):
+            return "–"
+        if float(value).is_integer() or abs(value) >= 1000:
+            return f"{value:,.0f}"
+        return f"{value:.3f}"
+    return str(value)
+
+
+def format_table(table: pd.DataFrame, fmt: str = "md") -> str:
+    """The table as Markdown, CSV or LaTeX (booktabs)."""
+    if fmt == "csv":
+        return table.to_csv(index=False)
+    headers = [str(c) for c in table.columns]
+    cells = [[_fmt(v) for v in row] for row in table.itertuples(index=False)]
+    if fmt == "latex":
+        escape = lambda s: s.replace("_", r"\_")  # noqa: E731
+        lines = [r"\begin{tabular}{" + "l" * 2 + "r" * (len(headers) - 2) + "}", r"\toprule", " & ".join(map(escape, headers)) + r" \\", r"\midrule"]
+        lines += [" & ".join(map(escape, row)) + r" \\" for row in cells]
+        return "\n".join(lines + [r"\bottomrule", r"\end{tabular}"]) + "\n"
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    line = lambda values: "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths)) + " |"  # noqa: E731
+    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells]) + "\n"

@@ -1,0 +1,1 @@
+"""Shipped experiment and sweep definitions (YAML), installed as package data."""

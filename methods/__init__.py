@@ -1,0 +1,1 @@
+"""Method implementations, one file per method (installed as ``alignbench.methods``)."""

@@ -1,0 +1,145 @@
+"""Base classes of the methods, chosen by data regime (not by method).
+
+- `AlignmentMethod`: what every method has — a trainable copy of the SFT policy, the
+  shared run context, a config, how it responds at evaluation, and its budget.
+- `OfflinePreferenceMethod`: learns from a fixed set of preference pairs (DPO, CPL):
+  batching, policy / reference log-probs and logging live here; a method only
+  writes `loss()`.
+
+A method declares what it needs as class attributes (`needs_reference`, `feedback`);
+the shared pipeline reads them. Nothing outside the registry checks a method's name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar, Literal, Sequence
+
+import lightning as L
+import torch
+
+from alignbench.data import PreferenceBatch, PreferenceDataModule
+from alignbench.evaluation import PolicyResponses, sample_policy
+from alignbench.logprobs import sequence_logprobs
+from alignbench.training import OptimConfig, adamw_with_schedule, check_finite
+
+if TYPE_CHECKING:
+    from alignbench.pipeline import RunContext
+
+
+@dataclass
+class MethodConfig:
+    """Fields every trained method has."""
+
+    epochs: int = 1
+    """Passes over the method's training data."""
+    batch_size: int = 8
+    """Examples per step (for preference methods: prompts, each with all of its pairs)."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimiser."""
+    max_length: int = 48
+    """Longest prompt + response in tokens."""
+    kl_every: int = 25
+    """Estimate KL(π‖π_ref) on fresh policy samples every this many steps (0: never)."""
+    kl_prompts: int = 64
+    """Training prompts sampled for each KL estimate."""
+    max_kl: float | None = None
+    """KL budget in nats: training stops once the estimated KL passes it (None: no budget)."""
+
+    def __post_init__(self):
+        for key in ("epochs", "batch_size", "max_length", "kl_prompts"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}={getattr(self, key)} must be >= 1")
+        if self.kl_every < 0:
+            raise ValueError(f"kl_every={self.kl_every} must be >= 0 (0 turns KL estimates off)")
+        if self.max_kl is not None and self.max_kl <= 0:
+            raise ValueError(f"max_kl={self.max_kl} must be a positive number of nats, or null for no budget")
+
+
+class AlignmentMethod(L.LightningModule):
+    """A method: a trainable policy initialised from the shared SFT checkpoint."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type] = MethodConfig
+    needs_reference: ClassVar[bool] = True
+    """The frozen SFT policy is used in the objective."""
+    feedback: ClassVar[Literal["none", "preferences", "reward"]] = "none"
+    """What the method learns from: nothing, preference labels, or a reward source."""
+    trains: ClassVar[bool] = True
+    """False for baselines that are evaluated as they are."""
+
+    def __init__(self, config, context: "RunContext"):
+        super().__init__()
+        self.config, self.context = config, context
+        self.policy = context.load_policy(trainable=self.trains)
+        self.budget = context.budget
+
+    # --- what the pipeline calls -------------------------------------------------------
+    def datamodule(self) -> L.LightningDataModule:
+        raise NotImplementedError
+
+    def total_steps(self, datamodule) -> int:
+        return max(1, len(datamodule.train_dataloader()) * self.config.epochs)
+
+    def respond(self, prompts: Sequence[str], generator: torch.Generator, desc: str | bool = False) -> PolicyResponses:
+        """The policy's evaluation responses; the default samples the trained policy once."""
+        ctx = self.context
+        return sample_policy(self.policy, ctx.reference, ctx.codec, prompts, ctx.eval_config, generator, desc=desc)
+
+    def configure_optimizers(self):
+        return adamw_with_schedule(self.policy.parameters(), self.config.optim, self.trainer.max_steps)
+
+    def log_terms(self, metrics: dict[str, torch.Tensor], batch_size: int) -> None:
+        for key, value in metrics.items():
+            self.log(f"train/{key}", value, prog_bar=key in ("loss", "kl"), batch_size=batch_size)
+
+
+class OfflinePreferenceMethod(AlignmentMethod):
+    """Learns from preference pairs; subclasses implement `loss`.
+
+    Reference log-probs (when `uses_reference_logprobs`) are precomputed once before
+    training if the config asks, otherwise computed on the fly under no_grad.
+    """
+
+    feedback = "preferences"
+    uses_reference_logprobs: ClassVar[bool] = True
+
+    def datamodule(self) -> PreferenceDataModule:
+        ctx = self.context
+        data = PreferenceDataModule(ctx.preferences, ctx.codec, self.config.batch_size, self.config.max_length, seed=ctx.seed)
+        self.budget.human_labels += data.num_pairs
+        if self.uses_reference_logprobs and getattr(self.config, "precompute_reference", False):
+            self._reference_cache = self._precompute_reference(data)
+        return data
+
+    @torch.no_grad()
+    def _precompute_reference(self, data: PreferenceDataModule) -> torch.Tensor:
+        """[num_responses] reference log-probs of every distinct response, in dataset order."""
+        out = torch.empty(data.num_responses)
+        for batch in data.ordered_dataloader(batch_size=64):
+            out[batch.response_index] = sequence_logprobs(self.context.reference, batch.responses)[1].cpu()
+        return out
+
+    def loss(self, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor | None, reference_rejected: torch.Tensor | None, batch: PreferenceBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The method's objective on summed response log-probs [P] of its pairs."""
+        raise NotImplementedError
+
+    def training_step(self, batch: PreferenceBatch, batch_idx: int):
+        _, policy = sequence_logprobs(self.policy, batch.responses)  # each distinct response once
+        reference_chosen = reference_rejected = None
+        if self.uses_reference_logprobs:
+            cache = getattr(self, "_reference_cache", None)
+            if cache is not None:
+                reference = cache.to(policy.device)[batch.response_index]
+            else:
+                with torch.no_grad():
+                    reference = sequence_logprobs(self.context.reference, batch.responses)[1]
+            reference_chosen, reference_rejected = reference[batch.chosen], reference[batch.rejected]
+        loss, metrics = self.loss(policy[batch.chosen], policy[batch.rejected], reference_chosen, reference_rejected, batch)
+        check_finite(loss, self.global_step)
+        self.budget.train_tokens += int(batch.responses.attention_mask.sum())
+        self.log_terms({"loss": loss.detach(), **metrics}, batch_size=batch.num_groups)
+        return loss
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        return batch.to(device)

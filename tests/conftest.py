@@ -1,0 +1,52 @@
+"""Test isolation: nothing is written outside a temporary directory, nothing needs the network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+TINY_OVERRIDES = [
+    "model.name=world-tiny",
+    "sft.n_demonstrations=600", "sft.epochs=1", "sft.batch_size=32",
+    "labels.n_prompts=60", "labels.responses_per_prompt=3",
+    "reward_model.epochs=1", "reward_model.batch_size=8",
+    "eval.n_test_prompts=64", "eval.n_val_prompts=32", "eval.bootstrap_samples=200", "eval.max_new_tokens=12",
+    "dpo.kl_every=5", "dpo.kl_prompts=16",
+    "trainer.progress_bar=false", "trainer.log_every_n_steps=1",
+]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def isolated_environment(tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    env = {
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_HOME": str(home / "hf"),
+        "HF_DATASETS_CACHE": str(home / "hf" / "datasets"),
+        "MPLCONFIGDIR": str(home / "mpl"),
+        "WANDB_DIR": str(home / "wandb"),
+        "WANDB_CACHE_DIR": str(home / "wandb-cache"),
+        "WANDB_CONFIG_DIR": str(home / "wandb-config"),
+        "WANDB_DATA_DIR": str(home / "wandb-data"),
+        "XDG_CACHE_HOME": str(home / "cache"),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    for key in ("WANDB_MODE", "WANDB_API_KEY"):
+        os.environ.pop(key, None)
+    yield Path(home)
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def tiny_overrides() -> list[str]:
+    return list(TINY_OVERRIDES)

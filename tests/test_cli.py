@@ -1,0 +1,85 @@
+"""Every CLI entry point, and every kind of bad input: a clear message and exit status 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from alignbench.cli import main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "alignbench", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["run", "quickstart", "method=dpo", "dpo.betta=0.2"], "did you mean 'dpo.beta'"),
+        (["run", "quickstart", "method=dpo", "sft.epochs=two"], "'sft.epochs' must be an integer"),
+        (["run", "quickstart", "method=dpo", "dpo.beta=-1"], "beta=-1"),
+        (["run", "quickstart", "method=dpq"], "did you mean 'dpo'"),
+        (["run", "quickstart", "eval.judge=humans"], "eval.judge"),
+        (["run", "no_such_experiment"], "no experiment named 'no_such_experiment'"),
+        (["run", "missing.yaml"], "experiment file not found: missing.yaml"),
+        (["run", "quickstart", "dpo.beta"], "bad override 'dpo.beta'"),
+        (["run", "quickstart"], "choose one with method=NAME"),
+    ],
+)
+def test_bad_input_names_the_problem_and_exits_2(args, expected, tmp_path, capsys):
+    assert main([*args, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err
+    assert "Traceback" not in err
+    assert not list(tmp_path.rglob("metrics.json"))
+
+
+def test_malformed_yaml_names_the_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmethods: [dpo\nseeds: [0]\n")
+    assert main(["run", str(bad), "--out", str(tmp_path)]) == 2
+    assert "invalid YAML" in capsys.readouterr().err
+
+
+def test_results_of_a_missing_directory_is_a_user_error(tmp_path, capsys):
+    assert main(["results", str(tmp_path / "nothing")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_methods_lists_every_registered_method_with_its_options(capsys):
+    from alignbench.registry import METHODS
+
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in METHODS:
+        assert f"{name}:" in out
+    assert "dpo.beta (float) = 0.1" in out
+
+
+def test_every_shipped_experiment_loads_and_validates():
+    from alignbench.experiment import load_experiment, shipped_experiments
+
+    shipped = shipped_experiments()
+    assert "quickstart" in shipped
+    for name in shipped:
+        config = load_experiment(name)
+        assert config.methods
+
+
+def test_key_value_and_dash_dash_forms_resolve_identically():
+    from alignbench.config import to_dict
+    from alignbench.experiment import load_experiment
+
+    a = load_experiment("quickstart", ["dpo.beta=0.3", "eval.n_test_prompts=100"])
+    b = load_experiment("quickstart", ["--dpo.beta=0.3", "--eval.n_test_prompts=100"])
+    assert to_dict(a) == to_dict(b)
+    assert a.dpo.beta == 0.3
+
+
+def test_console_script_runs_from_another_directory(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "alignbench", "methods"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0 and "dpo" in proc.stdout
