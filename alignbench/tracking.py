@@ -163,3 +163,44 @@ def _stable_run_id(experiment: str, run_name: str) -> str:
     import hashlib
 
     return hashlib.sha1(f"{experiment}/{run_name}".encode()).hexdigest()[:16]
+
+
+def _wandb_records(path: Path):
+    """The protobuf records of a `.wandb` file (LevelDB log format: 32 KiB blocks of
+    chunks with a 7-byte header; the file opens with a 7-byte ':W&B' header)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, pos, pending = path.read_bytes(), 32768, 7, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind in (1, 2):  # full, first
+            pending = chunk
+        elif kind in (3, 4):  # middle, last
+            pending += chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            yield record
+
+
+def read_offline_run(run_dir: Path) -> dict[str, Any]:
+    """Read back an offline W&B run under `run_dir/wandb/`: its summary and history rows."""
+    files = sorted(Path(run_dir).glob("wandb/offline-run-*/*.wandb"))
+    if not files:
+        raise FileNotFoundError(f"no offline W&B run under {run_dir}/wandb")
+    summary: dict[str, Any] = {}
+    history: list[dict[str, Any]] = []
+    for record in _wandb_records(files[-1]):
+        kind = record.WhichOneof("record_type")
+        if kind == "summary":
+            for item in record.summary.update:
+                summary[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+        elif kind == "history":
+            history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
+    return {"summary": summary, "history": history}

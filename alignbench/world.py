@@ -68,7 +68,7 @@ BENIGN_FAMILIES = tuple(f for f in TEMPLATES if f != "harmful")
 SPLITS = ("train", "val", "test")
 SPLIT_BOUNDS = (0.80, 0.84)  # hash quantiles: 80% train, 4% val, 16% test of every family's pool
 SAMPLED_POOL_SIZE = 8000  # sort/reverse have astronomically many prompts; each keeps a fixed-size random pool
-MAX_IDEAL_WORDS = 8  # the policy generates at most ~16 new tokens
+MAX_IDEAL_WORDS = 8  # the policy generates at most ~16 new tokens; WorldConfig.max_answer_words <= this
 # What each slot may hold; "nums" and "words" are variable-length sequences.
 _SLOT_VALUES = {"n": NUMBERS, "a": NUMBERS, "b": NUMBERS, "cat": tuple(CATEGORIES), "item": ITEMS, "w": ITEMS,
                 "verb": HARM_VERBS, "obj": HARM_OBJECTS, "adv": ADVERBS, "nums": NUMBERS, "words": ITEMS}
@@ -129,12 +129,17 @@ class WorldConfig:
     seed: int = 0
     harmful_fraction: float = 0.15
     families: tuple[str, ...] = BENIGN_FAMILIES
+    max_answer_words: int = 8
+    """Longest ideal answer of the sized families (list sizes, count ranges, sort/reverse lengths, at
+    most 5 for sort/reverse): lower it for an easier world."""
     demonstrator: DemonstratorConfig = field(default_factory=DemonstratorConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"world.seed={self.seed!r} is invalid; expected a non-negative integer")
         check_probability("world.harmful_fraction", self.harmful_fraction)
+        if isinstance(self.max_answer_words, bool) or not isinstance(self.max_answer_words, int) or not 2 <= self.max_answer_words <= MAX_IDEAL_WORDS:
+            raise ValueError(f"world.max_answer_words={self.max_answer_words!r} is invalid; expected an integer in 2..{MAX_IDEAL_WORDS}")
         self.families = tuple(self.families)
         unknown = any(f not in BENIGN_FAMILIES for f in self.families)
         if unknown or not self.families or len(set(self.families)) != len(self.families):
@@ -484,22 +489,25 @@ def _split_of(prompt: str) -> str:
 _GEN_VALUES = {**_SLOT_VALUES, "n": range(1, 8), "a": range(21), "b": range(21)}
 
 
-def _family_pool(family: str, rng: np.random.Generator) -> list[str]:
-    """Every prompt of a family with an ideal answer of at most MAX_IDEAL_WORDS words (sampled for sort/reverse)."""
+_SIZED_FAMILIES = ("list", "count", "repeat", "sort", "reverse")  # whose answer length the prompt sets
+
+
+def _family_pool(family: str, rng: np.random.Generator, max_words: int = MAX_IDEAL_WORDS) -> list[str]:
+    """Every prompt of a family with an ideal answer of at most `max_words` words (sampled for sort/reverse)."""
     if family not in ("sort", "reverse"):
         pool = []
         for template in TEMPLATES[family]:
             names = [t[1:-1] for t in template.split() if t[0] == "{"]
             for values in itertools.product(*(_GEN_VALUES[name] for name in names)):
                 task = _make_task(family, template, dict(zip(names, values)))
-                if task is not None and len(task.ideal) <= MAX_IDEAL_WORDS:
+                if task is not None and len(task.ideal) <= (max_words if family in _SIZED_FAMILIES else MAX_IDEAL_WORDS):
                     pool.append(fill(template, task.slots))
         return pool
     name, values = ("nums", NUMBERS) if family == "sort" else ("words", ITEMS)
     pool: dict[str, None] = {}
     while len(pool) < SAMPLED_POOL_SIZE:  # distinct random sequences of 2..5 words, drawn in batches
         batch = rng.random((SAMPLED_POOL_SIZE, len(values))).argsort(axis=1)
-        lengths, templates = rng.integers(2, 6, len(batch)), rng.integers(len(TEMPLATES[family]), size=len(batch))
+        lengths, templates = rng.integers(2, min(5, max_words) + 1, len(batch)), rng.integers(len(TEMPLATES[family]), size=len(batch))
         for row, k, t in zip(batch, lengths, templates):
             pool[fill(TEMPLATES[family][t], {name: tuple(values[i] for i in row[:k])})] = None
     return list(pool)[:SAMPLED_POOL_SIZE]
@@ -540,7 +548,7 @@ class AssistantWorld:
         # each family draws from its own stream, so its pool does not depend on the other families.
         self._pools: dict[str, dict[str, list[str]]] = {split: {} for split in SPLITS}
         for family in self.families:
-            pool = _family_pool(family, np.random.default_rng([self.config.seed, list(TEMPLATES).index(family)]))
+            pool = _family_pool(family, np.random.default_rng([self.config.seed, list(TEMPLATES).index(family)]), self.config.max_answer_words)
             for split in SPLITS:
                 self._pools[split][family] = [p for p in pool if _split_of(p) == split]
 

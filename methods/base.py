@@ -63,8 +63,9 @@ class AlignmentMethod(L.LightningModule):
     config_class: ClassVar[type] = MethodConfig
     needs_reference: ClassVar[bool] = True
     """The frozen SFT policy is used in the objective."""
-    feedback: ClassVar[Literal["none", "preferences", "reward"]] = "none"
-    """What the method learns from: nothing, preference labels, or a reward source."""
+    feedback: ClassVar[Literal["none", "preferences", "reward", "gold"]] = "none"
+    """What the method learns from: nothing, preference labels, the reward models (whose
+    labels count in its budget), or the gold reward (oracle experiments)."""
     trains: ClassVar[bool] = True
     """False for baselines that are evaluated as they are."""
 
@@ -73,7 +74,8 @@ class AlignmentMethod(L.LightningModule):
         self.config, self.context = config, context
         self.policy = context.load_policy(trainable=self.trains)
         self.budget = context.budget
-
+        if self.feedback == "reward":
+            self.budget.human_labels += context.reward_model_labels
     # --- what the pipeline calls -------------------------------------------------------
     def datamodule(self) -> L.LightningDataModule:
         raise NotImplementedError

@@ -37,7 +37,6 @@ class BestOfN(AlignmentMethod):
 
     def select_scores(self, prompts: list[str], responses: list[str]) -> np.ndarray:
         """Scores the candidates are chosen by: the proxy reward model."""
-        self.budget.human_labels = max(self.budget.human_labels, self.context.reward_model_labels)
         return self.context.proxy.score(prompts, responses, [self.context.harmful_of(p) for p in prompts]).numpy()
 
     def respond(self, prompts, generator: torch.Generator, desc=False) -> PolicyResponses:
@@ -45,7 +44,11 @@ class BestOfN(AlignmentMethod):
         candidates = sample_policy(self.policy, None, ctx.codec, prompts, ctx.eval_config, generator, desc=desc, num_samples=n)
         self.budget.policy_samples += len(candidates.texts)
         repeated = [p for p in prompts for _ in range(n)]
-        best = self.select_scores(repeated, candidates.texts).reshape(len(prompts), n).argmax(axis=1)
+        # A tiny policy repeats itself: score each distinct (prompt, response) once.
+        distinct = {pair: i for i, pair in enumerate(dict.fromkeys(zip(repeated, candidates.texts)))}
+        scores = self.select_scores([p for p, _ in distinct], [y for _, y in distinct])
+        scores = scores[[distinct[pair] for pair in zip(repeated, candidates.texts)]]
+        best = scores.reshape(len(prompts), n).argmax(axis=1)
         chosen = np.arange(len(prompts)) * n + best
         return PolicyResponses(
             [candidates.response_ids[i] for i in chosen], [candidates.texts[i] for i in chosen], analytic_kl=best_of_n_kl(n)
@@ -54,6 +57,7 @@ class BestOfN(AlignmentMethod):
 
 class BestOfNGold(BestOfN):
     name = "best_of_n_gold"
+    feedback = "gold"
 
     def select_scores(self, prompts, responses) -> np.ndarray:
         return self.context.gold_judge.score_batch(prompts, responses)

@@ -65,12 +65,14 @@ def test_config_records_the_resolved_run(quickstart_dir):
 
 def test_offline_wandb_run_holds_the_eval_metrics(quickstart_dir):
     run_dir = quickstart_dir / "quickstart" / _runs(quickstart_dir)["dpo"]["run_name"]
-    offline = list((run_dir / "wandb").glob("offline-run-*"))
-    assert len(offline) == 1
-    summary_files = list(offline[0].rglob("wandb-summary.json"))
-    if summary_files:  # written by the offline run at finish
-        summary = json.loads(summary_files[0].read_text())
-        assert "eval/win_rate" in summary
+    from alignbench.tracking import read_offline_run
+
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1
+    wandb_run = read_offline_run(run_dir)
+    metrics = _runs(quickstart_dir)["dpo"]["metrics"]
+    for key in ("eval/win_rate", "eval/win_rate_ci_low", "eval/gold_reward", "eval/kl", "budget/human_labels"):
+        assert wandb_run["summary"][key] == pytest.approx(metrics[key])
+    assert any("train/loss" in row for row in wandb_run["history"])
 
 
 def test_results_command_prints_the_same_table(quickstart_dir, capsys):

@@ -1,0 +1,135 @@
+"""Tokenizer, tiny models, reward model persistence, preference batching, and a tiny DPO fit."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from alignbench.data import PreferenceDataModule, preference_rows
+from alignbench.logprobs import sequence_logprobs
+from alignbench.methods.dpo import dpo_loss
+from alignbench.models import TINY_MODELS, RewardModel, TextCodec, build_tiny_policy, build_world_tokenizer, count_parameters
+from alignbench.world import AssistantWorld
+
+
+@pytest.fixture(scope="module")
+def world():
+    return AssistantWorld()
+
+
+@pytest.fixture(scope="module")
+def codec(world):
+    return TextCodec(build_world_tokenizer(world.vocabulary()))
+
+
+def test_world_tokenizer_round_trips_and_saves_with_the_hf_api(world, codec, tmp_path):
+    from transformers import AutoTokenizer
+
+    prompt = world.sample_prompts("test", 1, seed=0)[0]
+    response = world.ideal_response(prompt)
+    ids = codec.encode_responses([response])[0]
+    assert ids[-1] == codec.eos_token_id and codec.tokenizer.unk_token_id not in ids
+    assert codec.decode_responses([ids]) == [response]
+    codec.tokenizer.save_pretrained(tmp_path)
+    reloaded = TextCodec(AutoTokenizer.from_pretrained(tmp_path))
+    assert reloaded.encode_prompt(prompt) == codec.encode_prompt(prompt)
+    assert reloaded.encode_responses([response]) == [ids]
+
+
+def test_named_tiny_models_span_the_scaling_sizes(codec):
+    sizes = {name: count_parameters(build_tiny_policy(name, codec.tokenizer)) for name in TINY_MODELS}
+    assert 0.08e6 < sizes["world-tiny"] < 0.2e6
+    assert 0.6e6 < sizes["world-small"] < 1.5e6
+    assert 3e6 < sizes["world-base"] < 7e6
+    a, b = build_tiny_policy("world-tiny", codec.tokenizer, seed=3), build_tiny_policy("world-tiny", codec.tokenizer, seed=3)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_reward_model_saves_and_loads_identically(codec, tmp_path):
+    policy = build_tiny_policy("world-tiny", codec.tokenizer)
+    rm = RewardModel.from_policy(policy)
+    rm.calibration.copy_(torch.tensor([2.0, -0.5]))
+    rm.save(tmp_path / "rm")
+    loaded = RewardModel.load(tmp_path / "rm")
+    ids = torch.tensor([codec.encode_prompt("count from 4 to 9") + [5, 6, 7]])
+    mask = torch.ones_like(ids)
+    assert torch.allclose(rm(ids, mask), loaded(ids, mask))
+    assert torch.equal(loaded.calibration, rm.calibration)
+
+
+def test_reward_model_reads_the_last_real_token_under_either_padding(codec):
+    rm = RewardModel.from_policy(build_tiny_policy("world-tiny", codec.tokenizer)).eval()
+    ids = codec.encode_prompt("count from 4 to 9") + codec.encode_responses(["4 5 6"])[0]
+    pad = codec.pad_token_id
+    alone = rm(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))
+    right = rm(torch.tensor([ids + [pad, pad]]), torch.tensor([[1] * len(ids) + [0, 0]]))
+    left = rm(torch.tensor([[pad, pad] + ids]), torch.tensor([[0, 0] + [1] * len(ids)]))
+    assert torch.allclose(alone, right, atol=1e-5) and torch.allclose(alone, left, atol=1e-5)
+
+
+def test_a_ranking_expands_to_all_pairs_in_one_row_with_each_response_once(codec):
+    ranked = ["a1", "a2", "a3", "a4"]
+    records = [{"prompt": "p", "chosen": ranked[i], "rejected": ranked[j], "margin": 0.5} for i in range(4) for j in range(i + 1, 4)]
+    records.append({"prompt": "q", "chosen": "x", "rejected": "y"})
+    rows = preference_rows(records)
+    assert len(rows) == 2
+    assert rows[0]["responses"] == ranked and len(rows[0]["chosen"]) == 6
+    data = PreferenceDataModule(rows, codec, batch_size=2, max_length=32, shuffle=False)
+    batch = next(iter(data.train_dataloader()))
+    assert batch.responses.input_ids.shape[0] == 6  # 4 + 2 distinct responses, not 14 sequences
+    assert batch.num_groups == 2 and batch.group.tolist() == [0] * 6 + [1]
+    assert batch.chosen.tolist()[:3] == [0, 0, 0] and batch.rejected.tolist()[:3] == [1, 2, 3]
+    assert batch.margin.tolist()[:6] == [0.5] * 6 and data.num_pairs == 7
+
+
+def test_bad_preference_rows_name_the_row_and_column():
+    with pytest.raises(ValueError, match="preference row 1: column 'rejected'"):
+        preference_rows([{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p", "chosen": "a", "rejected": " "}])
+    with pytest.raises(ValueError, match="column 'chosen'"):
+        preference_rows([{"prompt": "p", "rejected": "b"}])
+
+
+def test_dpo_fit_on_a_tiny_model_learns_the_preference_and_generalises(world, codec):
+    """Chosen = the ideal answer, rejected = a refusal: after a few dozen DPO steps the
+    implicit reward ranks held-out pairs correctly, and the parameters moved."""
+    torch.manual_seed(0)
+    policy = build_tiny_policy("world-tiny", codec.tokenizer, seed=0)
+    reference = copy.deepcopy(policy).eval()
+    benign = [p for p in world.sample_prompts("train", 400, seed=1) if not world.is_harmful(p)]
+    held_out = [p for p in world.sample_prompts("test", 100, seed=1) if not world.is_harmful(p)]
+
+    def pairs(prompts):
+        return preference_rows([{"prompt": p, "chosen": world.ideal_response(p), "rejected": "sorry i can not help with that"} for p in prompts])
+
+    def accuracy(data):
+        correct = total = 0
+        with torch.no_grad():
+            for batch in data.train_dataloader():
+                pol = sequence_logprobs(policy, batch.responses)[1]
+                ref = sequence_logprobs(reference, batch.responses)[1]
+                margin = (pol - ref)[batch.chosen] - (pol - ref)[batch.rejected]
+                correct += int((margin > 0).sum())
+                total += len(margin)
+        return correct / total
+
+    train = PreferenceDataModule(pairs(benign), codec, batch_size=16, max_length=40)
+    test = PreferenceDataModule(pairs(held_out), codec, batch_size=64, max_length=40, shuffle=False)
+    before = [p.detach().clone() for p in policy.parameters()]
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=3e-3)
+    losses = []
+    for epoch in range(2):
+        for batch in train.train_dataloader():
+            pol = sequence_logprobs(policy, batch.responses)[1]
+            with torch.no_grad():
+                ref = sequence_logprobs(reference, batch.responses)[1]
+            loss, _ = dpo_loss(pol[batch.chosen], pol[batch.rejected], ref[batch.chosen], ref[batch.rejected], beta=0.1)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    assert losses[0] == pytest.approx(0.6931, abs=1e-3)  # log 2: policy == reference at the start
+    assert sum(losses[-5:]) / 5 < 0.3
+    assert accuracy(test) > 0.95
+    assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
