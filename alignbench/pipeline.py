@@ -348,8 +348,6 @@ class Pipeline:
         judges = {"gold": gold, "reward_model": RewardModelJudge(proxy, self.world.is_harmful), "annotator": AnnotatorJudge(SimulatedAnnotator(self.world, self.config.labels.annotator))}
         evaluator = Evaluator(self.config.eval, prompts, reference_responses, judges[self.config.eval.judge], world=self.world, proxy=proxy, harmful_of=self.world.is_harmful)
         overall = _read_jsonl(labels_dir / "overall.jsonl")
-        for r in overall:
-            r["margin"] = 0.0
         label_prompts = sorted({r["prompt"] for r in overall})
         return RunContext(
             config=self.config, seed=seed, codec=self.codec, world=self.world, sft_dir=sft_dir, reference=reference,

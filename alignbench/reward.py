@@ -39,8 +39,8 @@ class RewardModelConfig:
     """Passes over the labelled comparisons."""
     batch_size: int = 32
     """Prompts per step (each with all of its comparisons)."""
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_ratio=0.05))
-    """Optimiser of the reward models."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_ratio=0.05))
+    """Optimiser of the reward models (on the world, 1e-3 beats 3e-4 and 3e-3 in held-out accuracy)."""
     margin: bool = True
     """Use Llama 2's margin term m(r) from the annotators' margin levels."""
     safety: bool = True
