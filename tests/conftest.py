@@ -50,3 +50,21 @@ def isolated_environment(tmp_path_factory):
 @pytest.fixture
 def tiny_overrides() -> list[str]:
     return list(TINY_OVERRIDES)
+
+
+@pytest.fixture
+def tiny_gpt2():
+    """A seeded 2-layer GPT-2 over 32 token ids, built without a download.
+
+    Dropout off so results do not depend on the mode; initializer_range 0.5 gives peaked,
+    prompt-dependent distributions, so greedy decoding does not just repeat one token.
+    """
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=32, n_embd=32, n_layer=2, n_head=2, n_positions=64, initializer_range=0.5,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None,
+    )
+    return GPT2LMHeadModel(config).eval()

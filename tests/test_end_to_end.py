@@ -126,3 +126,15 @@ def test_nan_loss_stops_the_run_without_metrics(quickstart_dir, capsys):
     assert "at training step" in err
     finished = [json.loads(p.read_text())["config"]["dpo"]["optim"]["lr"] for p in (quickstart_dir / "quickstart").glob("dpo-*/metrics.json")]
     assert 1e30 not in finished
+
+
+def test_kl_budget_stops_training_early(quickstart_dir, capsys):
+    from tests.conftest import TINY_OVERRIDES
+
+    args = ["run", "quickstart", "method=dpo", "dpo.max_kl=1e-9", "dpo.kl_every=1", "--out", str(quickstart_dir), *TINY_OVERRIDES]
+    assert main(args) == 0
+    assert "passed the budget max_kl" in capsys.readouterr().out
+    run = next(json.loads(p.read_text()) for p in (quickstart_dir / "quickstart").glob("dpo-*/metrics.json") if json.loads(p.read_text())["config"]["dpo"]["max_kl"])
+    history = (quickstart_dir / "quickstart" / run["run_name"] / "history.jsonl").read_text().splitlines()
+    steps = {json.loads(line)["step"] for line in history if "train/kl" in json.loads(line)}
+    assert max(steps) <= 2  # stopped at the first estimate past the budget, not after all 7 steps

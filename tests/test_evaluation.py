@@ -40,3 +40,25 @@ def test_distinct_2_counts_unique_bigrams():
 def test_best_of_n_analytic_kl():
     assert best_of_n_kl(1) == 0.0
     assert math.isclose(best_of_n_kl(16), math.log(16) - 15 / 16)
+
+
+def test_judges_share_one_interface():
+    import torch
+
+    from alignbench.judges import GoldJudge, RewardModelJudge
+    from alignbench.world import AssistantWorld
+
+    world = AssistantWorld()
+    gold = GoldJudge(world)
+    prompt = "count from 4 to 9"
+    assert gold.prefer(prompt, "4 5 6 7 8 9", "sorry i can not help with that") == 1.0
+    assert gold.prefer(prompt, "4 5 6 7 8 9", "4 5 6 7 8 9") == 0.5
+    assert gold.score(prompt, "4 5 6 7 8 9") == 1.0
+
+    class FixedProxy:  # a stand-in reward model: longer responses score higher
+        def score(self, prompts, responses, harmful=None):
+            return torch.tensor([min(0.99, 0.1 * len(r.split())) for r in responses], dtype=torch.float64)
+
+    judge = RewardModelJudge(FixedProxy())
+    p_ab = judge.prefer(prompt, "4 5 6", "4")
+    assert 0.5 < p_ab < 1 and math.isclose(p_ab + judge.prefer(prompt, "4", "4 5 6"), 1.0, rel_tol=1e-9)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
 from alignbench.generation import SampleOutput, sample
 from alignbench.logprobs import pack_sequences, sequence_logprobs
@@ -23,15 +23,8 @@ def draw(model: GPT2LMHeadModel, prompts: list[list[int]], seed: int | None = No
 
 
 @pytest.fixture
-def model() -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    # Dropout off so results do not depend on the mode; initializer_range 0.5 gives peaked,
-    # prompt-dependent distributions, so greedy decoding does not just repeat one token.
-    config = GPT2Config(
-        vocab_size=32, n_embd=32, n_layer=2, n_head=2, n_positions=64, initializer_range=0.5,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None,
-    )
-    return GPT2LMHeadModel(config).eval()
+def model(tiny_gpt2) -> GPT2LMHeadModel:
+    return tiny_gpt2
 
 
 def hf_greedy(
