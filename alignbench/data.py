@@ -11,7 +11,7 @@ to responses that appear in many pairs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import lightning as L
@@ -126,6 +126,11 @@ class PreferenceDataModule(L.LightningDataModule):
 class DemonstrationBatch:
     batch: PackedBatch  # loss on response tokens only (the prompt is masked)
     num_tokens: int
+    prompt_ids: list[list[int]] = field(default_factory=list)  # the rows' token ids, for losses that re-pair them
+    response_ids: list[list[int]] = field(default_factory=list)
+
+    def to(self, device) -> "DemonstrationBatch":
+        return DemonstrationBatch(self.batch.to(device), self.num_tokens, self.prompt_ids, self.response_ids)
 
 
 class DemonstrationDataModule(L.LightningDataModule):
@@ -146,11 +151,9 @@ class DemonstrationDataModule(L.LightningDataModule):
         )
 
     def collate(self, rows: list[dict]) -> DemonstrationBatch:
-        packed = pack_sequences(
-            [r["prompt_ids"] for r in rows], [r["response_ids"] for r in rows], self.codec.pad_token_id,
-            max_length=self.max_length,
-        )
-        return DemonstrationBatch(packed, int(packed.attention_mask.sum()))
+        prompts, responses = [r["prompt_ids"] for r in rows], [r["response_ids"] for r in rows]
+        packed = pack_sequences(prompts, responses, self.codec.pad_token_id, max_length=self.max_length)
+        return DemonstrationBatch(packed, int(packed.attention_mask.sum()), prompts, responses)
 
     def train_dataloader(self) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed)

@@ -30,6 +30,7 @@ from alignbench.judges import AnnotatorJudge, GoldJudge, RewardModelJudge
 from alignbench.models import (
     TINY_MODELS, RewardModel, TextCodec, build_tiny_policy, build_world_tokenizer, freeze, load_pretrained_policy, load_tokenizer,
 )
+from alignbench.seeding import seeded_generator
 from alignbench.reward import ProxyReward, RewardModelTraining, fit_calibration, score_texts
 from alignbench.sft import SupervisedFineTuning
 from alignbench.training import Budget, make_trainer
@@ -38,11 +39,6 @@ from alignbench.world import AssistantWorld
 
 def log(message: str) -> None:
     print(f"[alignbench] {message}", flush=True)
-
-
-def seeded_generator(*parts: Any) -> torch.Generator:
-    """A torch generator whose seed is a stable function of `parts` (e.g. (seed, 'reference', 'test'))."""
-    return torch.Generator().manual_seed(int(config_hash(list(parts), length=12), 16) % (2**63))
 
 
 @contextmanager
@@ -113,6 +109,10 @@ class RunContext:
 
     def harmful_of(self, prompt: str) -> bool:
         return self.world.is_harmful(prompt) if self.world is not None else False
+
+    def sample_train_prompts(self, n: int, seed: int) -> list[str]:
+        """Fresh training prompts for methods that sample (disjoint from evaluation prompts)."""
+        return self.world.sample_prompts("train", n, seed=seed)
 
 
 class Pipeline:

@@ -6,9 +6,10 @@ from alignbench.config import ConfigError, did_you_mean
 from alignbench.methods.base import AlignmentMethod
 from alignbench.methods.best_of_n import BestOfN, BestOfNGold
 from alignbench.methods.dpo import DPO
+from alignbench.methods.hir import HIR
 from alignbench.methods.sft import SFTBaseline
 
-METHODS: dict[str, type[AlignmentMethod]] = {cls.name: cls for cls in (SFTBaseline, BestOfN, BestOfNGold, DPO)}
+METHODS: dict[str, type[AlignmentMethod]] = {cls.name: cls for cls in (SFTBaseline, BestOfN, BestOfNGold, DPO, HIR)}
 
 
 def get_method(name: str) -> type[AlignmentMethod]:

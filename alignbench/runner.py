@@ -19,7 +19,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from alignbench.experiment import for_run, method_config, run_config_dict, run_name
-from alignbench.pipeline import Pipeline, RunContext, log, seeded_generator
+from alignbench.pipeline import Pipeline, RunContext, log
+from alignbench.seeding import seeded_generator
 from alignbench.registry import get_method
 from alignbench.tracking import HistoryLogger, HistoryWriter, make_wandb_logger, write_json_atomic
 from alignbench.training import make_trainer
@@ -32,6 +33,7 @@ class KLMonitor(Callback):
     def __init__(self, context: RunContext, every: int, n_prompts: int, max_kl: float | None):
         self.context, self.every, self.max_kl = context, every, max_kl
         self.prompts = context.train_prompts[:n_prompts]
+        self.exceeded = False
 
     def estimate(self, module) -> float:
         from alignbench.evaluation import sample_policy
@@ -47,7 +49,7 @@ class KLMonitor(Callback):
                 logger.log_metrics({"train/kl": kl}, step=step)
             if self.max_kl is not None and kl > self.max_kl:
                 log(f"estimated KL {kl:.3f} passed the budget max_kl={self.max_kl} at step {step}; stopping training")
-                trainer.should_stop = True
+                trainer.should_stop = self.exceeded = True
 
 
 class PeriodicEvaluation(Callback):
@@ -59,15 +61,9 @@ class PeriodicEvaluation(Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         step = trainer.global_step
         if self.every and step % self.every == 0:
-            metrics = validation_metrics(module, self.context, step)
+            metrics = module.validate(step)
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
-
-
-def validation_metrics(method, context: RunContext, step: int) -> dict[str, float]:
-    responses = method.respond(context.evaluator.prompts["val"], seeded_generator(context.seed, "val", step))
-    metrics, _ = context.evaluator.evaluate(responses, split="val", prefix="val")
-    return metrics
 
 
 def versions() -> dict[str, str]:
@@ -135,17 +131,40 @@ def run_one(config, out: Path, method: str | None = None, seed: int | None = Non
             wandb.finish(exit_code=1 if failed else 0)
 
 
+class Fitter:
+    """One Lightning fit with the run's loggers and callbacks; methods that iterate (rounds)
+    call it once per round, and steps keep counting across rounds in the history."""
+
+    def __init__(self, module, context: RunContext, config, loggers):
+        self.module, self.context, self.config, self.loggers = module, context, config, loggers
+        mc = module.config
+        self.kl_monitor = KLMonitor(context, mc.kl_every, mc.kl_prompts, mc.max_kl)
+        self.step_offset = self.last_fit_steps = 0
+
+    def __call__(self, datamodule, epochs: int) -> None:
+        mc = self.module.config
+        callbacks = [self.kl_monitor]
+        if self.config.eval.eval_every:
+            callbacks.append(PeriodicEvaluation(self.context, self.config.eval.eval_every))
+        for logger in self.loggers:
+            if isinstance(logger, HistoryLogger):
+                logger.step_offset = self.step_offset
+        total = max(1, len(datamodule.train_dataloader()) * epochs)
+        trainer = make_trainer(self.config.trainer, max_steps=total, max_epochs=epochs, grad_clip=mc.optim.grad_clip, loggers=self.loggers, callbacks=callbacks)
+        trainer.fit(self.module, datamodule=datamodule)
+        self.last_fit_steps = trainer.global_step
+        self.step_offset += trainer.global_step
+        self.stopped_by_kl_budget = self.kl_monitor.exceeded
+
+    def log(self, metrics: dict[str, float]) -> None:
+        """Log at the last step of the last fit (the history logger adds earlier fits' steps)."""
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=self.last_fit_steps)
+
+
 def train(module, context: RunContext, config, loggers) -> None:
-    data = module.datamodule()
-    total = module.total_steps(data)
-    mc = module.config
-    callbacks = [KLMonitor(context, mc.kl_every, mc.kl_prompts, mc.max_kl)]
-    if config.eval.eval_every:
-        callbacks.append(PeriodicEvaluation(context, config.eval.eval_every))
-    trainer = make_trainer(config.trainer, max_steps=total, max_epochs=mc.epochs, grad_clip=mc.optim.grad_clip, loggers=loggers, callbacks=callbacks)
-    trainer.fit(module, datamodule=data)
+    fit = Fitter(module, context, config, loggers)
+    module.train_policy(fit)
     # The KL at the end of training, whatever the step (the eval KL is on the test split).
-    if mc.kl_every:
-        kl = callbacks[0].estimate(module)
-        for logger in loggers:
-            logger.log_metrics({"train/kl": kl}, step=trainer.global_step)
+    if module.config.kl_every:
+        fit.log({"train/kl": fit.kl_monitor.estimate(module)})

@@ -65,4 +65,4 @@ class SupervisedFineTuning(L.LightningModule):
         return adamw_with_schedule(self.policy.parameters(), self.optim, self.total_steps)
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
-        return DemonstrationBatch(batch.batch.to(device), batch.num_tokens)
+        return batch.to(device)

@@ -104,6 +104,7 @@ class HistoryLogger(Logger):
     def __init__(self, writer: HistoryWriter, extra: dict[str, Any] | None = None):
         super().__init__()
         self.writer, self.extra = writer, extra or {}
+        self.step_offset = 0  # steps of earlier fits (rounds) of the same run
 
     @property
     def name(self) -> str:
@@ -124,7 +125,7 @@ class HistoryLogger(Logger):
 
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        row = {"step": step, **self.extra, **{k: float(v) for k, v in metrics.items() if k != "epoch"}}
+        row = {"step": None if step is None else step + self.step_offset, **self.extra, **{k: float(v) for k, v in metrics.items() if k != "epoch"}}
         self.writer.write(row)
 
 

@@ -19,8 +19,10 @@ import lightning as L
 import torch
 
 from alignbench.data import PreferenceBatch, PreferenceDataModule
-from alignbench.evaluation import PolicyResponses, sample_policy
+from alignbench.evaluation import EvalConfig, PolicyResponses, sample_policy
 from alignbench.logprobs import sequence_logprobs
+from alignbench.seeding import seeded_generator
+from alignbench.pipeline import log
 from alignbench.training import OptimConfig, adamw_with_schedule, check_finite
 
 if TYPE_CHECKING:
@@ -80,13 +82,21 @@ class AlignmentMethod(L.LightningModule):
     def datamodule(self) -> L.LightningDataModule:
         raise NotImplementedError
 
-    def total_steps(self, datamodule) -> int:
-        return max(1, len(datamodule.train_dataloader()) * self.config.epochs)
+    def train_policy(self, fit) -> None:
+        """Train; `fit(datamodule, epochs)` runs one Lightning fit with the run's loggers.
+        The default is one fit on `datamodule()`; methods with rounds call it per round."""
+        fit(self.datamodule(), self.config.epochs)
 
     def respond(self, prompts: Sequence[str], generator: torch.Generator, desc: str | bool = False) -> PolicyResponses:
         """The policy's evaluation responses; the default samples the trained policy once."""
         ctx = self.context
         return sample_policy(self.policy, ctx.reference, ctx.codec, prompts, ctx.eval_config, generator, desc=desc)
+
+    def validate(self, step: int) -> dict[str, float]:
+        """`val/*` metrics of the current policy on the validation split."""
+        ctx = self.context
+        responses = self.respond(ctx.evaluator.prompts["val"], seeded_generator(ctx.seed, "val", step))
+        return ctx.evaluator.evaluate(responses, split="val", prefix="val")[0]
 
     def configure_optimizers(self):
         return adamw_with_schedule(self.policy.parameters(), self.config.optim, self.trainer.max_steps)
@@ -141,6 +151,76 @@ class OfflinePreferenceMethod(AlignmentMethod):
         check_finite(loss, self.global_step)
         self.budget.train_tokens += int(batch.responses.attention_mask.sum())
         self.log_terms({"loss": loss.detach(), **metrics}, batch_size=batch.num_groups)
+        return loss
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        return batch.to(device)
+
+
+@dataclass
+class RoundsConfig(MethodConfig):
+    """Fields of methods that iterate sample -> select or relabel -> fine-tune."""
+
+    rounds: int = 2
+    """Sample-and-tune rounds; each samples from the previous round's policy."""
+    prompts_per_round: int = 2000
+    """Training prompts sampled from each round."""
+    samples_per_prompt: int = 1
+    """Policy samples per prompt and round."""
+    temperature: float = 1.0
+    """Sampling temperature of the rounds."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        for key in ("rounds", "prompts_per_round", "samples_per_prompt"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}={getattr(self, key)} must be >= 1")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature={self.temperature} must be > 0")
+
+
+class SampleAndTuneMethod(AlignmentMethod):
+    """Rounds of: sample from the current policy, turn the samples into supervised examples
+    (`examples`: filter by reward, pick the best, relabel), fine-tune on them. Each round is
+    evaluated on the validation split and logged with `round`."""
+
+    config_class: ClassVar[type] = RoundsConfig
+
+    def examples(self, round_index: int, prompts: list[str], responses: list[list[str]]) -> list[dict]:
+        """Supervised examples ({prompt, response, ...}) from each prompt's samples."""
+        raise NotImplementedError
+
+    def round_datamodule(self, examples: list[dict]) -> L.LightningDataModule:
+        from datasets import Dataset
+
+        from alignbench.data import DemonstrationDataModule
+
+        return DemonstrationDataModule(Dataset.from_list(examples), self.context.codec, self.config.batch_size, self.config.max_length, seed=self.context.seed)
+
+    def train_policy(self, fit) -> None:
+        c, ctx = self.config, self.context
+        k = c.samples_per_prompt
+        sampling = EvalConfig(temperature=c.temperature, max_new_tokens=ctx.eval_config.max_new_tokens, batch_size=ctx.eval_config.batch_size)
+        for r in range(c.rounds):
+            prompts = ctx.sample_train_prompts(c.prompts_per_round, seed=1000 * ctx.seed + r)
+            out = sample_policy(self.policy, None, ctx.codec, prompts, sampling, seeded_generator(ctx.seed, self.name, r), desc=f"round {r + 1} samples", num_samples=k)
+            self.budget.policy_samples += len(out.texts)
+            examples = self.examples(r, prompts, [out.texts[i * k : (i + 1) * k] for i in range(len(prompts))])
+            if examples:
+                fit(self.round_datamodule(examples), c.epochs)
+            else:  # e.g. nothing a barely trained policy wrote can be relabeled: nothing to learn from
+                log(f"round {r + 1} of {self.name} kept no training examples; the policy is unchanged")
+            fit.log({"round": r + 1, "train/examples": len(examples), **self.validate(fit.step_offset)})
+            if fit.stopped_by_kl_budget:
+                break
+
+    def training_step(self, batch, batch_idx: int):
+        from alignbench.sft import response_nll
+
+        loss, n_tokens = response_nll(self.policy, batch.batch)
+        check_finite(loss, self.global_step)
+        self.budget.train_tokens += batch.num_tokens
+        self.log_terms({"loss": loss.detach()}, batch_size=batch.batch.input_ids.shape[0])
         return loss
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):

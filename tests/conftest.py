@@ -13,7 +13,7 @@ TINY_OVERRIDES = [
     "labels.n_prompts=60", "labels.responses_per_prompt=3",
     "reward_model.epochs=1", "reward_model.batch_size=8",
     "eval.n_test_prompts=64", "eval.n_val_prompts=32", "eval.bootstrap_samples=200", "eval.max_new_tokens=12",
-    "dpo.kl_every=5", "dpo.kl_prompts=16",
+    "dpo.kl_every=5", "dpo.kl_prompts=16", "hir.prompts_per_round=100", "hir.kl_prompts=16",
     "trainer.progress_bar=false", "trainer.log_every_n_steps=1",
 ]
 

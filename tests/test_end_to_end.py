@@ -36,7 +36,7 @@ def _runs(out: Path) -> dict[str, dict]:
 
 def test_quickstart_writes_every_contract_file_and_metric(quickstart_dir):
     runs = _runs(quickstart_dir)
-    assert set(runs) == {"sft", "best_of_n", "best_of_n_gold", "dpo"}
+    assert set(runs) == {"sft", "best_of_n", "best_of_n_gold", "dpo", "hir"}
     for method, result in runs.items():
         assert set(result) == {"experiment", "run_name", "method", "seed", "config", "metrics", "versions"}
         missing = [k for k in CONTRACT_EVAL_KEYS if k not in result["metrics"]]
@@ -131,10 +131,19 @@ def test_nan_loss_stops_the_run_without_metrics(quickstart_dir, capsys):
 def test_kl_budget_stops_training_early(quickstart_dir, capsys):
     from tests.conftest import TINY_OVERRIDES
 
-    args = ["run", "quickstart", "method=dpo", "dpo.max_kl=1e-9", "dpo.kl_every=1", "--out", str(quickstart_dir), *TINY_OVERRIDES]
+    args = ["run", "quickstart", "--out", str(quickstart_dir), *TINY_OVERRIDES, "method=dpo", "dpo.max_kl=1e-9", "dpo.kl_every=1"]
     assert main(args) == 0
     assert "passed the budget max_kl" in capsys.readouterr().out
     run = next(json.loads(p.read_text()) for p in (quickstart_dir / "quickstart").glob("dpo-*/metrics.json") if json.loads(p.read_text())["config"]["dpo"]["max_kl"])
     history = (quickstart_dir / "quickstart" / run["run_name"] / "history.jsonl").read_text().splitlines()
     steps = {json.loads(line)["step"] for line in history if "train/kl" in json.loads(line)}
-    assert max(steps) <= 2  # stopped at the first estimate past the budget, not after all 7 steps
+    assert max(steps) == 1  # stopped at the first estimate past the budget, not after all steps
+
+
+def test_rounds_are_logged_with_their_round(quickstart_dir):
+    hir = _runs(quickstart_dir)["hir"]
+    rows = [json.loads(line) for line in (quickstart_dir / "quickstart" / hir["run_name"] / "history.jsonl").read_text().splitlines()]
+    rounds = [row for row in rows if "round" in row]
+    assert [row["round"] for row in rounds] == [1, 2]
+    assert all("val/win_rate" in row and "train/examples" in row for row in rounds)
+    assert hir["metrics"]["budget/policy_samples"] == 200  # 2 rounds x 100 prompts x 1 sample
