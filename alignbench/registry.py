@@ -5,11 +5,14 @@ from __future__ import annotations
 from alignbench.config import ConfigError, did_you_mean
 from alignbench.methods.base import AlignmentMethod
 from alignbench.methods.best_of_n import BestOfN, BestOfNGold
+from alignbench.methods.cpl import CPL, CPLKL
 from alignbench.methods.dpo import DPO
 from alignbench.methods.hir import HIR
+from alignbench.methods.rejection_sampling import RejectionSampling
+from alignbench.methods.rest import ReST
 from alignbench.methods.sft import SFTBaseline
 
-METHODS: dict[str, type[AlignmentMethod]] = {cls.name: cls for cls in (SFTBaseline, BestOfN, BestOfNGold, DPO, HIR)}
+METHODS: dict[str, type[AlignmentMethod]] = {cls.name: cls for cls in (SFTBaseline, BestOfN, BestOfNGold, DPO, CPL, CPLKL, HIR, RejectionSampling, ReST)}
 
 
 def get_method(name: str) -> type[AlignmentMethod]:

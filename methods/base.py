@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Literal, Sequence
 
 import lightning as L
+import numpy as np
 import torch
 
 from alignbench.data import PreferenceBatch, PreferenceDataModule
@@ -91,6 +92,11 @@ class AlignmentMethod(L.LightningModule):
         """The policy's evaluation responses; the default samples the trained policy once."""
         ctx = self.context
         return sample_policy(self.policy, ctx.reference, ctx.codec, prompts, ctx.eval_config, generator, desc=desc)
+
+    def reward_scores(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+        """The proxy reward (Llama 2 combination of the reward models) of each response."""
+        ctx = self.context
+        return ctx.proxy.score(list(prompts), list(responses), [ctx.harmful_of(p) for p in prompts]).numpy()
 
     def validate(self, step: int) -> dict[str, float]:
         """`val/*` metrics of the current policy on the validation split."""
@@ -197,22 +203,32 @@ class SampleAndTuneMethod(AlignmentMethod):
 
         return DemonstrationDataModule(Dataset.from_list(examples), self.context.codec, self.config.batch_size, self.config.max_length, seed=self.context.seed)
 
-    def train_policy(self, fit) -> None:
+    def round_temperature(self, round_index: int) -> float:
+        return self.config.temperature
+
+    def grow(self, round_index: int) -> tuple[list[str], list[list[str]]]:
+        """Fresh training prompts and `samples_per_prompt` samples of each from the current policy."""
         c, ctx = self.config, self.context
         k = c.samples_per_prompt
-        sampling = EvalConfig(temperature=c.temperature, max_new_tokens=ctx.eval_config.max_new_tokens, batch_size=ctx.eval_config.batch_size)
-        for r in range(c.rounds):
-            prompts = ctx.sample_train_prompts(c.prompts_per_round, seed=1000 * ctx.seed + r)
-            out = sample_policy(self.policy, None, ctx.codec, prompts, sampling, seeded_generator(ctx.seed, self.name, r), desc=f"round {r + 1} samples", num_samples=k)
-            self.budget.policy_samples += len(out.texts)
-            examples = self.examples(r, prompts, [out.texts[i * k : (i + 1) * k] for i in range(len(prompts))])
-            if examples:
-                fit(self.round_datamodule(examples), c.epochs)
-            else:  # e.g. nothing a barely trained policy wrote can be relabeled: nothing to learn from
-                log(f"round {r + 1} of {self.name} kept no training examples; the policy is unchanged")
-            fit.log({"round": r + 1, "train/examples": len(examples), **self.validate(fit.step_offset)})
+        sampling = EvalConfig(temperature=self.round_temperature(round_index), max_new_tokens=ctx.eval_config.max_new_tokens, batch_size=ctx.eval_config.batch_size)
+        prompts = ctx.sample_train_prompts(c.prompts_per_round, seed=1000 * ctx.seed + round_index)
+        out = sample_policy(self.policy, None, ctx.codec, prompts, sampling, seeded_generator(ctx.seed, self.name, round_index), desc=f"round {round_index + 1} samples", num_samples=k)
+        self.budget.policy_samples += len(out.texts)
+        return prompts, [out.texts[i * k : (i + 1) * k] for i in range(len(prompts))]
+
+    def train_policy(self, fit) -> None:
+        for r in range(self.config.rounds):
+            self.tune(fit, r + 1, self.examples(r, *self.grow(r)))
             if fit.stopped_by_kl_budget:
                 break
+
+    def tune(self, fit, round_number: int, examples: list[dict]) -> None:
+        """Fine-tune on one round's examples, then evaluate and log the round."""
+        if examples:
+            fit(self.round_datamodule(examples), self.config.epochs)
+        else:  # e.g. nothing a barely trained policy wrote can be relabeled: nothing to learn from
+            log(f"round {round_number} of {self.name} kept no training examples; the policy is unchanged")
+        fit.log({"round": round_number, "train/examples": len(examples), **self.validate(fit.step_offset)})
 
     def training_step(self, batch, batch_idx: int):
         from alignbench.sft import response_nll

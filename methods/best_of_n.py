@@ -37,7 +37,7 @@ class BestOfN(AlignmentMethod):
 
     def select_scores(self, prompts: list[str], responses: list[str]) -> np.ndarray:
         """Scores the candidates are chosen by: the proxy reward model."""
-        return self.context.proxy.score(prompts, responses, [self.context.harmful_of(p) for p in prompts]).numpy()
+        return self.reward_scores(prompts, responses)
 
     def respond(self, prompts, generator: torch.Generator, desc=False) -> PolicyResponses:
         n, ctx = self.config.n, self.context

@@ -14,6 +14,9 @@ TINY_OVERRIDES = [
     "reward_model.epochs=1", "reward_model.batch_size=8",
     "eval.n_test_prompts=64", "eval.n_val_prompts=32", "eval.bootstrap_samples=200", "eval.max_new_tokens=12",
     "dpo.kl_every=5", "dpo.kl_prompts=16", "hir.prompts_per_round=100", "hir.kl_prompts=16",
+    "cpl.kl_prompts=16", "cpl_kl.kl_prompts=16",
+    "rejection_sampling.prompts_per_round=50", "rejection_sampling.samples_per_prompt=2", "rejection_sampling.kl_prompts=16",
+    "rest.prompts_per_round=50", "rest.samples_per_prompt=2", "rest.kl_prompts=16",
     "trainer.progress_bar=false", "trainer.log_every_n_steps=1",
 ]
 
@@ -68,3 +71,17 @@ def tiny_gpt2():
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None,
     )
     return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture(scope="module")
+def world():
+    from alignbench.world import AssistantWorld
+
+    return AssistantWorld()
+
+
+@pytest.fixture(scope="module")
+def codec(world):
+    from alignbench.models import TextCodec, build_world_tokenizer
+
+    return TextCodec(build_world_tokenizer(world.vocabulary()))

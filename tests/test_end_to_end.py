@@ -36,7 +36,7 @@ def _runs(out: Path) -> dict[str, dict]:
 
 def test_quickstart_writes_every_contract_file_and_metric(quickstart_dir):
     runs = _runs(quickstart_dir)
-    assert set(runs) == {"sft", "best_of_n", "best_of_n_gold", "dpo", "hir"}
+    assert set(runs) == {"sft", "best_of_n", "best_of_n_gold", "dpo", "cpl", "cpl_kl", "hir", "rejection_sampling", "rest"}
     for method, result in runs.items():
         assert set(result) == {"experiment", "run_name", "method", "seed", "config", "metrics", "versions"}
         missing = [k for k in CONTRACT_EVAL_KEYS if k not in result["metrics"]]
@@ -147,3 +147,11 @@ def test_rounds_are_logged_with_their_round(quickstart_dir):
     assert [row["round"] for row in rounds] == [1, 2]
     assert all("val/win_rate" in row and "train/examples" in row for row in rounds)
     assert hir["metrics"]["budget/policy_samples"] == 200  # 2 rounds x 100 prompts x 1 sample
+    rest = _runs(quickstart_dir)["rest"]
+    rest_rows = [json.loads(line) for line in (quickstart_dir / "quickstart" / rest["run_name"] / "history.jsonl").read_text().splitlines()]
+    improve = [row for row in rest_rows if "round" in row]
+    assert [row["round"] for row in improve] == [1, 2, 3]  # one Improve step per threshold
+    assert [row["train/examples"] for row in improve] == sorted((row["train/examples"] for row in improve), reverse=True)
+    rs = _runs(quickstart_dir)["rejection_sampling"]
+    rs_rows = [json.loads(line) for line in (quickstart_dir / "quickstart" / rs["run_name"] / "history.jsonl").read_text().splitlines()]
+    assert [row["train/examples"] for row in rs_rows if "round" in row] == [50, 100, 150]  # winners of all rounds kept

@@ -10,18 +10,7 @@ import torch
 from alignbench.data import PreferenceDataModule, preference_rows
 from alignbench.logprobs import sequence_logprobs
 from alignbench.methods.dpo import dpo_loss
-from alignbench.models import TINY_MODELS, RewardModel, TextCodec, build_tiny_policy, build_world_tokenizer, count_parameters
-from alignbench.world import AssistantWorld
-
-
-@pytest.fixture(scope="module")
-def world():
-    return AssistantWorld()
-
-
-@pytest.fixture(scope="module")
-def codec(world):
-    return TextCodec(build_world_tokenizer(world.vocabulary()))
+from alignbench.models import TINY_MODELS, RewardModel, TextCodec, build_tiny_policy, count_parameters
 
 
 def test_world_tokenizer_round_trips_and_saves_with_the_hf_api(world, codec, tmp_path):
