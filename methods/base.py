@@ -93,6 +93,10 @@ class AlignmentMethod(L.LightningModule):
         ctx = self.context
         return sample_policy(self.policy, ctx.reference, ctx.codec, prompts, ctx.eval_config, generator, desc=desc)
 
+    def on_fit_start(self) -> None:
+        # The frozen reference follows the policy to the training device (GPU runs).
+        self.context.reference.to(self.device)
+
     def reward_scores(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
         """The proxy reward (Llama 2 combination of the reward models) of each response."""
         ctx = self.context
@@ -151,7 +155,7 @@ class OfflinePreferenceMethod(AlignmentMethod):
                 reference = cache.to(policy.device)[batch.response_index]
             else:
                 with torch.no_grad():
-                    reference = sequence_logprobs(self.context.reference, batch.responses)[1]
+                    reference = sequence_logprobs(self.context.reference, batch.responses)[1].to(policy.device)
             reference_chosen, reference_rejected = reference[batch.chosen], reference[batch.rejected]
         loss, metrics = self.loss(policy[batch.chosen], policy[batch.rejected], reference_chosen, reference_rejected, batch)
         check_finite(loss, self.global_step)
