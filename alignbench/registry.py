@@ -8,11 +8,12 @@ from alignbench.methods.best_of_n import BestOfN, BestOfNGold
 from alignbench.methods.cpl import CPL, CPLKL
 from alignbench.methods.dpo import DPO
 from alignbench.methods.hir import HIR
+from alignbench.methods.ppo import PPO
 from alignbench.methods.rejection_sampling import RejectionSampling
 from alignbench.methods.rest import ReST
 from alignbench.methods.sft import SFTBaseline
 
-METHODS: dict[str, type[AlignmentMethod]] = {cls.name: cls for cls in (SFTBaseline, BestOfN, BestOfNGold, DPO, CPL, CPLKL, HIR, RejectionSampling, ReST)}
+METHODS: dict[str, type[AlignmentMethod]] = {cls.name: cls for cls in (SFTBaseline, BestOfN, BestOfNGold, DPO, CPL, CPLKL, HIR, RejectionSampling, ReST, PPO)}
 
 
 def get_method(name: str) -> type[AlignmentMethod]:

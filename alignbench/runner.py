@@ -150,7 +150,9 @@ class Fitter:
             if isinstance(logger, HistoryLogger):
                 logger.step_offset = self.step_offset
         total = max(1, len(datamodule.train_dataloader()) * epochs)
-        trainer = make_trainer(self.config.trainer, max_steps=total, max_epochs=epochs, grad_clip=mc.optim.grad_clip, loggers=self.loggers, callbacks=callbacks)
+        # Under manual optimisation (PPO) the method clips gradients itself; Lightning refuses to.
+        grad_clip = mc.optim.grad_clip if self.module.automatic_optimization else 0.0
+        trainer = make_trainer(self.config.trainer, max_steps=total, max_epochs=epochs, grad_clip=grad_clip, loggers=self.loggers, callbacks=callbacks)
         trainer.fit(self.module, datamodule=datamodule)
         self.last_fit_steps = trainer.global_step
         self.step_offset += trainer.global_step

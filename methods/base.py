@@ -95,7 +95,8 @@ class AlignmentMethod(L.LightningModule):
 
     def on_fit_start(self) -> None:
         # The frozen reference follows the policy to the training device (GPU runs).
-        self.context.reference.to(self.device)
+        if self.context.reference is not None:
+            self.context.reference.to(self.device)
 
     def reward_scores(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
         """The proxy reward (Llama 2 combination of the reward models) of each response."""

@@ -17,6 +17,7 @@ TINY_OVERRIDES = [
     "cpl.kl_prompts=16", "cpl_kl.kl_prompts=16",
     "rejection_sampling.prompts_per_round=50", "rejection_sampling.samples_per_prompt=2", "rejection_sampling.kl_prompts=16",
     "rest.prompts_per_round=50", "rest.samples_per_prompt=2", "rest.kl_prompts=16",
+    "ppo.iterations=3", "ppo.batch_size=16", "ppo.minibatch_size=8",
     "trainer.progress_bar=false", "trainer.log_every_n_steps=1",
 ]
 
