@@ -3,8 +3,9 @@
 Grow: sample N responses per prompt from the current policy and score them with the
 reward model. Improve: fine-tune on the grown samples whose reward is at least τ_i, for
 a rising sequence of thresholds τ_1 < τ_2 < … — each Improve step trains on fewer,
-better samples. Grow and Improve alternate; at each Grow step the policy restarts from
-the SFT initialisation (the paper's default, `init="sft"`) or continues (`"continue"`).
+better samples. Grow and Improve alternate: each Grow step samples from the latest
+policy, and its Improve steps fine-tune from the SFT initialisation (the paper's
+default, `init="sft"`) or continue from the latest policy (`"continue"`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class ReSTConfig(RoundsConfig):
     thresholds: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.85])
     """τ_1 < τ_2 < ...: one Improve step per threshold, on the proxy reward (a probability in (0, 1))."""
     init: Literal["sft", "continue"] = "sft"
-    """At each Grow step, restart from the SFT policy (the paper's default) or continue training."""
+    """After each Grow step, fine-tune from the SFT policy (the paper's default) or continue training."""
     batch_size: int = 32
     """Samples per step."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_ratio=0.05))
@@ -57,9 +58,9 @@ class ReST(SampleAndTuneMethod):
     def train_policy(self, fit) -> None:
         c = self.config
         for g in range(c.rounds):
-            if c.init == "sft" and g > 0:
+            prompts, responses = self.grow(g)  # Grow samples from the latest policy...
+            if c.init == "sft" and g > 0:  # ...and Improve fine-tunes from the SFT initialisation
                 self.policy.load_state_dict(self.context.load_policy().state_dict())
-            prompts, responses = self.grow(g)
             flat_prompts = [p for p, ys in zip(prompts, responses) for _ in ys]
             flat = [y for ys in responses for y in ys]
             scores = self.reward_scores(flat_prompts, flat)
