@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import platform
-import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -156,7 +154,10 @@ class Fitter:
         trainer.fit(self.module, datamodule=datamodule)
         self.last_fit_steps = trainer.global_step
         self.step_offset += trainer.global_step
-        self.stopped_by_kl_budget = self.kl_monitor.exceeded
+
+    @property
+    def stopped_by_kl_budget(self) -> bool:
+        return self.kl_monitor.exceeded
 
     def log(self, metrics: dict[str, float]) -> None:
         """Log at the last step of the last fit (the history logger adds earlier fits' steps)."""
