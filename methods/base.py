@@ -19,11 +19,14 @@ import lightning as L
 import numpy as np
 import torch
 
-from alignbench.data import PreferenceBatch, PreferenceDataModule
+from datasets import Dataset
+
+from alignbench.data import DemonstrationDataModule, PreferenceBatch, PreferenceDataModule
 from alignbench.evaluation import EvalConfig, PolicyResponses, sample_policy
 from alignbench.logprobs import sequence_logprobs
-from alignbench.seeding import seeded_generator
 from alignbench.pipeline import log
+from alignbench.seeding import seeded_generator
+from alignbench.sft import response_nll
 from alignbench.training import OptimConfig, adamw_with_schedule, check_finite
 
 if TYPE_CHECKING:
@@ -79,6 +82,7 @@ class AlignmentMethod(L.LightningModule):
         self.budget = context.budget
         if self.feedback == "reward":
             self.budget.human_labels += context.reward_model_labels
+
     # --- what the pipeline calls -------------------------------------------------------
     def datamodule(self) -> L.LightningDataModule:
         raise NotImplementedError
@@ -202,10 +206,6 @@ class SampleAndTuneMethod(AlignmentMethod):
         raise NotImplementedError
 
     def round_datamodule(self, examples: list[dict]) -> L.LightningDataModule:
-        from datasets import Dataset
-
-        from alignbench.data import DemonstrationDataModule
-
         return DemonstrationDataModule(Dataset.from_list(examples), self.context.codec, self.config.batch_size, self.config.max_length, seed=self.context.seed)
 
     def round_temperature(self, round_index: int) -> float:
@@ -236,9 +236,7 @@ class SampleAndTuneMethod(AlignmentMethod):
         fit.log({"round": round_number, "train/examples": len(examples), **self.validate(fit.step_offset)})
 
     def training_step(self, batch, batch_idx: int):
-        from alignbench.sft import response_nll
-
-        loss, n_tokens = response_nll(self.policy, batch.batch)
+        loss, _ = response_nll(self.policy, batch.batch)
         check_finite(loss, self.global_step)
         self.budget.train_tokens += batch.num_tokens
         self.log_terms({"loss": loss.detach()}, batch_size=batch.batch.input_ids.shape[0])

@@ -4,8 +4,6 @@ stage caching, identical reruns, the results command, and the non-finite loss gu
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest

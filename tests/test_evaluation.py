@@ -15,7 +15,7 @@ def test_bootstrap_interval_covers_the_true_win_rate_at_its_nominal_rate():
         # win = 1, loss = 0, tie = 1/2, as the protocol counts them
         outcomes = rng.choice([1.0, 0.0, 0.5], size=n, p=[0.5, 0.3, 0.2])
         mean, low, high = bootstrap_ci(outcomes, n_boot=500, seed=t)
-        covered += low <= 0.6 <= high
+        covered += low <= true_p <= high
         assert low <= mean <= high
     coverage = covered / trials
     assert 0.91 <= coverage <= 0.99, coverage  # nominal 0.95, +-3 standard errors
