@@ -198,7 +198,7 @@ class OnlineRLMethod(AlignmentMethod):
         if self.config.reward == "helpfulness":
             rm = ctx.proxy.helpfulness
             return rm.probability(score_texts(rm, ctx.codec, prompts, responses)).numpy()
-        return ctx.proxy.score(prompts, responses, [ctx.harmful_of(p) for p in prompts]).numpy()
+        return super().reward_scores(prompts, responses)
 
     @torch.no_grad()
     def generate_and_score(self, prompts: Sequence[str]) -> Rollout:
