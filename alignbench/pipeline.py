@@ -99,6 +99,9 @@ class RunContext:
     eval_config: EvalConfig
     gold_judge: GoldJudge | None
     budget: Budget = field(default_factory=Budget)
+    pipeline: "Pipeline | None" = None
+    """The pipeline that built this context: methods with stages of their own (the AI
+    labeler, SL-CAI) build and cache them through it."""
 
     def load_policy(self, trainable: bool = True):
         """A fresh copy of the SFT policy (frozen when the method does not train)."""
@@ -353,7 +356,7 @@ class Pipeline:
             config=self.config, seed=seed, codec=self.codec, world=self.world, sft_dir=sft_dir, reference=reference,
             proxy=proxy, preferences=preference_rows(overall, allow_empty_responses=True), reward_model_labels=label_summary["human_labels"],
             rm_metrics={k: v for k, v in rm_summary.items() if k.startswith("rm/")}, train_prompts=label_prompts,
-            evaluator=evaluator, eval_config=self.config.eval, gold_judge=gold,
+            evaluator=evaluator, eval_config=self.config.eval, gold_judge=gold, pipeline=self,
         )
 
 
