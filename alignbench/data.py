@@ -24,7 +24,10 @@ from alignbench.models import TextCodec
 
 
 def preference_rows(records: Sequence[dict], allow_empty_responses: bool = False) -> Dataset:
-    """Validate flat pair records ({prompt, chosen, rejected, margin?}) and group them by prompt.
+    """Validate flat pair records ({prompt, chosen, rejected, margin?, label?}) and group them by prompt.
+
+    `label` is the probability that `chosen` is the better response: 1 for a hard label (the
+    default), a judge's probability for soft AI labels (Lee et al. 2023).
 
     Each row holds a prompt's distinct responses once and its comparisons as index pairs,
     so a response in several pairs is scored once per step (InstructGPT's reason for
@@ -39,12 +42,16 @@ def preference_rows(records: Sequence[dict], allow_empty_responses: bool = False
             empty_ok = allow_empty_responses and column != "prompt"
             if not isinstance(value, str) or (not value.strip() and not empty_ok):
                 raise ValueError(f"preference row {index}: column '{column}' is missing or empty (got {value!r})")
-        row = grouped.setdefault(record["prompt"], {"prompt": record["prompt"], "responses": [], "chosen": [], "rejected": [], "margin": []})
+        row = grouped.setdefault(record["prompt"], {"prompt": record["prompt"], "responses": [], "chosen": [], "rejected": [], "margin": [], "label": []})
         for column in ("chosen", "rejected"):
             if record[column] not in row["responses"]:
                 row["responses"].append(record[column])
             row[column].append(row["responses"].index(record[column]))
         row["margin"].append(float(record.get("margin", 0.0) or 0.0))
+        label = record.get("label", 1.0)
+        if isinstance(label, bool) or not isinstance(label, (int, float)) or not 0.0 <= label <= 1.0:
+            raise ValueError(f"preference row {index}: column 'label' must be a probability in [0, 1] (got {label!r})")
+        row["label"].append(float(label))
     return Dataset.from_list(list(grouped.values()))
 
 
@@ -54,6 +61,7 @@ class PreferenceBatch:
 
     responses: PackedBatch [R, T], every distinct response of the batch's prompts once.
     chosen, rejected: [P] indices into `responses` for the P pairs; margin: [P];
+    label: [P] probability that the chosen response is better (1 for hard labels);
     group: [P] which prompt (0..num_groups-1) a pair belongs to;
     response_index: [R] position of each response in the whole dataset (for precomputed
     reference log-probs).
@@ -66,11 +74,13 @@ class PreferenceBatch:
     group: torch.Tensor
     num_groups: int
     response_index: torch.Tensor
+    label: torch.Tensor | None = None
 
     def to(self, device) -> "PreferenceBatch":
         return PreferenceBatch(
             self.responses.to(device), self.chosen.to(device), self.rejected.to(device), self.margin.to(device),
             self.group.to(device), self.num_groups, self.response_index.to(device),
+            None if self.label is None else self.label.to(device),
         )
 
 
@@ -93,7 +103,7 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def collate(self, rows: list[dict]) -> PreferenceBatch:
         prompts, responses, response_index = [], [], []
-        chosen, rejected, margin, group = [], [], [], []
+        chosen, rejected, margin, group, label = [], [], [], [], []
         for g, row in enumerate(rows):
             first = len(responses)
             for k, ids in enumerate(row["response_ids"]):
@@ -103,12 +113,13 @@ class PreferenceDataModule(L.LightningDataModule):
             chosen += [first + i for i in row["chosen"]]
             rejected += [first + i for i in row["rejected"]]
             margin += row["margin"]
+            label += row.get("label") or [1.0] * len(row["chosen"])
             group += [g] * len(row["chosen"])
         return PreferenceBatch(
             responses=pack_sequences(prompts, responses, self.codec.pad_token_id, max_length=self.max_length),
             chosen=torch.tensor(chosen), rejected=torch.tensor(rejected),
             margin=torch.tensor(margin, dtype=torch.float32), group=torch.tensor(group), num_groups=len(rows),
-            response_index=torch.tensor(response_index),
+            response_index=torch.tensor(response_index), label=torch.tensor(label, dtype=torch.float32),
         )
 
     def train_dataloader(self) -> DataLoader:

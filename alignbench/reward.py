@@ -63,17 +63,23 @@ def ranking_loss(
     group: torch.Tensor,
     num_groups: int,
     margin: torch.Tensor | None = None,
+    label: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """InstructGPT's ranking loss with Llama 2's optional margin.
+    """InstructGPT's ranking loss with Llama 2's optional margin, and optional soft labels.
 
-    chosen_rewards, rejected_rewards, margin, group: [P] for P pairs; `group` [P] in
+    chosen_rewards, rejected_rewards, margin, label, group: [P] for P pairs; `group` [P] in
     0..num_groups-1 says which prompt a pair belongs to. Each prompt's pairs are averaged
-    first (the 1/C(K,2) factor), then prompts are averaged.
+    first (the 1/C(K,2) factor), then prompts are averaged. `label` y is the probability that
+    the chosen response is better: the loss is the cross-entropy −[y log σ(z) + (1 − y) log σ(−z)]
+    with z = r_c − r_r − m, which is −log σ(z) for hard labels (y = 1) and trains on a judge's
+    soft labels for RLAIF (Lee et al. 2023).
     """
     logits = chosen_rewards - rejected_rewards
     if margin is not None:
         logits = logits - margin
     per_pair = -F.logsigmoid(logits)
+    if label is not None:
+        per_pair = label * per_pair + (1 - label) * -F.logsigmoid(-logits)
     counts = torch.zeros(num_groups, device=per_pair.device).index_add_(0, group, torch.ones_like(per_pair))
     per_group = torch.zeros(num_groups, device=per_pair.device).index_add_(0, group, per_pair) / counts.clamp(min=1)
     loss = per_group[counts > 0].mean()
@@ -90,7 +96,7 @@ class RewardModelTraining(L.LightningModule):
     def training_step(self, batch: PreferenceBatch, batch_idx: int):
         rewards = self.model(batch.responses.input_ids, batch.responses.attention_mask)  # one pass per distinct response
         loss, metrics = ranking_loss(
-            rewards[batch.chosen], rewards[batch.rejected], batch.group, batch.num_groups, batch.margin if self.config.margin else None
+            rewards[batch.chosen], rewards[batch.rejected], batch.group, batch.num_groups, batch.margin if self.config.margin else None, batch.label
         )
         check_finite(loss, self.global_step)
         size = batch.num_groups

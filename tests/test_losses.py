@@ -54,6 +54,20 @@ def test_ranking_loss_averages_each_prompt_first():
     assert math.isclose(loss.item(), expected, rel_tol=1e-6)
 
 
+def test_soft_label_ranking_loss_is_the_cross_entropy_with_the_judges_probability():
+    # z = 1.0 - 0.0 = 1; y = 0.8: -(0.8 log s(1) + 0.2 log s(-1)); y = 1 is the hard-label loss.
+    chosen, rejected, group = torch.tensor([1.0]), torch.tensor([0.0]), torch.zeros(1, dtype=torch.long)
+    soft, _ = ranking_loss(chosen, rejected, group, 1, label=torch.tensor([0.8]))
+    hand = 0.8 * math.log(1 + math.exp(-1.0)) + 0.2 * math.log(1 + math.exp(1.0))
+    assert math.isclose(soft.item(), hand, rel_tol=1e-6)
+    hard, _ = ranking_loss(chosen, rejected, group, 1, label=torch.tensor([1.0]))
+    assert math.isclose(hard.item(), ranking_loss(chosen, rejected, group, 1)[0].item(), rel_tol=1e-7)
+    # y = 1/2 is minimised where the two rewards are equal
+    even = torch.tensor([0.3], requires_grad=True)
+    ranking_loss(even, torch.tensor([0.3]), group, 1, label=torch.tensor([0.5]))[0].backward()
+    assert abs(even.grad.item()) < 1e-7
+
+
 def test_llama2_margin_shifts_the_logit_by_m():
     chosen, rejected = torch.tensor([1.5]), torch.tensor([0.5])
     group = torch.zeros(1, dtype=torch.long)
