@@ -50,6 +50,24 @@ class AnnotatorConfig:
         self.margin_thresholds = t
 
 
+# AlpacaFarm (Dubois et al. 2023) simulates a pool of human labellers with label noise (about a
+# quarter of their labels disagree with the majority) and found AI annotators to be less noisy but
+# biased: towards the first response shown and towards longer ones. Two settings of one annotator
+# give controlled "human" and "AI" feedback of known quality; the world's AI labeler proper is a
+# model (alignbench.ai_feedback), whose errors are a model's, not a noise setting.
+ANNOTATOR_PROFILES = {
+    "human": AnnotatorConfig(temperature=0.2, flip_rate=0.25),
+    "ai": AnnotatorConfig(temperature=0.05, flip_rate=0.05, position_bias=0.5, length_bias=0.15),
+}
+
+
+def annotator_profile(name: str) -> AnnotatorConfig:
+    """The annotator settings of a named profile ("human" or "ai")."""
+    if name not in ANNOTATOR_PROFILES:
+        raise ValueError(f"annotator profile {name!r} is not known; expected one of {list(ANNOTATOR_PROFILES)}")
+    return ANNOTATOR_PROFILES[name]
+
+
 @dataclass(frozen=True)
 class PairLabel:
     """One labelled comparison, the record a preference data set is built from."""

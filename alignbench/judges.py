@@ -8,12 +8,14 @@ which judge evaluates are separate settings of an experiment.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Protocol, Sequence
 
 import numpy as np
 import torch
 
 from alignbench.annotator import SimulatedAnnotator
+from alignbench.logprobs import position_ids_from_mask
 from alignbench.reward import ProxyReward
 from alignbench.world import AssistantWorld
 
@@ -99,3 +101,135 @@ class RewardModelJudge:
 
     def prefer(self, prompt: str, a: str, b: str) -> float:
         return float(self.prefer_batch([prompt], [a], [b])[0])
+
+
+@torch.no_grad()
+def next_token_logprobs(model, codec, requests: Sequence[str], token_ids: Sequence[int], batch_size: int = 256) -> torch.Tensor:
+    """[N, k] log-probabilities of `token_ids` as the first token of the model's reply to each
+    request (the request goes through the chat template, as any prompt does)."""
+    device = next(model.parameters()).device
+    encoded = codec.encode_prompts(requests)
+    index = torch.tensor(list(token_ids), device=device)
+    out = []
+    for start in range(0, len(encoded), batch_size):
+        rows = encoded[start : start + batch_size]
+        width = max(map(len, rows))
+        input_ids = torch.full((len(rows), width), codec.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for i, ids in enumerate(rows):  # left padding: every row's next token is read in the last column
+            input_ids[i, width - len(ids) :] = torch.tensor(ids)
+            attention_mask[i, width - len(ids) :] = 1
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)).logits[:, -1]
+        out.append(torch.log_softmax(logits.float(), dim=-1)[:, index].cpu())
+    return torch.cat(out) if out else torch.zeros(0, len(index))
+
+
+def answer_token_ids(tokenizer, words: Sequence[str]) -> list[int]:
+    """The first token of each answer word; a ValueError names a word the tokenizer cannot
+    represent, or two words that share their first token (the answer would be ambiguous)."""
+    ids = []
+    for word in words:
+        encoded = tokenizer(word, add_special_tokens=False)["input_ids"]
+        if not encoded or encoded[0] == tokenizer.unk_token_id:
+            raise ValueError(f"answer word {word!r} is not in the judge's vocabulary; choose answer words that the tokenizer encodes")
+        ids.append(encoded[0])
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"answer words {list(words)} share a first token; choose words whose first tokens differ")
+    return ids
+
+
+class LMJudge:
+    """A language model asked which of two responses is better by a principle (Lee et al. 2023).
+
+    The request names the principle, the prompt and both responses; the judge's preference is
+    the probability of the first answer word ("A"/"a") against the second, read from the
+    log-probs of the model's first reply token, with each pair asked in both orders and
+    averaged so that position bias cancels:
+
+        prefer(a, b) = ½ [P(first | a, b) + 1 − P(first | b, a)],   so prefer(a, b) + prefer(b, a) = 1.
+
+    With several principles the judge averages over all of them, or asks one principle per pair
+    (drawn from a hash of the pair, so both orders get the same one: Bai et al. 2022's RL-CAI).
+    Where the model puts less than `min_answer_mass` on the answer words in one order (it does not
+    answer the question), that order counts as undecided (½) and `abstentions` is incremented.
+
+    `score` (direct RLAIF) asks for a rating instead and returns the expected rating over the
+    rating words, scaled to [0, 1] — the likelihood-weighted score of Lee et al.'s d-RLAIF.
+    """
+
+    name = "lm"
+
+    def __init__(
+        self, model, codec, principles: Sequence[str], comparison_template: str, answer_words: Sequence[str] = ("A", "B"),
+        rating_template: str | None = None, rating_words: Sequence[str] = (), principle_sampling: str = "all",
+        min_answer_mass: float = 1e-3, batch_size: int = 256,
+    ):
+        if not principles:
+            raise ValueError("an LM judge needs at least one principle")
+        if principle_sampling not in ("all", "random"):
+            raise ValueError(f"principle_sampling={principle_sampling!r} must be one of all, random")
+        if len(answer_words) != 2:
+            raise ValueError(f"answer_words={list(answer_words)} must name exactly two words (first, second)")
+        self.model, self.codec, self.principles = model.eval(), codec, list(principles)
+        self.comparison_template, self.rating_template = comparison_template, rating_template
+        self.principle_sampling, self.min_answer_mass, self.batch_size = principle_sampling, min_answer_mass, batch_size
+        self.answer_ids = answer_token_ids(codec.tokenizer, answer_words)
+        self.rating_ids = answer_token_ids(codec.tokenizer, rating_words) if rating_words else []
+        self.rating_values = torch.tensor([float(w) for w in rating_words]) if rating_words else None
+        self.abstentions = 0
+        self.queries = 0
+
+    # --- one order ---------------------------------------------------------------------
+    def first_preferred(self, prompts: Sequence[str], firsts: Sequence[str], seconds: Sequence[str], principles: Sequence[str]) -> np.ndarray:
+        """P(the response shown first is better) for each request, in one presentation order."""
+        requests = [self.comparison_template.format(rule=r, prompt=p, a=a, b=b) for p, a, b, r in zip(prompts, firsts, seconds, principles)]
+        self.queries += len(requests)
+        logprobs = next_token_logprobs(self.model, self.codec, requests, self.answer_ids, self.batch_size)
+        mass = logprobs.exp().sum(-1)
+        p_first = torch.softmax(logprobs, dim=-1)[:, 0]
+        undecided = mass < self.min_answer_mass
+        self.abstentions += int(undecided.sum())
+        return torch.where(undecided, torch.full_like(p_first, 0.5), p_first).double().numpy()
+
+    def principles_for(self, prompts, a, b) -> list[list[str]]:
+        """The principles asked for each pair: all of them, or one drawn from the unordered pair."""
+        if self.principle_sampling == "all":
+            return [self.principles] * len(prompts)
+        picks = []
+        for p, x, y in zip(prompts, a, b):
+            digest = hashlib.blake2b("\x1f".join([p, *sorted((x, y))]).encode(), digest_size=8).digest()
+            picks.append([self.principles[int.from_bytes(digest, "little") % len(self.principles)]])
+        return picks
+
+    # --- the judge interface -----------------------------------------------------------
+    def prefer_batch(self, prompts, a, b) -> np.ndarray:
+        prompts, a, b = list(prompts), list(a), list(b)
+        chosen = self.principles_for(prompts, a, b)
+        # Flatten (pair, principle) so that every request of a call runs in shared batches.
+        rows = [(i, r) for i, rules in enumerate(chosen) for r in rules]
+        idx = [i for i, _ in rows]
+        rules = [r for _, r in rows]
+        ps, xs, ys = [prompts[i] for i in idx], [a[i] for i in idx], [b[i] for i in idx]
+        forward = self.first_preferred(ps, xs, ys, rules)
+        backward = self.first_preferred(ps, ys, xs, rules)
+        per_row = 0.5 * (forward + 1.0 - backward)
+        totals = np.zeros(len(prompts))
+        np.add.at(totals, idx, per_row)
+        return totals / np.array([len(r) for r in chosen], dtype=float)
+
+    def prefer(self, prompt: str, a: str, b: str) -> float:
+        return float(self.prefer_batch([prompt], [a], [b])[0])
+
+    def score_batch(self, prompts, responses) -> np.ndarray:
+        if self.rating_template is None or self.rating_values is None:
+            raise ValueError("this LM judge has no rating template and rating words, so it cannot score single responses")
+        prompts, responses = list(prompts), list(responses)
+        requests = [self.rating_template.format(rule=r, prompt=p, response=y) for p, y in zip(prompts, responses) for r in self.principles]
+        self.queries += len(requests)
+        probs = torch.softmax(next_token_logprobs(self.model, self.codec, requests, self.rating_ids, self.batch_size), dim=-1)
+        expected = (probs * self.rating_values).sum(-1) / self.rating_values.max()
+        return expected.view(len(prompts), len(self.principles)).mean(-1).double().numpy()
+
+    def score(self, prompt: str, response: str) -> float:
+        return float(self.score_batch([prompt], [response])[0])

@@ -97,6 +97,9 @@ CRITIQUES = {"help_harm": "the answer helps with a harmful request",
 CRITIQUE_REQUEST = "critique : {prompt} answer : {response} rule : {rule}"
 REVISION_REQUEST = "revise : {prompt} answer : {response} rule : {rule} critique : {critique}"
 JUDGMENT_REQUEST = "which answer is better by rule {rule} question : {prompt} a : {a} b : {b}"
+RATING_REQUEST = "how good is the answer by rule {rule} question : {prompt} answer : {response}"
+JUDGMENT_ANSWERS = ("a", "b")  # the AI labeler answers a judgment request with one of these words
+RATING_ANSWERS = tuple(str(i) for i in range(11))  # ... and a rating request with 0..10
 PRETRAINING_FORMS = ("{cat} include {items}", "{run}", "{a} plus {b} is {sum}", "{a} minus {b} is {diff}",
                      "the {w} is {p} and {q}", "{nums} in order is {sorted}")
 
@@ -530,7 +533,7 @@ def _pretraining_sentence(rng: np.random.Generator) -> str:
 
 _TEXTS = [*(t for ts in TEMPLATES.values() for t in ts), *REFUSALS, *COMPLIANCES, *POSITIVE_FORMS,
           *CRITIQUES.values(), *(p.text for p in PRINCIPLES), CRITIQUE_REQUEST, REVISION_REQUEST,
-          JUDGMENT_REQUEST, *PRETRAINING_FORMS]
+          JUDGMENT_REQUEST, RATING_REQUEST, *PRETRAINING_FORMS]
 VOCABULARY = tuple(sorted({w for t in _TEXTS for w in t.split() if not w.startswith("{")}.union(
     NUMBERS, ITEMS, CATEGORIES, POSITIVE, NEGATIVE, FILLER, INSULTS, HARM_VERBS, ADVERBS)))
 _RELABEL_ORDER = ("list", "repeat", "count", "sort", "arithmetic", "positive", "reverse")  # reverse fits most answers
@@ -631,6 +634,10 @@ class AssistantWorld:
         """Scripted revision that fixes the violation of `principle` (unchanged if there is none)."""
         return " ".join(_revise(parse_prompt(prompt), response.split(), principle.name))
 
+    def principle_score(self, prompt: str, response: str, principle: Principle) -> float:
+        """Gold score in [0, 1] of `response` by one principle (1 = no violation)."""
+        return _principle_score(parse_prompt(prompt), response.split(), principle.name)
+
     def principle_preference(self, prompt: str, a: str, b: str, principle: Principle) -> float:
         """Gold P(a better than b) by `principle`: 1, 0, or 0.5 on a tie."""
         task = parse_prompt(prompt)
@@ -646,6 +653,10 @@ class AssistantWorld:
     def judgment_request(self, prompt: str, a: str, b: str, principle: Principle) -> str:
         """The AI labeler's question; it is answered by the word "a" or "b"."""
         return JUDGMENT_REQUEST.format(rule=principle.text, prompt=prompt, a=a, b=b)
+
+    def rating_request(self, prompt: str, response: str, principle: Principle) -> str:
+        """The AI labeler's rating question; it is answered by a number 0..10."""
+        return RATING_REQUEST.format(rule=principle.text, prompt=prompt, response=response)
 
     def pretraining_sentences(self, n: int, seed: int) -> list[str]:
         """n unlabeled sentences of the world, for the optional pretraining stage."""
