@@ -1,14 +1,38 @@
 """One run: one method, one seed — train, evaluate, write results.
 
 `OUT/<experiment>/<run_name>/metrics.json` is written last and atomically; a run
-without it is not finished and is started again by the next invocation.
+without it is not finished, and running the same command again resumes it:
+
+- Every `trainer.checkpoint_every` steps, and at the end of every fit, the run saves a
+  checkpoint in its `checkpoints/` folder: Lightning's (weights, optimiser, schedule,
+  loop and data-loader positions), the method's own state (`on_save_checkpoint`), the
+  random states, the budget so far and how much of history.jsonl had been written.
+- On resume the method's `train_policy` runs again from the top. Fits that had finished
+  are not trained again: each is restored from its end-of-fit checkpoint, so whatever
+  the method computes between fits (samples, relabeled data, rounds) comes out as it did.
+  The interrupted fit continues from its last checkpoint; history.jsonl is cut back to that
+  checkpoint, so no row appears twice; the W&B run (a stable id) resumes.
+- A file lock keeps two processes (two sweep workers, a re-run beside a live run) from
+  running the same run at once: the second waits, then finds it finished.
+
+Under a distributed strategy (`trainer.devices` > 1 or `trainer.num_nodes` > 1) every rank
+runs this same code in lockstep: the shared stages are built on one device (they are cached,
+so the other ranks load them), each fit is sharded across the ranks, the budget counts are
+summed over them, and only rank 0 writes files and evaluates.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl
 import json
+import os
 import platform
+import shutil
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import lightning as L
@@ -18,10 +42,10 @@ from lightning.pytorch.callbacks import Callback
 
 from alignbench.experiment import for_run, method_config, run_config_dict, run_name
 from alignbench.pipeline import Pipeline, RunContext, log
-from alignbench.seeding import seeded_generator
 from alignbench.registry import get_method
+from alignbench.seeding import seeded_generator
 from alignbench.tracking import HistoryLogger, HistoryWriter, make_wandb_logger, write_json_atomic
-from alignbench.training import make_trainer
+from alignbench.training import ResumableLoader, make_trainer, rng_state, set_rng_state
 
 
 class KLMonitor(Callback):
@@ -76,8 +100,26 @@ def versions() -> dict[str, str]:
     }
 
 
-def run_one(config, out: Path, method: str | None = None, seed: int | None = None, group: str | None = None, pipeline: Pipeline | None = None) -> dict[str, Any]:
-    """Run one method at one seed; returns the metrics.json content. Skips a finished run."""
+def is_primary_process() -> bool:
+    """The only process, or rank 0 of a distributed run: the one that writes files. (A rank
+    that Lightning launched has LOCAL_RANK set; a node other than the first has NODE_RANK.)"""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return rank_zero_only.rank == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
+
+
+def run_one(
+    config, out: Path, method: str | None = None, seed: int | None = None, group: str | None = None, pipeline: Pipeline | None = None,
+    split: str = "test", observers: Iterable[Callable[[dict], None]] = (),
+) -> dict[str, Any]:
+    """Run one method at one seed; returns the metrics.json content. Skips a finished run and
+    resumes an interrupted one.
+
+    `split` is the evaluation split of the final metrics: "test" for results, "val" for a
+    hyperparameter-search trial (`val/*` metrics; the test split is never evaluated).
+    `observers` see every history row as it is logged (Optuna's pruning reads the periodic
+    validation through one).
+    """
     config = for_run(config, method, seed)
     name = run_name(config)
     run_dir = Path(out) / config.name / name
@@ -85,16 +127,49 @@ def run_one(config, out: Path, method: str | None = None, seed: int | None = Non
     if metrics_path.exists():
         log(f"{config.name}/{name} is finished; skipping (delete {metrics_path} to run it again)")
         return json.loads(metrics_path.read_text())
-    pipeline = pipeline or Pipeline(config, Path(out))
-    context = pipeline.context(config.seed)
-    # A run without metrics.json never finished: its partial files are started afresh.
-    for stale in ("history.jsonl", "samples.jsonl"):
-        (run_dir / stale).unlink(missing_ok=True)
+    primary = is_primary_process()
+    with _exclusive(run_dir) if primary else nullcontext():
+        if metrics_path.exists():  # another process finished it while this one waited
+            log(f"{config.name}/{name} was finished by another process; skipping")
+            return json.loads(metrics_path.read_text())
+        return _run(config, name, run_dir, Path(out), group, pipeline, split, list(observers), primary)
+
+
+@contextmanager
+def _exclusive(run_dir: Path):
+    """Hold the run's lock (released by the OS however the process ends, SIGKILL included)."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"another process is running {run_dir}; waiting for it to finish")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _run(config, name: str, run_dir: Path, out: Path, group, pipeline, split: str, observers, primary: bool) -> dict[str, Any]:
+    if pipeline is None:
+        # The shared stages train on one device; every rank of a distributed run then loads them.
+        stages = dataclasses.replace(config, trainer=config.trainer.single_process()) if config.trainer.distributed else config
+        pipeline = Pipeline(stages, out)
+    context = pipeline.context(config.seed)
+    checkpoints = Checkpoints(run_dir / "checkpoints", primary)
+    resume = checkpoints.resume_point()
+    history_path = run_dir / "history.jsonl"
+    if primary:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "samples.jsonl").unlink(missing_ok=True)
+        if resume is None:  # nothing to resume from: partial files are started afresh
+            history_path.unlink(missing_ok=True)
+            checkpoints.clear()
+        else:
+            truncate_history(history_path, resume.history)
+            log(f"resuming {config.name}/{name} from {resume}")
     resolved = run_config_dict(config)
-    history = HistoryWriter(run_dir / "history.jsonl")
+    history = HistoryWriter(history_path)
     wandb_logger = make_wandb_logger(config.tracking, run_dir=run_dir, experiment=config.name, run_name=name, method=config.method, group=group, resolved_config=resolved)
-    loggers = [HistoryLogger(history)] + ([wandb_logger] if wandb_logger is not None else [])
+    loggers = [HistoryLogger(history, observers=observers)] + ([wandb_logger] if wandb_logger is not None else [])
     failed = True
     try:
         L.seed_everything(config.seed, verbose=False)
@@ -102,9 +177,14 @@ def run_one(config, out: Path, method: str | None = None, seed: int | None = Non
         module = method_cls(method_config(config), context)
         log(f"run {config.name}/{name}: method {config.method}, seed {config.seed}")
         if method_cls.trains:
-            train(module, context, config, loggers)
-        responses = module.respond(context.evaluator.prompts["test"], seeded_generator(config.seed, "policy", "test"), desc=f"evaluating {config.method}")
-        metrics, records = context.evaluator.evaluate(responses, split="test")
+            train(module, context, config, loggers, checkpoints, resume)
+        # (The metric names say the split: eval/* for test, val/* for validation.)
+        result = {"experiment": config.name, "run_name": name, "method": config.method, "seed": config.seed, "config": resolved}
+        if not primary:  # rank 0 evaluates and writes the results
+            failed = False
+            return {**result, "metrics": {}, "versions": versions()}
+        responses = module.respond(context.evaluator.prompts[split], seeded_generator(config.seed, "policy", split), desc=f"evaluating {config.method} ({split})")
+        metrics, records = context.evaluator.evaluate(responses, split=split, prefix="eval" if split == "test" else split)
         metrics.update(context.rm_metrics)
         metrics.update(context.budget.metrics())
         final_train = {k: v for row in history.rows() for k, v in row.items() if k.startswith("train/")}
@@ -115,45 +195,245 @@ def run_one(config, out: Path, method: str | None = None, seed: int | None = Non
             wandb_logger.experiment.summary.update(metrics)
         with open(run_dir / "samples.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
-        result = {
-            "experiment": config.name, "run_name": name, "method": config.method, "seed": config.seed,
-            "config": resolved, "metrics": metrics, "versions": versions(),
-        }
-        write_json_atomic(metrics_path, result)
+        result = {**result, "metrics": metrics, "versions": versions()}
+        write_json_atomic(run_dir / "metrics.json", result)
+        checkpoints.clear()  # only an unfinished run needs them
         failed = False
         return result
     finally:
-        if wandb_logger is not None:
+        if wandb_logger is not None and primary:
             import wandb
 
             wandb.finish(exit_code=1 if failed else 0)
 
 
+# --- resume ------------------------------------------------------------------------------
+@dataclass
+class ResumePoint:
+    """Where an interrupted run continues: after `completed_fits` whole fits, inside fit
+    number `completed_fits` from `mid_fit` (a Lightning checkpoint) if there is one."""
+
+    completed_fits: int
+    mid_fit: Path | None
+    history: dict
+    """How much of history.jsonl the checkpoint covers (see `truncate_history`)."""
+
+    def __str__(self) -> str:
+        where = f"step {self.history.get('global_step')} of fit {self.completed_fits + 1}" if self.mid_fit else f"the end of fit {self.completed_fits}"
+        return f"its checkpoint at {where}"
+
+
+class Checkpoints:
+    """A run's resume files: `fit-NNN-last.ckpt`, Lightning's latest checkpoint inside fit NNN,
+    and `fit-NNN-end.pt`, the state at the end of fit NNN. Both carry the runner's state
+    under RUN_STATE. Only the primary process writes them."""
+
+    RUN_STATE = "alignbench_run"
+
+    def __init__(self, directory: Path, primary: bool = True):
+        self.directory, self.primary = directory, primary
+
+    def mid_path(self, fit: int) -> Path:
+        return self.directory / f"fit-{fit:03d}-last.ckpt"
+
+    def end_path(self, fit: int) -> Path:
+        return self.directory / f"fit-{fit:03d}-end.pt"
+
+    def resume_point(self) -> ResumePoint | None:
+        completed = 0
+        while self.end_path(completed).exists():
+            completed += 1
+        mid = self.mid_path(completed)
+        if mid.exists():
+            return ResumePoint(completed, mid, self.load(mid)[self.RUN_STATE]["history"])
+        if completed:
+            return ResumePoint(completed, None, self.load(self.end_path(completed - 1))[self.RUN_STATE]["history"])
+        return None
+
+    @staticmethod
+    def load(path: Path) -> dict:
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    def save_mid(self, trainer, fit: int) -> None:
+        """Lightning's checkpoint (every rank takes part; rank 0 writes), renamed into place."""
+        path = self.mid_path(fit)
+        tmp = path.with_name(path.name + ".tmp")
+        if self.primary:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        trainer.save_checkpoint(tmp, weights_only=False)  # optimiser and loop state too
+        if self.primary:
+            os.replace(tmp, path)
+
+    def save_end(self, fit: int, module, run_state: dict) -> None:
+        if not self.primary:
+            return
+        checkpoint = {"state_dict": module.state_dict(), self.RUN_STATE: run_state}
+        module.on_save_checkpoint(checkpoint)  # the method's own state, as in Lightning's checkpoints
+        path = self.end_path(fit)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+        self.mid_path(fit).unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        if self.primary:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def history_mark(path: Path | None, pending_step: int | None = None) -> dict:
+    """The size of history.jsonl now; `pending_step`: Lightning logs a step's training metrics
+    after the step's callbacks, so a checkpoint taken in one is followed by that row."""
+    return {"bytes": path.stat().st_size if path is not None and path.exists() else 0, "pending_step": pending_step}
+
+
+def truncate_history(path: Path, mark: dict) -> None:
+    """Cut history.jsonl back to a checkpoint: the rows written before it, plus the pending
+    training row of its step if that was written (the run resumes after that step)."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    kept, rest = data[: mark["bytes"]], data[mark["bytes"] :]
+    if mark.get("pending_step") is not None:
+        for line in rest.splitlines(keepends=True):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by the kill
+                break
+            if not line.endswith(b"\n") or row.get("step") != mark["pending_step"]:
+                break
+            kept += line
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(kept)
+    os.replace(tmp, path)
+
+
+class FitState(Callback):
+    """The runner's part of one fit: resume checkpoints every `every` steps, the random states
+    put back where a resumed fit continues, and the budget counts summed over the ranks."""
+
+    def __init__(self, fitter: Fitter, fit: int, every: int):
+        self.fitter, self.fit, self.every = fitter, fit, every
+        self.loader = None  # the fit's train loader, once the trainer says how many ranks there are
+        self._budget_at_start: dict | None = None
+        self._budget_to_save: dict | None = None
+        self._rng_to_restore: dict | None = None
+
+    @property
+    def budget(self):
+        return self.fitter.context.budget
+
+    def on_train_start(self, trainer, module):
+        self._budget_at_start = self.budget.state_dict()
+
+    def global_budget(self, trainer) -> dict:
+        """The budget with this fit's counts summed over the ranks (each counted its own shard)."""
+        state = self.budget.state_dict()
+        if trainer.world_size > 1:
+            start = self._budget_at_start
+            delta = torch.tensor([state[k] - start[k] for k in self.budget.COUNTS], dtype=torch.float64, device=trainer.strategy.root_device)
+            delta = trainer.strategy.reduce(delta, reduce_op="sum").cpu()
+            state.update({k: start[k] + int(d) for k, d in zip(self.budget.COUNTS, delta.tolist())})
+        return state
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if self._rng_to_restore is not None:  # right where the checkpointed run went on
+            set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if isinstance(self.loader, ResumableLoader):
+            self.loader.trained_batches = batch_idx + 1
+        if self.every and trainer.global_step % self.every == 0 and not trainer.should_stop:
+            self._budget_to_save = self.global_budget(trainer)  # every rank takes part in the sum
+            self.fitter.checkpoints.save_mid(trainer, self.fit)
+
+    def on_save_checkpoint(self, trainer, module, checkpoint):
+        # The step Lightning will log this step's training row at (it has not yet).
+        pending = trainer.fit_loop.epoch_loop._batches_that_stepped + self.fitter.step_offset
+        checkpoint[Checkpoints.RUN_STATE] = {
+            "fit": self.fit, "budget": self._budget_to_save or self.budget.state_dict(), "rng": rng_state(),
+            "history": {**history_mark(self.fitter.history_path, pending), "global_step": trainer.global_step},
+        }
+
+    def on_load_checkpoint(self, trainer, module, checkpoint):
+        state = checkpoint[Checkpoints.RUN_STATE]
+        self.budget.load_state_dict(state["budget"])
+        self._budget_at_start = self.budget.state_dict()
+        self._rng_to_restore = state["rng"]
+
+    def on_train_end(self, trainer, module):
+        self.budget.load_state_dict(self.global_budget(trainer))
+
+
 class Fitter:
     """One Lightning fit with the run's loggers and callbacks; methods that iterate (rounds)
-    call it once per round, and steps keep counting across rounds in the history."""
+    call it once per round, and steps keep counting across rounds in the history.
 
-    def __init__(self, module, context: RunContext, config, loggers):
+    Resuming (`resume`), the fits before the resume point are restored from their
+    end-of-fit checkpoints instead of trained, and nothing is logged until the run gets
+    past the point its checkpoint was taken (those rows are already in history.jsonl)."""
+
+    def __init__(self, module, context: RunContext, config, loggers, checkpoints: Checkpoints | None = None, resume: ResumePoint | None = None):
         self.module, self.context, self.config, self.loggers = module, context, config, loggers
         mc = module.config
         self.kl_monitor = KLMonitor(context, mc.kl_every, mc.kl_prompts, mc.max_kl)
         self.step_offset = self.last_fit_steps = 0
+        self.checkpoints, self.resume = checkpoints, resume
+        self.fits = 0
+        self.replaying = resume is not None
+        self.history_logger = next((lg for lg in loggers if isinstance(lg, HistoryLogger)), None)
+        self.history_path = self.history_logger.writer.path if self.history_logger is not None else None
 
     def __call__(self, datamodule, epochs: int) -> None:
+        fit, self.fits = self.fits, self.fits + 1
+        resume = self.resume
+        if resume is not None and fit < resume.completed_fits:
+            self._restore_end_of_fit(fit)
+            if fit == resume.completed_fits - 1 and resume.mid_fit is None:
+                self.replaying = False
+            return
+        checkpoint = resume.mid_fit if resume is not None and resume.mid_fit is not None and fit == resume.completed_fits else None
+        self.replaying = False
         mc = self.module.config
+        if self.history_logger is not None:
+            self.history_logger.step_offset = self.step_offset
+        data = datamodule.train_dataloader()
+        total = max(1, len(data) * epochs)
+        # Under manual optimisation (PPO) the method clips gradients itself; Lightning refuses to.
+        grad_clip = mc.optim.grad_clip if self.module.automatic_optimization else 0.0
         callbacks = [self.kl_monitor]
         if self.config.eval.eval_every:
             callbacks.append(PeriodicEvaluation(self.context, self.config.eval.eval_every))
-        for logger in self.loggers:
-            if isinstance(logger, HistoryLogger):
-                logger.step_offset = self.step_offset
-        total = max(1, len(datamodule.train_dataloader()) * epochs)
-        # Under manual optimisation (PPO) the method clips gradients itself; Lightning refuses to.
-        grad_clip = mc.optim.grad_clip if self.module.automatic_optimization else 0.0
-        trainer = make_trainer(self.config.trainer, max_steps=total, max_epochs=epochs, grad_clip=grad_clip, loggers=self.loggers, callbacks=callbacks)
-        trainer.fit(self.module, datamodule=datamodule)
+        fit_state = FitState(self, fit, self.config.trainer.checkpoint_every if self.checkpoints is not None else 0)
+        trainer = make_trainer(self.config.trainer, max_steps=total, max_epochs=epochs, grad_clip=grad_clip, loggers=self.loggers, callbacks=callbacks + [fit_state])
+        # One process: a loader that resumes mid-epoch. Several: the plain DataLoader, which
+        # Lightning shards with a DistributedSampler (a resumed fit replays its epoch from the start).
+        loader = fit_state.loader = ResumableLoader(data) if trainer.world_size == 1 else data
+        trainer.fit(self.module, train_dataloaders=loader, ckpt_path=checkpoint, weights_only=True)
         self.last_fit_steps = trainer.global_step
         self.step_offset += trainer.global_step
+        if self.checkpoints is not None:
+            self.checkpoints.save_end(fit, self.module, self.state())
+
+    def state(self) -> dict:
+        """The runner's state at the end of a fit (with the method's, it is all a resumed run needs)."""
+        return {
+            "step_offset": self.step_offset, "last_fit_steps": self.last_fit_steps, "kl_exceeded": self.kl_monitor.exceeded,
+            "budget": self.context.budget.state_dict(), "rng": rng_state(), "history": history_mark(self.history_path),
+        }
+
+    def _restore_end_of_fit(self, fit: int) -> None:
+        checkpoint = Checkpoints.load(self.checkpoints.end_path(fit))
+        self.module.load_state_dict(checkpoint["state_dict"])
+        self.module.on_load_checkpoint(checkpoint)
+        state = checkpoint[Checkpoints.RUN_STATE]
+        self.step_offset, self.last_fit_steps = state["step_offset"], state["last_fit_steps"]
+        if self.history_logger is not None:
+            self.history_logger.step_offset = self.step_offset - self.last_fit_steps
+        self.kl_monitor.exceeded = state["kl_exceeded"]
+        self.context.budget.load_state_dict(state["budget"])
+        set_rng_state(state["rng"])
 
     @property
     def stopped_by_kl_budget(self) -> bool:
@@ -161,12 +441,14 @@ class Fitter:
 
     def log(self, metrics: dict[str, float]) -> None:
         """Log at the last step of the last fit (the history logger adds earlier fits' steps)."""
+        if self.replaying:
+            return
         for logger in self.loggers:
             logger.log_metrics(metrics, step=self.last_fit_steps)
 
 
-def train(module, context: RunContext, config, loggers) -> None:
-    fit = Fitter(module, context, config, loggers)
+def train(module, context: RunContext, config, loggers, checkpoints: Checkpoints | None = None, resume: ResumePoint | None = None) -> None:
+    fit = Fitter(module, context, config, loggers, checkpoints, resume)
     module.train_policy(fit)
     # The KL at the end of training, whatever the step (the eval KL is on the test split).
     if module.config.kl_every:

@@ -99,11 +99,13 @@ class HistoryWriter:
 
 
 class HistoryLogger(Logger):
-    """A Lightning logger that writes every `self.log` step to history.jsonl."""
+    """A Lightning logger that writes every `self.log` step to history.jsonl, and shows each
+    row to its `observers` (e.g. a hyperparameter search watching the validation metrics)."""
 
-    def __init__(self, writer: HistoryWriter, extra: dict[str, Any] | None = None):
+    def __init__(self, writer: HistoryWriter, extra: dict[str, Any] | None = None, observers=()):
         super().__init__()
         self.writer, self.extra = writer, extra or {}
+        self.observers = list(observers)
         self.step_offset = 0  # steps of earlier fits (rounds) of the same run
 
     @property
@@ -127,6 +129,8 @@ class HistoryLogger(Logger):
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         row = {"step": None if step is None else step + self.step_offset, **self.extra, **{k: float(v) for k, v in metrics.items() if k != "epoch"}}
         self.writer.write(row)
+        for observe in self.observers:  # after the write: an observer may stop the run (pruning)
+            observe(row)
 
 
 def make_wandb_logger(config: TrackingConfig, *, run_dir: Path, experiment: str, run_name: str, method: str, group: str | None, resolved_config: dict):
@@ -137,13 +141,16 @@ def make_wandb_logger(config: TrackingConfig, *, run_dir: Path, experiment: str,
     from lightning.pytorch.loggers import WandbLogger
 
     os.environ.setdefault("WANDB_SILENT", "true")
+    # Under a W&B sweep agent the run belongs to the agent: it sets the id (WANDB_RUN_ID),
+    # project and group. Otherwise the id is stable, so that a resumed run continues its W&B run.
+    agent = "WANDB_SWEEP_ID" in os.environ
     return WandbLogger(
-        project=config.project or experiment,
+        project=None if agent else config.project or experiment,
         entity=config.entity,
-        group=config.group or group or experiment,
+        group=None if agent else config.group or group or experiment,
         job_type=method,
         name=run_name,
-        id=_stable_run_id(experiment, run_name),
+        id=None if agent else _stable_run_id(experiment, run_name),
         resume="allow",
         save_dir=str(run_dir),
         mode=mode,

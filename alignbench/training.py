@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import lightning as L
@@ -85,6 +85,9 @@ class TrainerConfig:
     """Show progress bars."""
     threads: int = 0
     """torch CPU threads (0 leaves torch's default)."""
+    checkpoint_every: int = 10
+    """Save a resume checkpoint every this many training steps (0: only at the end of each fit).
+    A run killed part-way resumes from its last checkpoint when the same command runs again."""
 
     def __post_init__(self):
         if self.precision not in {"32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true"}:
@@ -93,6 +96,23 @@ class TrainerConfig:
             )
         if self.log_every_n_steps < 1:
             raise ValueError(f"trainer.log_every_n_steps={self.log_every_n_steps} must be >= 1")
+        if self.accelerator == "cpu" and self.precision not in {"32-true", "32", "64-true"}:
+            raise ValueError(f"trainer.precision={self.precision!r} on accelerator='cpu' is many times slower than fp32; use 32-true on CPU")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"trainer.checkpoint_every={self.checkpoint_every} must be >= 0 (0: only at the end of each fit)")
+        if self.num_nodes < 1:
+            raise ValueError(f"trainer.num_nodes={self.num_nodes} must be >= 1")
+
+    @property
+    def distributed(self) -> bool:
+        """More than one training process (DDP, FSDP, ... over several devices or nodes)."""
+        one_device = self.devices in (1, "1") or (isinstance(self.devices, (list, tuple)) and len(self.devices) == 1)
+        return self.num_nodes > 1 or not one_device  # "auto" may mean every GPU
+
+    def single_process(self) -> TrainerConfig:
+        """The same settings on one device: for the shared stages, which every rank of a
+        distributed run loads from the cache rather than trains together."""
+        return replace(self, devices=1, num_nodes=1, strategy="auto")
 
 
 def make_trainer(config: TrainerConfig, *, max_steps: int = -1, max_epochs: int | None = None, grad_clip: float = 0.0, loggers=None, callbacks=None, **extra) -> L.Trainer:
@@ -133,7 +153,88 @@ class Budget:
     wall_s: float = 0.0
     _started: float = field(default_factory=time.perf_counter, repr=False)
 
+    COUNTS = ("human_labels", "ai_labels", "policy_samples", "train_tokens")
+
     def metrics(self) -> dict[str, float]:
         values = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
         values["wall_s"] = round(time.perf_counter() - self._started, 2)
         return {f"budget/{k}": v for k, v in values.items()}
+
+    def state_dict(self) -> dict[str, float]:
+        """The counts and the wall time so far (a resumed run keeps counting from them)."""
+        return {**{k: getattr(self, k) for k in self.COUNTS}, "wall_s": time.perf_counter() - self._started}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        for k in self.COUNTS:
+            setattr(self, k, int(state[k]))
+        self._started = time.perf_counter() - float(state["wall_s"])
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global random state a training step may draw from (torch, CUDA, numpy, random),
+    in types that `torch.load(weights_only=True)` reads back."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, cached],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class ResumableLoader:
+    """A shuffling DataLoader that a run resumed mid-epoch continues where it stopped.
+
+    Lightning saves the `state_dict()` of any train loader that has one in its checkpoints
+    and hands it back through `load_state_dict` before iterating again. The state is the
+    loader's generator at the start of the epoch and the batches already trained on
+    (`trained_batches`, set after each step: Lightning fetches a batch ahead, so the loader
+    cannot count them itself); resuming replays the epoch's order and skips those batches.
+    """
+
+    def __init__(self, loader):
+        self.loader = loader
+        self.trained_batches = 0
+        self._epoch_start: torch.Tensor | None = None
+        self._resume: dict | None = None
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        generator = getattr(self.loader, "generator", None)
+        skip = 0
+        if self._resume is not None:
+            if generator is not None and self._resume["generator"] is not None:
+                generator.set_state(self._resume["generator"])
+            skip, self._resume = self._resume["batches"], None
+        self._epoch_start = generator.get_state() if generator is not None else None
+        self.trained_batches = skip
+        for index, batch in enumerate(self.loader):
+            if index >= skip:
+                yield batch
+
+    def state_dict(self) -> dict:
+        return {"generator": self._epoch_start, "batches": self.trained_batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = state

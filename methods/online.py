@@ -238,3 +238,10 @@ class OnlineRLMethod(AlignmentMethod):
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         return batch  # rows of prompt strings
+
+    # --- resume: state that changes inside a fit and is not a parameter ---------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["online_rl"] = {"rollouts": self._rollouts}  # seeds the next rollout's sampling
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._rollouts = checkpoint["online_rl"]["rollouts"]

@@ -166,6 +166,7 @@ class PPO(OnlineRLMethod):
         else:
             self.kl_controller = FixedKLController(config.init_kl_coef)
         self._demonstrations: Iterator[PackedBatch] | None = None
+        self._demonstration_batches_used = 0  # where a resumed run picks the demonstrations up
         if config.ptx_coef > 0:
             if context.world is None:
                 log("ppo.ptx_coef > 0 needs demonstrations from the built-in world; this run has none, so PPO-ptx is off")
@@ -194,8 +195,23 @@ class PPO(OnlineRLMethod):
     def ptx_loss(self) -> Tensor:
         """Mean NLL per response token of the next demonstration minibatch."""
         batch = next(self._demonstrations).to(self.device)
+        self._demonstration_batches_used += 1
         self.budget.train_tokens += int(batch.attention_mask.sum())
         return response_nll(self.policy, batch)[0]
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["ppo"] = {"kl_coef": self.kl_controller.value, "demonstration_batches": self._demonstration_batches_used}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint["ppo"]
+        self.kl_controller.value = state["kl_coef"]
+        if self._demonstrations is not None:  # the endless demonstration stream, advanced to where it was
+            self._demonstrations = self._demonstration_batches()
+            for _ in range(state["demonstration_batches"]):
+                next(self._demonstrations)
+            self._demonstration_batches_used = state["demonstration_batches"]
 
     def training_step(self, rows: list[dict], batch_idx: int):
         c = self.config

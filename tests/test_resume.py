@@ -1,0 +1,144 @@
+"""Resuming a run killed part-way: the history cut back to a checkpoint, a data loader that
+continues mid-epoch, and end to end, PPO (killed inside its fit) and rejection sampling
+(killed in its second round, so the first is restored rather than retrained) killed with
+SIGKILL in a subprocess and run again end with the metrics and history of an uninterrupted
+run, in one W&B run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch.utils.data import DataLoader
+
+from alignbench.runner import truncate_history
+from alignbench.training import ResumableLoader
+
+
+def test_history_is_cut_back_to_the_checkpoint_keeping_its_pending_training_row(tmp_path):
+    rows = [{"step": 0, "train/loss": 1.0}, {"step": 2, "val/win_rate": 0.5}]
+    after = [{"step": 1, "train/loss": 0.9}, {"step": 3, "val/win_rate": 0.6}, {"step": 2, "train/loss": 0.8}]
+    path = tmp_path / "history.jsonl"
+    before = "".join(json.dumps(r) + "\n" for r in rows)
+    path.write_text(before + "".join(json.dumps(r) + "\n" for r in after) + '{"step": 3, "trai')  # a row cut by the kill
+    # the checkpoint was taken in step 1's callbacks; Lightning then wrote step 1's training row
+    truncate_history(path, {"bytes": len(before.encode()), "pending_step": 1})
+    assert [json.loads(line) for line in path.read_text().splitlines()] == rows + after[:1]
+    truncate_history(path, {"bytes": len(before.encode()), "pending_step": None})
+    assert [json.loads(line) for line in path.read_text().splitlines()] == rows
+
+
+def test_resumable_loader_continues_the_interrupted_epoch_in_order():
+    def loader():
+        return DataLoader(list(range(20)), batch_size=3, shuffle=True, generator=torch.Generator().manual_seed(7))
+
+    uninterrupted = ResumableLoader(loader())
+    epochs = [[b.tolist() for b in uninterrupted] for _ in range(2)]
+    first = ResumableLoader(loader())
+    list(first)  # epoch 1
+    seen = []
+    for i, batch in enumerate(first):  # epoch 2, interrupted after 3 batches
+        seen.append(batch.tolist())
+        first.trained_batches = i + 1
+        if i == 2:
+            break
+    state = first.state_dict()
+    resumed = ResumableLoader(loader())
+    resumed.load_state_dict(state)
+    rest = [b.tolist() for b in resumed]
+    assert seen + rest == epochs[1] and seen + rest != epochs[0]
+    assert len(resumed) == len(uninterrupted) == 7
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    """A tiny experiment file (stages built once, in this process) and its output folder."""
+    from alignbench.experiment import load_experiment
+    from alignbench.pipeline import Pipeline
+    from tests.conftest import TINY_OVERRIDES
+
+    folder = tmp_path_factory.mktemp("resume")
+    overrides = TINY_OVERRIDES + [
+        "ppo.iterations=6", "rejection_sampling.rounds=3", "rejection_sampling.kl_every=2", "eval.eval_every=2",
+        "trainer.checkpoint_every=1", "tracking.wandb=disabled",
+    ]
+    data = {}
+    for override in overrides:
+        key, value = override.split("=", 1)
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump({"name": "uninterrupted", "methods": ["ppo"], **data}))
+    out = folder / "runs"
+    Pipeline(load_experiment(str(path)), out).context(0)
+    return path, out
+
+
+def _killed_part_way(path: Path, out: Path, method: str, checkpoint: str) -> None:
+    """Start `alignbench run` and SIGKILL it as soon as `checkpoint` is written."""
+    # Its own W&B service (WANDB_SERVICE is set once this process has used W&B): a service
+    # shared with this process would keep the killed run's id in use.
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"} | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "alignbench", "run", str(path), f"method={method}", "name=resumed", "tracking.wandb=offline", "--out", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 300
+    while process.poll() is None and time.monotonic() < deadline:
+        if list((out / "resumed").glob(f"{method}-*/checkpoints/{checkpoint}")):
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed part-way"
+
+
+def _run_dir(out: Path, experiment: str, method: str) -> Path:
+    (found,) = (out / experiment).glob(f"{method}-seed0-*")
+    return found
+
+
+def _history(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method, checkpoint", [("ppo", "fit-000-last.ckpt"), ("rejection_sampling", "fit-001-last.ckpt")])
+def test_a_run_killed_part_way_resumes_and_ends_as_an_uninterrupted_run(experiment, method, checkpoint, capsys):
+    from alignbench.cli import main
+    from alignbench.tracking import _stable_run_id
+
+    path, out = experiment
+    assert main(["run", str(path), f"method={method}", "--out", str(out)]) == 0
+    reference = _run_dir(out, "uninterrupted", method)
+
+    _killed_part_way(path, out, method, checkpoint)
+    run_dir = _run_dir(out, "resumed", method)
+    assert not (run_dir / "metrics.json").exists() and (run_dir / "history.jsonl").exists()
+    capsys.readouterr()
+    assert main(["run", str(path), f"method={method}", "name=resumed", "tracking.wandb=offline", "--out", str(out)]) == 0
+    assert "resuming resumed/" in capsys.readouterr().out
+
+    expected = json.loads((reference / "metrics.json").read_text())["metrics"]
+    got = json.loads((run_dir / "metrics.json").read_text())["metrics"]
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        if key != "budget/wall_s":
+            assert got[key] == (value if value is None else pytest.approx(value, rel=1e-5, abs=1e-6)), key  # None: NaN
+    # every row once, in order: none lost, none repeated
+    rows, reference_rows = _history(run_dir), _history(reference)
+    assert [r["step"] for r in rows] == [r["step"] for r in reference_rows]
+    for row, reference_row in zip(rows[:-1], reference_rows[:-1]):
+        assert row.keys() == reference_row.keys()
+        assert all(row[k] == pytest.approx(reference_row[k], rel=1e-5, abs=1e-6) for k in row), row
+    # the second process resumed the first one's W&B run rather than starting another
+    wandb_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 2 and {r.name.rsplit("-", 1)[1] for r in wandb_runs} == {_stable_run_id("resumed", run_dir.name)}
+    assert not (run_dir / "checkpoints").exists()  # a finished run keeps none
