@@ -9,7 +9,7 @@ bootstrap interval over prompts, gold reward and each gold axis with intervals, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Callable, Literal, Sequence
 
 import numpy as np
@@ -18,6 +18,7 @@ import torch
 from alignbench.generation import sample
 from alignbench.logprobs import pack_sequences, sequence_logprobs
 from alignbench.models import TextCodec
+from alignbench.seeding import seeded_generator
 
 
 @dataclass
@@ -30,6 +31,9 @@ class EvalConfig:
     """Validation prompts for periodic evaluation and hyperparameter search."""
     temperature: float = 1.0
     """Sampling temperature of policy and reference (at 0.7 the world's SFT is near the ceiling)."""
+    temperatures: list[float] = field(default_factory=list)
+    """Extra test-split evaluations, one per temperature, each against reference samples drawn at that
+    same temperature (DPO paper, Fig. 2 right): metrics `eval/T<t>/<name>`, e.g. `eval/T0.7/win_rate`."""
     top_p: float = 1.0
     """Nucleus sampling threshold."""
     max_new_tokens: int = 16
@@ -51,6 +55,8 @@ class EvalConfig:
                 raise ValueError(f"eval.{key}={getattr(self, key)} must be >= 1")
         if self.temperature < 0:
             raise ValueError(f"eval.temperature={self.temperature} must be >= 0")
+        if any(t < 0 for t in self.temperatures) or len(set(self.temperatures)) != len(self.temperatures):
+            raise ValueError(f"eval.temperatures={list(self.temperatures)} must be distinct temperatures >= 0 (an empty list: none)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"eval.top_p={self.top_p} must be in (0, 1]")
         if self.eval_every < 0:
@@ -172,3 +178,42 @@ class Evaluator:
         metrics[f"{prefix}/length"] = float(np.mean([len(ids) for ids in responses.response_ids]))
         metrics[f"{prefix}/distinct_2"] = distinct_n(responses.texts, 2)
         return metrics, records
+
+
+def temperature_prefix(temperature: float, prefix: str = "eval") -> str:
+    """The metric prefix of an evaluation at an extra temperature: `eval/T0.7` (so `eval/T0.7/win_rate`)."""
+    return f"{prefix}/T{temperature:g}"
+
+
+def evaluate_at_temperatures(module, context, seed: int, split: str = "test") -> dict[str, float]:
+    """Evaluate a policy at each of `eval.temperatures` against the reference sampled at that temperature.
+
+    For every t: the reference (SFT) policy is sampled on the split's prompts at t, from a stream named
+    by (seed, "reference", split, t), so every method of a seed is compared with the same reference
+    samples; then the method responds at t (`module.respond`, which reads its sampling settings from
+    `context.eval_config`) and the usual metrics are computed under the prefix `eval/T<t>`:
+    `eval/T<t>/win_rate` (+ `_ci_low`, `_ci_high`), the gold reward and axes with intervals,
+    `proxy_reward`, `kl`, `length` and `distinct_2`. `kl` is the mean of log π(y|x) − log π_ref(y|x)
+    (both at temperature 1) over samples drawn at t, as for the main evaluation.
+
+    `context` needs `eval_config`, `evaluator`, `reference` and `codec` (a `RunContext` has them).
+    """
+    base, evaluator = context.eval_config, context.evaluator
+    prompts = evaluator.prompts[split]
+    metrics: dict[str, float] = {}
+    for t in base.temperatures:
+        at_t = replace(base, temperature=t, temperatures=[])
+        reference = sample_policy(context.reference, None, context.codec, prompts, at_t, _temperature_stream(seed, "reference", split, t))
+        judge_at_t = Evaluator(at_t, {split: prompts}, {split: reference}, evaluator.judge, world=evaluator.world, proxy=evaluator.proxy, harmful_of=evaluator.harmful_of)
+        # Methods sample with the run's evaluation settings; swap them for this temperature only.
+        context.eval_config = at_t
+        try:
+            responses = module.respond(prompts, _temperature_stream(seed, "policy", split, t))
+        finally:
+            context.eval_config = base
+        metrics.update(judge_at_t.evaluate(responses, split=split, prefix=temperature_prefix(t))[0])
+    return metrics
+
+
+def _temperature_stream(seed: int, role: str, split: str, temperature: float) -> torch.Generator:
+    return seeded_generator(seed, role, split, f"T{temperature:g}")

@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 # The columns of the head-to-head table, in the order a reader wants them.
@@ -19,17 +20,18 @@ TABLE_METRICS = (
 )
 
 
-def load_runs(directory: Path) -> list[dict]:
-    """Every finished run (a `metrics.json`) under `directory`, sorted by path."""
+def find_run_dirs(directory: Path) -> list[Path]:
+    """The folders of every finished run (holding a `metrics.json`) under `directory`, sorted by
+    path; the stage cache is not a run."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"results directory not found: {directory}")
-    runs = []
-    for path in sorted(directory.rglob("metrics.json")):
-        if "cache" in path.relative_to(directory).parts:
-            continue
-        runs.append(json.loads(path.read_text()))
-    return runs
+    return [path.parent for path in sorted(directory.rglob("metrics.json")) if "cache" not in path.relative_to(directory).parts]
+
+
+def load_runs(directory: Path) -> list[dict]:
+    """Every finished run (a `metrics.json`) under `directory`, sorted by path."""
+    return [json.loads((run_dir / "metrics.json").read_text()) for run_dir in find_run_dirs(directory)]
 
 
 def results_frame(runs: list[dict]) -> pd.DataFrame:
@@ -69,10 +71,53 @@ def format_table(table: pd.DataFrame, fmt: str = "md") -> str:
     headers = [str(c) for c in table.columns]
     cells = [[_fmt(v) for v in row] for row in table.itertuples(index=False)]
     if fmt == "latex":
-        escape = lambda s: s.replace("_", r"\_")  # noqa: E731
+        escape = lambda s: s.replace("_", r"\_")
         lines = [r"\begin{tabular}{" + "l" * 2 + "r" * (len(headers) - 2) + "}", r"\toprule", " & ".join(map(escape, headers)) + r" \\", r"\midrule"]
         lines += [" & ".join(map(escape, row)) + r" \\" for row in cells]
         return "\n".join(lines + [r"\bottomrule", r"\end{tabular}"]) + "\n"
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-    line = lambda values: "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths)) + " |"  # noqa: E731
+    line = lambda values: "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths)) + " |"
     return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells]) + "\n"
+
+
+# The results table of `alignbench plot` (figure 9): every policy (method and swept setting),
+# mean ± 95% interval over seeds — or, for one seed, the evaluation's own bootstrap interval.
+RESULT_COLUMNS = (
+    ("eval/win_rate", "win rate vs SFT"), ("eval/gold_reward", "gold reward"), ("eval/gold_helpfulness", "helpfulness"),
+    ("eval/gold_harmlessness", "harmlessness"), ("eval/proxy_reward", "proxy reward"), ("eval/kl", "KL"),
+    ("eval/length", "length"), ("eval/distinct_2", "distinct-2"),
+)
+BUDGET_COLUMNS = (
+    ("budget/human_labels", "human labels"), ("budget/ai_labels", "AI labels"), ("budget/policy_samples", "policy samples"),
+    ("budget/train_tokens", "train tokens"), ("budget/wall_s", "wall s"),
+)
+
+
+def interval_cell(interval, fmt: str = "md") -> str:
+    """'0.591 ± 0.020' (over seeds), '0.591 [0.572, 0.608]' (one seed's bootstrap) or '0.591'."""
+    if math.isnan(interval.mean):
+        return "–"
+    pm = r"$\pm$" if fmt == "latex" else "±"
+    if interval.over == "seeds":
+        return f"{interval.mean:.3f} {pm} {interval.half_width:.3f}"
+    if interval.over == "prompts":
+        return f"{interval.mean:.3f} [{interval.low:.3f}, {interval.high:.3f}]"
+    return f"{interval.mean:.3f}"
+
+
+def results_with_intervals(policies: list[tuple[str, list[dict]]], fmt: str = "md") -> pd.DataFrame:
+    """One row per policy (label, the metrics of its seeds): quality metrics as mean ± 95% CI, budgets as means."""
+    from alignbench.analysis.stats import metric_interval
+
+    rows = []
+    for label, metrics in policies:
+        row = {"policy": label, "seeds": len(metrics)}
+        for key, name in RESULT_COLUMNS:
+            if any(key in m for m in metrics):
+                row[name] = interval_cell(metric_interval([m for m in metrics if key in m], key), fmt)
+        for key, name in BUDGET_COLUMNS:
+            values = [m[key] for m in metrics if m.get(key) is not None]
+            if values:
+                row[name] = float(np.mean(values))
+        rows.append(row)
+    return pd.DataFrame(rows)

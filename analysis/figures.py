@@ -1,0 +1,553 @@
+"""The paper-style figures. Each `draw_*` takes the runs of one experiment and returns a `Drawn`
+figure with its caption, or raises `Skipped` saying which runs it needs.
+
+1. win rate vs SFT per policy (bars, 95% intervals)            `draw_win_rates`
+2. head-to-head win-rate matrix and Bradley–Terry ranking       `draw_head_to_head`
+3. gold reward vs KL frontier over a sweep (DPO, Fig. 2 left)   `draw_reward_vs_kl`
+4. win rate vs sampling temperature (DPO, Fig. 2 right)         `draw_temperatures`
+5. win rate and gold reward vs model size (InstructGPT, Fig. 1) `draw_model_sizes`
+6. helpfulness vs harmlessness across iterations (Llama 2)      `draw_iterations`
+7. gold and proxy reward vs √KL (Gao et al. 2022)               `draw_overoptimization`
+8. training curves with seed bands                              `draw_training_curves`
+(9, the results table, is in `tables.py`.)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from alignbench.analysis.runs import Group, Run, group_runs, method_order
+from alignbench.analysis.stats import (
+    Interval,
+    describe_intervals,
+    metric_interval,
+    seed_interval,
+)
+from alignbench.analysis.style import (
+    COLUMN_WIDTH,
+    FULL_WIDTH,
+    Drawn,
+    Skipped,
+    marker_of,
+    method_colours,
+)
+
+WIN_RATE = "eval/win_rate"
+GOLD = "eval/gold_reward"
+KL = "eval/kl"
+ANCHOR = "sft"  # the policy every win rate and ranking is relative to
+
+
+def _plt():
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _colours(runs: Sequence[Run]) -> dict[str, tuple]:
+    return method_colours(method_order(r.method for r in runs))
+
+
+def _group_colours(runs: Sequence[Run], groups: Sequence[Group]) -> dict[str, tuple]:
+    """Each group in its method's colour; a method's several groups (sweep values) in lighter shades."""
+    base = _colours(runs)
+    colours = {}
+    for method in {g.method for g in groups}:
+        mine = [g for g in groups if g.method == method]
+        for i, g in enumerate(mine):
+            lighten = 0.55 * i / max(len(mine) - 1, 1) if len(mine) > 1 else 0.0
+            colours[g.label] = tuple(c + (1 - c) * lighten for c in base[method][:3])
+    return colours
+
+
+def _legend(ax, **kwargs) -> None:
+    """A legend inside the axes where it is short, outside on the right where it is long."""
+    entries = len(ax.get_legend_handles_labels()[1])
+    if entries > 4:
+        ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.02, 1.0), **kwargs)
+    else:
+        ax.legend(frameon=False, loc="best", **kwargs)
+
+
+def _judge_name(runs: Sequence[Run]) -> str:
+    judges = {r.config.get("eval", {}).get("judge", "gold") for r in runs}
+    return judges.pop() if len(judges) == 1 else "/".join(sorted(judges))
+
+
+def _errorbar(ax, x, intervals: Sequence[Interval], **kwargs):
+    """Points at the means with asymmetric error bars where an interval exists."""
+    means = np.array([i.mean for i in intervals])
+    low = np.array([i.mean - i.low if np.isfinite(i.low) else 0.0 for i in intervals])
+    high = np.array([i.high - i.mean if np.isfinite(i.high) else 0.0 for i in intervals])
+    return ax.errorbar(x, means, yerr=np.vstack([low, high]), **kwargs)
+
+
+def _note(ax, text: str) -> None:
+    """What the error bars are, written above the axes (the caption repeats it)."""
+    ax.set_title(text, loc="left", fontsize=5, color="0.35")
+
+
+# --- 1. win rate vs SFT -------------------------------------------------------------------
+def draw_win_rates(runs: list[Run]) -> Drawn:
+    groups = [g for g in group_runs(runs) if all(WIN_RATE in r.metrics for r in g.runs)]
+    if not groups:
+        raise Skipped(f"no finished run has {WIN_RATE}")
+    plt, colours = _plt(), _group_colours(runs, groups)
+    intervals = [metric_interval([r.metrics for r in g.runs], WIN_RATE) for g in groups]
+    fig, ax = plt.subplots(figsize=(max(COLUMN_WIDTH, 0.32 * len(groups) + 0.8), 2.3), layout="constrained")
+    x = np.arange(len(groups))
+    ax.bar(x, [i.mean for i in intervals], color=[colours[g.label] for g in groups], width=0.7, label="_bars")
+    _errorbar(ax, x, intervals, fmt="none", ecolor="black", elinewidth=0.8, label="_intervals")
+    for xi, g in zip(x, groups):
+        if len(g.runs) > 1:  # each seed as a dot over its bar
+            ax.scatter(np.full(len(g.runs), xi), [r.metrics[WIN_RATE] for r in g.runs], s=6, color="black", zorder=3, label="_seeds")
+    ax.axhline(0.5, color="0.4", linestyle="--", linewidth=0.8, label="tie with SFT (0.5)")
+    ax.set_xticks(x, [g.label for g in groups], rotation=35, ha="right")
+    ax.set_xlabel("Policy")
+    ax.set_ylabel(f"Win rate vs SFT ({_judge_name(runs)} judge)")
+    low = min((i.low if np.isfinite(i.low) else i.mean) for i in intervals)
+    ax.set_ylim(min(0.4, low - 0.03), max(max((i.high if np.isfinite(i.high) else i.mean) for i in intervals) + 0.03, 0.6))
+    bars = describe_intervals(intervals)
+    seeds = sorted({len(g.runs) for g in groups})
+    ax.legend(loc="upper right", frameon=False)
+    _note(ax, bars + ("; dots: seeds" if max(seeds) > 1 else ""))
+    sns_despine(ax)
+    caption = (f"Win rate against the SFT policy's samples on the same test prompts, ties counted 1/2, "
+               f"{_judge_name(runs)} judge; {bars}" + ("; dots are single seeds." if max(seeds) > 1 else "."))
+    return Drawn("win_rate_vs_sft", "Win rate vs SFT", fig, caption)
+
+
+def sns_despine(*axes) -> None:
+    import seaborn as sns
+
+    for ax in axes:
+        sns.despine(ax=ax)
+
+
+# --- 2. head to head ------------------------------------------------------------------------
+def draw_head_to_head(runs: list[Run], n_boot: int = 1000) -> Drawn:
+    import pandas as pd
+    import seaborn as sns
+    from alignbench.analysis.head_to_head import compare_policies
+    from alignbench.analysis.tables import format_table
+
+    groups = group_runs(runs)
+    h2h = compare_policies(groups)
+    rates, names = h2h.win_rates(), h2h.names
+    plt = _plt()
+    m = len(names)
+    ranked = h2h.connected()
+    fig, axes = plt.subplots(1, 2 if ranked else 1, figsize=(FULL_WIDTH, 0.28 * m + 1.6), gridspec_kw={"width_ratios": [1.3, 1]} if ranked else None, squeeze=False, layout="constrained")
+    ax = axes[0, 0]
+    sns.heatmap(rates, ax=ax, annot=True, fmt=".2f", annot_kws={"fontsize": 5}, cmap="vlag", center=0.5, vmin=0, vmax=1, mask=np.isnan(rates),
+                square=True, linewidths=0.3, xticklabels=names, yticklabels=names, cbar=False)
+    ax.set_title("P(row beats column), ties 1/2", loc="left", fontsize=6)
+    ax.set_xlabel("Opponent (column)")
+    ax.set_ylabel("Policy (row)")
+    ax.tick_params(axis="x", rotation=45)
+    for label in ax.get_xticklabels():
+        label.set_ha("right")
+    units = int((h2h.counts.sum(axis=(1, 2)) > 0).sum())
+    judge = "gold judge rebuilt from the runs' world config"
+    caption = (f"Left: win rate of each row policy against each column policy on the same {units} test prompts "
+               f"({judge}, ties 1/2, pooled over the seeds both ran).")
+    tables = {
+        "head_to_head": pd.DataFrame(rates, index=names, columns=names).reset_index(names="policy"),
+    }
+    if ranked:
+        anchor = next((n for n in names if n == ANCHOR), None)
+        ranking = h2h.ranking(anchor, n_boot=n_boot)
+        order = np.argsort(ranking.strength)
+        ax2 = axes[0, 1]
+        colours = _group_colours(runs, groups)
+        y = np.arange(m)
+        ax2.errorbar(ranking.strength[order], y, xerr=np.vstack([ranking.strength[order] - ranking.low[order], ranking.high[order] - ranking.strength[order]]),
+                     fmt="none", ecolor="0.3", elinewidth=0.8, label="_intervals")
+        ax2.scatter(ranking.strength[order], y, c=[colours[names[i]] for i in order], s=18, zorder=3, label="_strengths")
+        ax2.axvline(0, color="0.4", linestyle="--", linewidth=0.8)
+        ax2.set_yticks(y, [names[i] for i in order])
+        ax2.set_xlabel(f"Bradley–Terry strength (log-odds vs {ranking.anchor})")
+        _note(ax2, f"error bars: 95% bootstrap over {ranking.units} prompts ({ranking.bootstrap} resamples)")
+        sns_despine(ax2)
+        caption += (f" Right: Bradley–Terry strengths fitted to all comparisons, relative to {ranking.anchor} "
+                    f"(P(i beats j) = σ(θi − θj)); error bars: 95% bootstrap intervals over prompts.")
+        rows = [{"rank": rank + 1, "policy": names[i], "strength": ranking.strength[i], "ci_low": ranking.low[i], "ci_high": ranking.high[i],
+                 f"p_beats_{ranking.anchor}": 1 / (1 + math.exp(-ranking.strength[i]))} for rank, i in enumerate(order[::-1])]
+        tables["bradley_terry"] = pd.DataFrame(rows)
+    else:
+        caption += " Bradley–Terry ranking omitted: some policies were never compared with the others (different prompts or seeds)."
+    texts = {f"{name}.{ext}": format_table(frame, fmt) for name, frame in tables.items() for ext, fmt in (("md", "md"), ("tex", "latex"))}
+    return Drawn("head_to_head", "Head-to-head win rates and Bradley–Terry ranking", fig, caption, texts)
+
+
+# --- helpers for sweeps ------------------------------------------------------------------------
+def _by_setting(runs: list[Run], key) -> dict[Any, list[Run]]:
+    """Runs keyed by a value (a function of the run), in sorted key order."""
+    grouped: dict[Any, list[Run]] = {}
+    for r in runs:
+        value = key(r)
+        if value is not None:
+            grouped.setdefault(value, []).append(r)
+    return dict(sorted(grouped.items(), key=lambda kv: (str(type(kv[0])), kv[0])))
+
+
+def _own_keys_varying(runs: list[Run], method: str) -> list[str]:
+    keys = sorted({k for r in runs for k in r.settings if k.startswith(method + ".")})
+    return [k for k in keys if len({r.settings.get(k) for r in runs}) > 1]
+
+
+# --- 3. reward vs KL ---------------------------------------------------------------------------
+def draw_reward_vs_kl(runs: list[Run]) -> Drawn:
+    curves = group_runs(runs, ignore=lambda key, method: key.startswith(method + "."))
+    plt, colours = _plt(), _group_colours(runs, curves)
+    fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.6), layout="constrained")
+    drawn, intervals, swept_keys = 0, [], set()
+    for index, curve in enumerate(curves):
+        swept = _own_keys_varying(curve.runs, curve.method)
+        if not swept:
+            continue
+        points = _by_setting([r for r in curve.runs if KL in r.metrics and GOLD in r.metrics], lambda r, swept=swept: tuple(r.settings.get(k) for k in swept))
+        if len(points) < 2:
+            continue
+        kls = [float(np.mean([r.metrics[KL] for r in rs])) for rs in points.values()]
+        golds = [metric_interval([r.metrics for r in rs], GOLD) for rs in points.values()]
+        name = ", ".join(k.removeprefix(curve.method + ".") for k in swept)
+        swept_keys.update(swept)
+        _errorbar(ax, kls, golds, color=colours[curve.label], marker=marker_of(index), linestyle="-", elinewidth=0.6, label=f"{curve.label}: {name}")
+        for x, interval, values in zip(kls, golds, points):
+            ax.annotate(",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values), (x, interval.mean), textcoords="offset points", xytext=(3, 2), fontsize=4.5, color="0.3")
+        intervals += golds
+        drawn += 1
+    if not drawn:
+        raise Skipped("needs runs of one method at two or more settings of its own section (a sweep such as dpo.beta or ppo.kl_coef: experiments/paper/reward_vs_kl.yaml)")
+    sft = [r for r in runs if r.method == ANCHOR and KL in r.metrics and GOLD in r.metrics]
+    if sft:
+        ax.scatter([np.mean([r.metrics[KL] for r in sft])], [np.mean([r.metrics[GOLD] for r in sft])], marker="*", s=40, color="black", zorder=4, label="SFT")
+    ax.set_xlabel("KL(π ‖ π_SFT) on test prompts (nats)")
+    ax.set_ylabel("Gold reward (test prompts)")
+    bars = describe_intervals(intervals)
+    _note(ax, bars)
+    _legend(ax)
+    sns_despine(ax)
+    caption = (f"Gold reward against the KL divergence from the SFT policy, one curve per method across a sweep of "
+               f"{', '.join(sorted(swept_keys))} (points labelled with the swept value); {bars}.")
+    return Drawn("reward_vs_kl", "Reward vs KL frontier", fig, caption)
+
+
+# --- 4. temperature ------------------------------------------------------------------------------
+_TEMPERATURE_KEY = re.compile(r"^eval/T([0-9.eE+-]+)/win_rate$")
+
+
+def _win_rates_by_temperature(run: Run) -> dict[float, dict[str, float]]:
+    """{t: metrics-like dict with 'win_rate' (+ intervals)} from eval.temperatures and eval.temperature."""
+    out: dict[float, dict[str, float]] = {}
+    for key, value in run.metrics.items():
+        match = _TEMPERATURE_KEY.match(key)
+        if match:
+            out[float(match.group(1))] = {"win_rate": value, "win_rate_ci_low": run.metrics.get(key + "_ci_low"), "win_rate_ci_high": run.metrics.get(key + "_ci_high")}
+    t = run.settings.get("eval.temperature")
+    if t is not None and WIN_RATE in run.metrics and float(t) not in out:
+        out[float(t)] = {"win_rate": run.metrics[WIN_RATE], "win_rate_ci_low": run.metrics.get(WIN_RATE + "_ci_low"), "win_rate_ci_high": run.metrics.get(WIN_RATE + "_ci_high")}
+    return out
+
+
+def draw_temperatures(runs: list[Run]) -> Drawn:
+    curves = group_runs(runs, ignore=lambda key, method: key in ("eval.temperature", "eval.temperatures"))
+    plt, colours = _plt(), _group_colours(runs, curves)
+    fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.4), layout="constrained")
+    drawn, intervals, all_t = 0, [], set()
+    for index, curve in enumerate(curves):
+        per_run = [_win_rates_by_temperature(r) for r in curve.runs]
+        temperatures = sorted({t for p in per_run for t in p})
+        if len(temperatures) < 2:
+            continue
+        points = [metric_interval([p[t] for p in per_run if t in p], "win_rate") for t in temperatures]
+        _errorbar(ax, temperatures, points, color=colours[curve.label], marker=marker_of(index), elinewidth=0.6, label=curve.label)
+        intervals += points
+        all_t.update(temperatures)
+        drawn += 1
+    if not drawn:
+        raise Skipped("needs evaluations at two or more temperatures: eval.temperatures (experiments/paper/temperature.yaml) or runs at several eval.temperature values")
+    ax.axhline(0.5, color="0.4", linestyle="--", linewidth=0.8, label="tie with SFT")
+    ax.set_xlabel("Sampling temperature")
+    ax.set_ylabel("Win rate vs SFT at the same temperature")
+    bars = describe_intervals(intervals)
+    _note(ax, bars)
+    _legend(ax)
+    sns_despine(ax)
+    caption = (f"Win rate against the SFT policy sampled at the same temperature, on the test prompts "
+               f"({_judge_name(runs)} judge, ties 1/2), at temperatures {', '.join(f'{t:g}' for t in sorted(all_t))}; {bars}.")
+    return Drawn("win_rate_vs_temperature", "Win rate vs sampling temperature", fig, caption)
+
+
+# --- 5. model size ---------------------------------------------------------------------------------
+def _parameter_counts(names: Sequence[str], world_config: dict) -> dict[str, int] | None:
+    """Parameter counts of the named tiny world models (built, not loaded: no files needed)."""
+    from alignbench.models import TINY_MODELS
+
+    if not all(n in TINY_MODELS for n in names):
+        return None
+    from alignbench.config import from_dict
+    from alignbench.models import (
+        build_tiny_policy,
+        build_world_tokenizer,
+        count_parameters,
+    )
+    from alignbench.world import AssistantWorld, WorldConfig
+
+    tokenizer = build_world_tokenizer(AssistantWorld(from_dict(WorldConfig, world_config, "world")).vocabulary())
+    return {n: count_parameters(build_tiny_policy(n, tokenizer)) for n in names}
+
+
+def draw_model_sizes(runs: list[Run]) -> Drawn:
+    curves = group_runs(runs, ignore=lambda key, method: key.startswith("model."))
+    curves = [c for c in curves if len({r.settings.get("model.name") for r in c.runs}) >= 2]
+    if not curves:
+        raise Skipped("needs runs of one method at two or more model.name values (experiments/paper/model_size.yaml)")
+    plt, colours = _plt(), _group_colours(runs, curves)
+    names = sorted({r.settings.get("model.name") for c in curves for r in c.runs})
+    counts = _parameter_counts(names, curves[0].runs[0].config.get("world", {}))
+    if counts is not None:
+        names = sorted(names, key=counts.get)
+        position = {n: counts[n] for n in names}
+    else:
+        position = {n: i for i, n in enumerate(names)}
+    fig, axes = plt.subplots(1, 2, figsize=(FULL_WIDTH * 0.75, 2.4), layout="constrained")
+    intervals = []
+    for ax, key, ylabel in ((axes[0], WIN_RATE, "Win rate vs SFT of the same size"), (axes[1], GOLD, "Gold reward (test prompts)")):
+        for index, curve in enumerate(curves):
+            points = _by_setting([r for r in curve.runs if key in r.metrics], lambda r: r.settings.get("model.name"))
+            ordered = sorted(points, key=position.get)
+            values = [metric_interval([r.metrics for r in points[n]], key) for n in ordered]
+            _errorbar(ax, [position[n] for n in ordered], values, color=colours[curve.label], marker=marker_of(index), elinewidth=0.6, label=curve.label)
+            intervals += values
+        if counts is not None:
+            ax.set_xscale("log")
+            ax.set_xticks([position[n] for n in names], [f"{n.removeprefix('world-')}\n{counts[n] / 1e6:.2f}M" for n in names])
+            ax.minorticks_off()
+            ax.set_xlabel("Policy parameters (log scale)")
+        else:
+            ax.set_xticks([position[n] for n in names], names, rotation=30, ha="right")
+            ax.set_xlabel("Model")
+        ax.set_ylabel(ylabel)
+        sns_despine(ax)
+    axes[0].axhline(0.5, color="0.4", linestyle="--", linewidth=0.8)
+    bars = describe_intervals(intervals)
+    _note(axes[0], bars)
+    _legend(axes[1])
+    caption = ("Left: win rate against the SFT policy of the same size (each size has its own SFT, labels and reward models). "
+               f"Right: gold reward, the absolute quality that makes sizes comparable (InstructGPT Fig. 1 analogue); {bars}.")
+    return Drawn("win_rate_vs_model_size", "Win rate vs model size", fig, caption)
+
+
+# --- 6. helpfulness vs harmlessness across iterations -------------------------------------------
+HELP, HARM = "val/gold_helpfulness", "val/gold_harmlessness"
+
+
+def _iterations(run: Run) -> tuple[str, dict[float, dict]]:
+    """The run's evaluated iterations: rounds where it has them, else periodic checkpoints (steps)."""
+    rows = [row for row in run.history if HELP in row and HARM in row]
+    rounds = {float(row["round"]): row for row in rows if row.get("round") is not None}
+    if rounds:
+        return "round", rounds
+    return "step", {float(row["step"]): row for row in rows if row.get("step") is not None}
+
+
+def _strip_prefix(row: dict, prefix: str) -> dict:
+    return {k.removeprefix(prefix): v for k, v in row.items() if k.startswith(prefix)}
+
+
+def draw_iterations(runs: list[Run]) -> Drawn:
+    groups = group_runs(runs)
+    plt, colours = _plt(), _group_colours(runs, groups)
+    fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.8), layout="constrained")
+    drawn, intervals, kinds = 0, [], set()
+    for index, group in enumerate(groups):
+        per_run = [_iterations(r) for r in group.runs]
+        kind = per_run[0][0]
+        points = sorted({i for _, its in per_run for i in its})
+        if len(points) < 2:
+            continue
+        rows = {i: [_strip_prefix(its[i], "val/") for _, its in per_run if i in its] for i in points}
+        helpfulness = [metric_interval(rows[i], "gold_helpfulness") for i in points]
+        harmlessness = [metric_interval(rows[i], "gold_harmlessness") for i in points]
+        colour = colours[group.label]
+        xs, ys = [h.mean for h in harmlessness], [h.mean for h in helpfulness]
+        bars_drawn = ax.errorbar(xs, ys, yerr=_bar_lengths(helpfulness), xerr=_bar_lengths(harmlessness), color=colour, marker=marker_of(index),
+                                 elinewidth=0.4, capsize=1, label=f"{group.label} ({'rounds' if kind == 'round' else 'checkpoints'})")
+        for line in bars_drawn[2]:
+            line.set_alpha(0.35)  # the intervals are wide on 256 validation prompts; keep the path readable
+        for i, x, y in zip(points, xs, ys):
+            ax.annotate(f"R{i:g}" if kind == "round" else f"{i:g}", (x, y), textcoords="offset points", xytext=(3, 2), fontsize=4.5, color=colour)
+        intervals += helpfulness + harmlessness
+        kinds.add(kind)
+        drawn += 1
+    if not drawn:
+        raise Skipped("needs validation evaluations at two or more iterations: rounds of rejection_sampling / rest / hir, or PPO checkpoints with eval.eval_every > 0 (experiments/paper/iterations.yaml)")
+    sft = [r for r in runs if r.method == ANCHOR and "eval/gold_helpfulness" in r.metrics]
+    if sft:
+        ax.scatter([np.mean([r.metrics["eval/gold_harmlessness"] for r in sft])], [np.mean([r.metrics["eval/gold_helpfulness"] for r in sft])],
+                   marker="*", s=40, color="black", zorder=4, label="SFT (test prompts)")
+    ax.set_xlabel("Gold harmlessness (validation prompts)")
+    ax.set_ylabel("Gold helpfulness (validation prompts)")
+    bars = describe_intervals(intervals).replace("test prompts", "validation prompts")
+    _note(ax, bars)
+    _legend(ax)
+    sns_despine(ax)
+    what = " and ".join(sorted({"rounds (R1, R2, ...)" if k == "round" else "periodic checkpoints (training step)" for k in kinds}))
+    caption = (f"Helpfulness against harmlessness, gold scores on the validation prompts, across {what} "
+               f"(Llama 2's RLHF-V1…V5 plot); {bars}; the star is the SFT policy on the test prompts.")
+    return Drawn("helpfulness_vs_harmlessness", "Helpfulness vs harmlessness across iterations", fig, caption)
+
+
+def _bar_lengths(intervals: Sequence[Interval]) -> np.ndarray:
+    return np.vstack([[i.mean - i.low if np.isfinite(i.low) else 0.0 for i in intervals], [i.high - i.mean if np.isfinite(i.high) else 0.0 for i in intervals]])
+
+
+# --- 7. over-optimisation ---------------------------------------------------------------------------
+PROXY = "eval/proxy_reward"
+
+
+def _best_of_n_curves(runs: list[Run]) -> list[tuple[Group, dict[int, list[Run]]]]:
+    """Methods swept over their own `n` (best-of-n), with a KL known in closed form."""
+    curves = []
+    for curve in group_runs(runs, ignore=lambda key, method: key == f"{method}.n"):
+        points = _by_setting([r for r in curve.runs if GOLD in r.metrics and PROXY in r.metrics], lambda r: r.settings.get(f"{r.method}.n"))
+        if len(points) >= 2:
+            curves.append((curve, points))
+    return curves
+
+
+def _checkpoint_curves(runs: list[Run]) -> list[tuple[Group, list[float], list[dict]]]:
+    """Methods with periodic validation checkpoints (not rounds) that hold gold, proxy and KL."""
+    needed = ("val/kl", "val/gold_reward", "val/proxy_reward")
+    curves = []
+    for curve in group_runs(runs):
+        per_run = [{float(row["step"]): row for row in r.history if all(k in row for k in needed) and row.get("round") is None and row.get("step") is not None} for r in curve.runs]
+        steps = sorted(set.intersection(*(set(p) for p in per_run))) if per_run else []
+        if len(steps) >= 2:
+            curves.append((curve, steps, [{k: float(np.mean([p[s][k] for p in per_run])) for k in needed} for s in steps]))
+    return curves
+
+
+def draw_overoptimization(runs: list[Run]) -> Drawn:
+    from alignbench.evaluation import best_of_n_kl
+
+    best_of_n, checkpoints = _best_of_n_curves(runs), _checkpoint_curves(runs)
+    if not best_of_n and not checkpoints:
+        raise Skipped("needs best-of-n runs at two or more n, or PPO runs with two or more periodic checkpoints (eval.eval_every > 0): experiments/paper/overoptimization.yaml")
+    plt = _plt()
+    colours = _group_colours(runs, [entry[0] for entry in best_of_n + checkpoints])
+    panels = [p for p in (("best_of_n", best_of_n), ("checkpoints", checkpoints)) if p[1]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(COLUMN_WIDTH * len(panels), 2.5), squeeze=False, layout="constrained")
+    caption = []
+    for ax, (kind, curves) in zip(axes[0], panels):
+        for index, entry in enumerate(curves):
+            curve = entry[0]
+            colour = colours[curve.label]
+            if kind == "best_of_n":
+                points = entry[1]
+                ns = list(points)
+                x = [math.sqrt(best_of_n_kl(int(n))) for n in ns]
+                gold = [seed_interval([r.metrics[GOLD] for r in points[n]]).mean for n in ns]
+                proxy = [seed_interval([r.metrics[PROXY] for r in points[n]]).mean for n in ns]
+                for xi, n, g in zip(x, ns, gold):
+                    ax.annotate(f"n={n}", (xi, g), textcoords="offset points", xytext=(2, -7), fontsize=4.5, color="0.3")
+            else:
+                values = entry[2]
+                x = [math.sqrt(max(v["val/kl"], 0.0)) for v in values]
+                gold = [v["val/gold_reward"] for v in values]
+                proxy = [v["val/proxy_reward"] for v in values]
+            ax.plot(x, gold, color=colour, marker=marker_of(index), linestyle="-", label=f"{curve.label}: gold")
+            ax.plot(x, proxy, color=colour, marker=marker_of(index), linestyle="--", markerfacecolor="white", label=f"{curve.label}: proxy (RM)")
+        ax.set_xlabel("√KL(π ‖ π_SFT)  (√nats)")
+        ax.set_ylabel("Reward")
+        ax.set_title("Best-of-n over n (analytic KL, test prompts)" if kind == "best_of_n" else "Over training (validation checkpoints)")
+        _legend(ax)
+        sns_despine(ax)
+        if kind == "best_of_n":
+            caption.append("best-of-n at each n against √KL with KL = log n − (n−1)/n (analytic), test prompts")
+        else:
+            caption.append("periodic validation checkpoints over training, KL estimated on the policy's samples")
+    text = ("Over-optimisation (Gao et al. 2022): gold reward (solid) and the proxy reward model's score (dashed) against √KL, for "
+            + "; and for ".join(caption) + ". Points are means over seeds; the gap between proxy and gold is the reward model's over-optimisation.")
+    return Drawn("overoptimization", "Gold and proxy reward vs √KL", fig, text)
+
+
+# --- 8. training curves ---------------------------------------------------------------------------------
+# The metrics every method logs first, then one that says how its own objective is doing (the
+# first of these that a method logs), then the periodic validation win rate where there is one.
+_COMMON_CURVES = ("train/loss", "train/kl")
+_OBJECTIVE_CURVES = ("train/reward", "train/reward_accuracy", "train/accuracy", "train/contrastive_loss", "train/reward_margin", "train/score_margin")
+_VALIDATION_CURVE = "val/win_rate"
+
+
+def _series(run: Run, key: str) -> tuple[np.ndarray, np.ndarray]:
+    points = sorted((float(row["step"]), float(row[key])) for row in run.history if row.get(key) is not None and row.get("step") is not None)
+    if not points:
+        return np.zeros(0), np.zeros(0)
+    steps, values = map(np.asarray, zip(*points))
+    return steps, values
+
+
+def _seed_band(runs: list[Run], key: str):
+    """Mean over seeds and the min–max band, on the steps the seeds share (interpolated)."""
+    series = [s for s in (_series(r, key) for r in runs) if len(s[0])]
+    if not series:
+        return None
+    if len(series) == 1:
+        steps, values = series[0]
+        return steps, values, values, values, 1
+    start, end = max(s[0][0] for s in series), min(s[0][-1] for s in series)
+    grid = np.unique(np.concatenate([s[0][(s[0] >= start) & (s[0] <= end)] for s in series]))
+    if len(grid) == 0:
+        return None
+    stacked = np.stack([np.interp(grid, steps, values) for steps, values in series])
+    return grid, stacked.mean(axis=0), stacked.min(axis=0), stacked.max(axis=0), len(series)
+
+
+def curve_metrics(runs: list[Run]) -> list[str]:
+    """The metrics drawn for one policy's runs: loss, KL, its objective's metric, validation win rate."""
+    logged = {k for r in runs for row in r.history for k in row}
+    chosen = [k for k in _COMMON_CURVES if k in logged]
+    chosen += [k for k in _OBJECTIVE_CURVES if k in logged][:1]
+    if _VALIDATION_CURVE in logged:
+        chosen.append(_VALIDATION_CURVE)
+    return chosen
+
+
+def draw_training_curves(runs: list[Run]) -> Drawn:
+    groups = [g for g in group_runs(runs) if any(k.startswith("train/") for r in g.runs for row in r.history for k in row)]
+    if not groups:
+        raise Skipped("no run logged training metrics (train/* rows in history.jsonl): the directory holds only baselines")
+    plt, colours = _plt(), _group_colours(runs, groups)
+    columns = max(len(curve_metrics(g.runs)) for g in groups)
+    fig, axes = plt.subplots(len(groups), columns, figsize=(FULL_WIDTH, 1.25 * len(groups) + 0.3), squeeze=False, layout="constrained")
+    seed_counts = set()
+    for row, group in enumerate(groups):
+        keys = curve_metrics(group.runs)
+        for col in range(columns):
+            ax = axes[row, col]
+            if col >= len(keys):
+                ax.set_axis_off()
+                continue
+            band = _seed_band(group.runs, keys[col])
+            steps, mean, low, high, n = band
+            colour = colours[group.label]
+            ax.plot(steps, mean, color=colour, linewidth=0.9, label=group.label)
+            if n > 1:
+                ax.fill_between(steps, low, high, color=colour, alpha=0.25, linewidth=0, label=f"range over {n} seeds")
+            seed_counts.add(n)
+            ax.set_ylabel(keys[col], fontsize=5.5)
+            ax.set_xlabel("Training step" if row == len(groups) - 1 or col >= len(curve_metrics(groups[row + 1].runs)) else "")
+            if col == 0:
+                ax.set_title(group.label, loc="left", fontsize=6)
+            sns_despine(ax)
+    band = ("bands: range (min–max) over " + "/".join(map(str, sorted(n for n in seed_counts if n > 1))) + " seeds around the mean") if max(seed_counts) > 1 else "one seed per policy (no band)"
+    fig.suptitle(band, x=0.0, ha="left", fontsize=5, color="0.35")
+    caption = f"Training curves per policy (rows): loss, estimated KL to SFT, the objective's own metric and the validation win rate where logged; {band}."
+    return Drawn("training_curves", "Training curves", fig, caption)

@@ -1,0 +1,107 @@
+"""Head to head: every policy against every other on the same test prompts, and a ranking.
+
+Each run's `samples.jsonl` holds its responses to the experiment's test prompts. Two policies
+are compared prompt by prompt with the world's gold judge, rebuilt from the runs' resolved
+`config["world"]` (ties count 1/2), only where both answered the same prompts under the same
+world at the same seed. The comparisons give a win-rate matrix and a Bradley–Terry ranking
+whose intervals come from a bootstrap over prompts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import numpy as np
+from alignbench.analysis.runs import Group, Run
+from alignbench.analysis.stats import Ranking, bradley_terry_ranking
+from alignbench.analysis.style import Skipped
+
+
+@dataclass
+class HeadToHead:
+    """outcomes[u, i, j]: wins of policy i over j on comparison unit (prompt) u, summed over the
+    seeds at which both ran, ties 1/2; counts[u, i, j]: how many comparisons that is."""
+
+    names: list[str]
+    outcomes: np.ndarray
+    counts: np.ndarray
+
+    def win_rates(self) -> np.ndarray:
+        """[M, M]: P(row beats column); NaN where the two never met (and on the diagonal)."""
+        wins, counts = self.outcomes.sum(axis=0), self.counts.sum(axis=0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(counts > 0, wins / np.maximum(counts, 1), np.nan)
+
+    def connected(self) -> bool:
+        """Whether every policy is linked to every other by comparisons (Bradley–Terry needs it)."""
+        linked = self.counts.sum(axis=0) > 0
+        reached, frontier = {0}, [0]
+        while frontier:
+            i = frontier.pop()
+            for j in np.flatnonzero(linked[i]):
+                if j not in reached:
+                    reached.add(int(j))
+                    frontier.append(int(j))
+        return len(reached) == len(self.names)
+
+    def ranking(self, anchor: str | None, n_boot: int = 1000, seed: int = 0) -> Ranking:
+        return bradley_terry_ranking(self.names, self.outcomes, anchor=anchor, n_boot=n_boot, seed=seed)
+
+
+def _world_judge(world_config: dict):
+    from alignbench.config import from_dict
+    from alignbench.judges import GoldJudge
+    from alignbench.world import AssistantWorld, WorldConfig
+
+    return GoldJudge(AssistantWorld(from_dict(WorldConfig, world_config, "world")))
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def compare_policies(groups: list[Group]) -> HeadToHead:
+    """All pairwise gold-judge comparisons between the groups' runs (see the module docstring)."""
+    from alignbench.judges import preference_from_scores
+
+    judges: dict[str, object] = {}
+    scored: list[tuple[int, Run, str, np.ndarray]] = []  # (group index, run, unit set, gold scores)
+    unit_sets: dict[str, int] = {}  # (world, prompts) digest -> offset of its units
+    total_units = 0
+    for index, group in enumerate(groups):
+        for run in group.runs:
+            if run.samples_path is None:
+                continue
+            rows = [json.loads(line) for line in run.samples_path.read_text().splitlines() if line.strip()]
+            prompts, responses = [r["prompt"] for r in rows], [r["response"] for r in rows]
+            world_key = _digest(run.config.get("world", {}))
+            if world_key not in judges:
+                judges[world_key] = _world_judge(run.config.get("world", {}))
+            try:
+                scores = judges[world_key].score_batch(prompts, responses)
+            except (ValueError, KeyError) as err:
+                raise Skipped(f"the world's gold judge cannot score the prompts of {run.name} ({err}); head-to-head comparisons need runs on the built-in world") from None
+            unit_key = f"{world_key}-{_digest(prompts)}"
+            if unit_key not in unit_sets:
+                unit_sets[unit_key] = total_units
+                total_units += len(prompts)
+            scored.append((index, run, unit_key, scores))
+    m = len(groups)
+    outcomes, counts = np.zeros((total_units, m, m)), np.zeros((total_units, m, m))
+    for a, (ga, run_a, units_a, scores_a) in enumerate(scored):
+        for gb, run_b, units_b, scores_b in scored[a + 1 :]:
+            if ga == gb or run_a.seed != run_b.seed or units_a != units_b:
+                continue
+            start = unit_sets[units_a]
+            rows = slice(start, start + len(scores_a))
+            wins = preference_from_scores(scores_a, scores_b)
+            outcomes[rows, ga, gb] += wins
+            outcomes[rows, gb, ga] += 1 - wins
+            counts[rows, ga, gb] += 1
+            counts[rows, gb, ga] += 1
+    present = [i for i in range(m) if counts[:, i, :].sum() > 0]
+    if len(present) < 2:
+        raise Skipped("needs samples.jsonl of at least two policies on the same test prompts and seed")
+    return HeadToHead([groups[i].label for i in present], outcomes[:, present][:, :, present], counts[:, present][:, :, present])

@@ -1,0 +1,428 @@
+"""`alignbench plot`: every figure drawn from a small synthetic results directory, checked for
+what it draws (bars, lines and points per policy and sweep value, axis labels); the tables; the
+W&B reader; and the extra-temperature evaluation that figure 4 reads."""
+
+from __future__ import annotations
+
+import json
+import math
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+from alignbench.analysis.runs import group_runs, load_local_runs, load_wandb_runs
+
+from alignbench.config import ConfigError, to_dict
+from alignbench.world import AssistantWorld, WorldConfig
+
+EXPERIMENT = "fixture"
+SEEDS = (0, 1)
+N_PROMPTS = 40
+TEMPERATURES = (0.5, 0.7)
+
+
+@pytest.fixture(autouse=True)
+def agg_backend(isolated_environment, monkeypatch, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "mpl"))
+
+
+# --- the fixture: a results directory written by hand -------------------------------------------
+def _write_run(root: Path, method: str, seed: int, settings: dict, metrics: dict, history: list[dict], responses: list[str], prompts: list[str]) -> None:
+    world = AssistantWorld()
+    config = {
+        "name": EXPERIMENT, "method": method, "seed": seed, "methods": ["sft", "best_of_n", "dpo", "ppo", "rejection_sampling"], "seeds": list(SEEDS),
+        "world": to_dict(WorldConfig()), "model": {"name": settings.pop("model.name", "world-small")},
+        "eval": {"temperature": 1.0, "temperatures": list(TEMPERATURES), "judge": "gold"}, "tracking": {"wandb": "offline"},
+        method: dict(settings),
+    }
+    name = f"{method}-seed{seed}-" + "-".join(f"{k}{v}" for k, v in sorted(settings.items())) + config["model"]["name"]
+    run_dir = root / EXPERIMENT / name
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.json").write_text(json.dumps({"experiment": EXPERIMENT, "run_name": name, "method": method, "seed": seed, "config": config, "metrics": metrics, "versions": {}}))
+    (run_dir / "history.jsonl").write_text("".join(json.dumps(row) + "\n" for row in history))
+    samples = [{"prompt": p, "response": y, "reference": "", "win": 0.5, "gold_reward": world.gold(p, y).reward} for p, y in zip(prompts, responses)]
+    (run_dir / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+
+
+def _eval_metrics(rng, quality: float, kl: float, temperatures: bool) -> dict:
+    metrics = {}
+    names = {"win_rate": 0.5 + 0.3 * quality, "gold_reward": 0.5 + 0.4 * quality, "gold_helpfulness": 0.5 + 0.3 * quality, "gold_harmlessness": 0.9 + 0.05 * quality}
+    prefixes = ["eval"] + ([f"eval/T{t:g}" for t in TEMPERATURES] if temperatures else [])
+    for prefix in prefixes:
+        shift = 0.0 if prefix == "eval" else -0.1 * float(prefix.split("T")[1])
+        for name, value in names.items():
+            v = value + shift + rng.normal(0, 0.01)
+            metrics[f"{prefix}/{name}"], metrics[f"{prefix}/{name}_ci_low"], metrics[f"{prefix}/{name}_ci_high"] = v, v - 0.03, v + 0.03
+        metrics[f"{prefix}/proxy_reward"] = 0.55 + 0.5 * quality + rng.normal(0, 0.01)
+        metrics[f"{prefix}/kl"] = kl
+    metrics.update({"budget/human_labels": 1000, "budget/ai_labels": 0, "budget/policy_samples": 0, "budget/train_tokens": 5000, "budget/wall_s": 3.5})
+    return metrics
+
+
+def _val_row(step: int, quality: float, kl: float, **extra) -> dict:
+    return {"step": step, **extra, "val/win_rate": 0.5 + 0.2 * quality, "val/win_rate_ci_low": 0.45 + 0.2 * quality, "val/win_rate_ci_high": 0.55 + 0.2 * quality,
+            "val/gold_reward": 0.5 + 0.3 * quality - 0.05 * kl, "val/proxy_reward": 0.5 + 0.4 * quality,
+            "val/gold_helpfulness": 0.45 + 0.1 * quality, "val/gold_helpfulness_ci_low": 0.4, "val/gold_helpfulness_ci_high": 0.6,
+            "val/gold_harmlessness": 0.9 + 0.05 * quality, "val/gold_harmlessness_ci_low": 0.85, "val/gold_harmlessness_ci_high": 0.99, "val/kl": kl}
+
+
+def write_fixture(root: Path) -> Path:
+    """An experiment directory with two seeds of: SFT at two model sizes; best-of-n at n = 1, 4,
+    16; DPO at β = 0.05, 0.1, 0.5 (and β = 0.1 at the smaller size); PPO with three validation
+    checkpoints; rejection sampling with three rounds. The world-small runs were also evaluated
+    at temperatures 0.5 and 0.7 (eval.temperatures)."""
+    world = AssistantWorld()
+    prompts = world.sample_prompts("test", N_PROMPTS, seed=1234)
+    ideal = [world.ideal_response(p) for p in prompts]
+    policies = [  # method, settings, quality in [0, 1], KL
+        ("sft", {}, 0.0, 0.0), ("sft", {"model.name": "world-tiny"}, -0.2, 0.0),
+        ("best_of_n", {"n": 1}, 0.0, 0.0), ("best_of_n", {"n": 4}, 0.3, 0.64), ("best_of_n", {"n": 16}, 0.5, 1.84),
+        ("dpo", {"beta": 0.05}, 0.6, 1.5), ("dpo", {"beta": 0.1}, 0.5, 0.8), ("dpo", {"beta": 0.5}, 0.2, 0.2),
+        ("dpo", {"beta": 0.1, "model.name": "world-tiny"}, 0.3, 0.9),
+        ("ppo", {"kl_coef": 0.1}, 0.4, 0.7), ("rejection_sampling", {"rounds": 3}, 0.35, 0.9),
+    ]
+    for method, settings, quality, kl in policies:
+        for seed in SEEDS:
+            rng = np.random.default_rng([seed, int(1000 * quality) + 500, len(settings)])
+            small = settings.get("model.name", "world-small") == "world-small"
+            metrics = _eval_metrics(rng, quality, kl, temperatures=small)
+            history = []
+            if method in ("dpo", "ppo", "rejection_sampling"):
+                for step in range(10, 70, 10):
+                    history.append({"step": step, "train/loss": 0.7 - 0.01 * step * quality + rng.normal(0, 0.01), "train/reward_accuracy": 0.5 + 0.003 * step})
+                    history.append({"step": step + 5, "train/kl": kl * step / 60})
+            if method == "ppo":
+                history += [_val_row(step, quality * step / 30, kl * step / 30) for step in (10, 20, 30)]
+            if method == "rejection_sampling":
+                history += [_val_row(20 * r, quality * r / 3, kl * r / 3, round=float(r), **{"train/examples": 100.0}) for r in (1, 2, 3)]
+            # A response is the ideal answer with a probability that rises with the policy's quality.
+            right = rng.random(N_PROMPTS) < 0.4 + 0.5 * quality
+            responses = [y if ok else "" for y, ok in zip(ideal, right)]
+            _write_run(root, method, seed, dict(settings), metrics, history, responses, prompts)
+    return root / EXPERIMENT
+
+
+@pytest.fixture(scope="module")
+def fixture_dir(tmp_path_factory) -> Path:
+    return write_fixture(tmp_path_factory.mktemp("results"))
+
+
+@pytest.fixture(scope="module")
+def runs(fixture_dir):
+    return load_local_runs(fixture_dir)
+
+
+@pytest.fixture
+def draw():
+    """Draws a figure inside the paper style and closes it after the test."""
+    import matplotlib.pyplot as plt
+    from alignbench.analysis.style import paper_style
+
+    style = paper_style()
+    style.__enter__()
+    yield lambda function, *args, **kwargs: function(*args, **kwargs)
+    plt.close("all")
+    style.__exit__(None, None, None)
+
+
+def legend_labels(ax) -> list[str]:
+    return ax.get_legend_handles_labels()[1]
+
+
+def series_x(ax, label: str) -> list[float]:
+    """The x values of the one line or error-bar series labelled `label`."""
+    lines = [line for line in ax.get_lines() if line.get_label() == label]
+    lines += [c.lines[0] for c in ax.containers if c.get_label() == label and hasattr(c, "has_yerr")]
+    assert len(lines) == 1, f"{label}: {[line.get_label() for line in ax.get_lines()]}"
+    return list(lines[0].get_xdata())
+
+
+def errorbar_points(ax, label: str) -> int:
+    return len(series_x(ax, label))
+
+
+# --- the runs and their variants ------------------------------------------------------------
+def test_runs_are_grouped_into_policies_by_their_differing_settings(runs):
+    labels = [g.label for g in group_runs(runs)]
+    assert labels == [
+        "sft (model.name=world-small)", "sft (model.name=world-tiny)",
+        "best_of_n (n=1)", "best_of_n (n=4)", "best_of_n (n=16)",
+        "dpo (beta=0.05, model.name=world-small)", "dpo (beta=0.1, model.name=world-small)", "dpo (beta=0.1, model.name=world-tiny)", "dpo (beta=0.5, model.name=world-small)",
+        "ppo", "rejection_sampling",
+    ]
+    assert all(g.seeds == list(SEEDS) for g in group_runs(runs))
+
+
+# --- figure 1 ---------------------------------------------------------------------------------
+def test_win_rate_bars_one_per_policy_with_t_intervals_over_seeds(runs, draw):
+    from alignbench.analysis.figures import draw_win_rates
+    from alignbench.analysis.stats import student_t_quantile
+
+    drawn = draw(draw_win_rates, runs)
+    ax = drawn.figure.axes[0]
+    groups = group_runs(runs)
+    assert len(ax.patches) == len(groups) == 11
+    assert [t.get_text() for t in ax.get_xticklabels()] == [g.label for g in groups]
+    assert ax.get_ylabel() == "Win rate vs SFT (gold judge)"
+    assert "95% t-interval over 2 seeds" in drawn.caption
+    # The first bar is the mean of SFT's two seeds; its error bar is the t-interval (1 dof).
+    values = [r.metrics["eval/win_rate"] for r in groups[0].runs]
+    assert ax.patches[0].get_height() == pytest.approx(np.mean(values))
+    bars = next(c for c in ax.containers if hasattr(c, "has_yerr") and c.has_yerr)
+    segments = bars.lines[2][0].get_segments()
+    low, high = segments[0][:, 1]
+    half = student_t_quantile(0.95, 1) * np.std(values, ddof=1) / math.sqrt(2)
+    assert (high - low) / 2 == pytest.approx(half)
+
+
+# --- figure 2 ---------------------------------------------------------------------------------------
+def test_head_to_head_matrix_and_ranking_cover_every_policy(runs, draw):
+    from alignbench.analysis.figures import draw_head_to_head
+
+    drawn = draw(draw_head_to_head, runs, n_boot=200)
+    matrix_ax, ranking_ax = drawn.figure.axes[:2]
+    labels = [g.label for g in group_runs(runs)]
+    assert [t.get_text() for t in matrix_ax.get_yticklabels()] == labels
+    assert matrix_ax.collections[0].get_array().size == len(labels) ** 2  # the heatmap's cells
+    assert matrix_ax.get_xlabel() == "Opponent (column)" and matrix_ax.get_ylabel() == "Policy (row)"
+    strengths = next(c for c in ranking_ax.collections if c.get_label() == "_strengths")
+    assert len(strengths.get_offsets()) == len(labels)
+    assert sorted(t.get_text() for t in ranking_ax.get_yticklabels()) == sorted(labels)
+    assert "Bradley–Terry strength" in ranking_ax.get_xlabel()
+    assert set(drawn.tables) == {"head_to_head.md", "head_to_head.tex", "bradley_terry.md", "bradley_terry.tex"}
+
+
+def test_head_to_head_uses_the_gold_judge_of_the_runs_world_with_ties_one_half(tmp_path):
+    """Benign prompts only (the world config of the runs says so): the ideal answer beats an
+    empty one on every prompt, and two policies that answer identically tie at exactly 1/2."""
+    from alignbench.analysis.head_to_head import compare_policies
+
+    world_config = WorldConfig(harmful_fraction=0.0)
+    world = AssistantWorld(world_config)
+    prompts = world.sample_prompts("test", 30, seed=0)
+    for name, responses in (("ideal", [world.ideal_response(p) for p in prompts]), ("copy", [world.ideal_response(p) for p in prompts]), ("empty", [""] * len(prompts))):
+        run_dir = tmp_path / "exp" / name
+        run_dir.mkdir(parents=True)
+        config = {"name": "exp", "method": name, "seed": 0, "world": to_dict(world_config)}
+        (run_dir / "metrics.json").write_text(json.dumps({"experiment": "exp", "run_name": name, "method": name, "seed": 0, "config": config, "metrics": {}}))
+        (run_dir / "samples.jsonl").write_text("".join(json.dumps({"prompt": p, "response": y}) + "\n" for p, y in zip(prompts, responses)))
+    h2h = compare_policies(group_runs(load_local_runs(tmp_path / "exp")))
+    rates = dict(zip(h2h.names, h2h.win_rates()))
+    index = {n: i for i, n in enumerate(h2h.names)}
+    assert rates["ideal"][index["empty"]] == 1.0 and rates["empty"][index["ideal"]] == 0.0
+    assert rates["ideal"][index["copy"]] == 0.5
+    assert h2h.counts.sum(axis=0)[index["ideal"], index["empty"]] == len(prompts)
+
+
+# --- figure 3 ---------------------------------------------------------------------------------------
+def test_reward_vs_kl_one_curve_per_swept_method_one_point_per_value(runs, draw):
+    from alignbench.analysis.figures import draw_reward_vs_kl
+
+    drawn = draw(draw_reward_vs_kl, runs)
+    ax = drawn.figure.axes[0]
+    curves = [label for label in legend_labels(ax) if label != "SFT"]
+    # DPO's β sweep at world-small and best-of-n over n; DPO at world-tiny has one β only.
+    assert curves == ["best_of_n: n", "dpo (model.name=world-small): beta"]
+    assert errorbar_points(ax, "best_of_n: n") == 3 and errorbar_points(ax, "dpo (model.name=world-small): beta") == 3
+    assert ax.get_xlabel().startswith("KL(π ‖ π_SFT)") and ax.get_ylabel() == "Gold reward (test prompts)"
+
+
+# --- figure 4 ---------------------------------------------------------------------------------------
+def test_win_rate_vs_temperature_one_line_per_policy_one_point_per_temperature(runs, draw):
+    from alignbench.analysis.figures import draw_temperatures
+
+    drawn = draw(draw_temperatures, runs)
+    ax = drawn.figure.axes[0]
+    lines = [label for label in legend_labels(ax) if label != "tie with SFT"]
+    # Every world-small policy was also evaluated at 0.5 and 0.7: 9 lines of 3 temperatures.
+    small = [g for g in group_runs(runs, ignore=lambda k, m: k.startswith("eval.")) if g.runs[0].settings["model.name"] == "world-small"]
+    assert len(lines) == len(small) == 9
+    assert all(errorbar_points(ax, label) == 3 for label in lines)
+    assert series_x(ax, lines[0]) == [0.5, 0.7, 1.0]
+    assert ax.get_xlabel() == "Sampling temperature" and ax.get_ylabel() == "Win rate vs SFT at the same temperature"
+
+
+# --- figure 5 ---------------------------------------------------------------------------------------
+def test_model_size_lines_over_parameter_counts(runs, draw):
+    from alignbench.analysis.figures import draw_model_sizes
+
+    drawn = draw(draw_model_sizes, runs)
+    win_ax, gold_ax = drawn.figure.axes
+    for ax in (win_ax, gold_ax):
+        lines = [label for label in legend_labels(ax) if not label.startswith("_")]
+        assert lines == ["sft", "dpo (beta=0.1)"]  # the only policies run at both sizes
+        assert all(errorbar_points(ax, label) == 2 for label in lines)
+        assert ax.get_xscale() == "log" and ax.get_xlabel() == "Policy parameters (log scale)"
+        ticks = [t.get_text() for t in ax.get_xticklabels()]
+        assert ticks[0].startswith("tiny") and ticks[1].startswith("small")
+    assert win_ax.get_ylabel() == "Win rate vs SFT of the same size" and gold_ax.get_ylabel() == "Gold reward (test prompts)"
+
+
+# --- figure 6 ---------------------------------------------------------------------------------------
+def test_iterations_one_path_per_iterating_policy(runs, draw):
+    from alignbench.analysis.figures import draw_iterations
+
+    drawn = draw(draw_iterations, runs)
+    ax = drawn.figure.axes[0]
+    assert sorted(legend_labels(ax)) == ["SFT (test prompts)", "ppo (checkpoints)", "rejection_sampling (rounds)"]
+    assert errorbar_points(ax, "ppo (checkpoints)") == 3 and errorbar_points(ax, "rejection_sampling (rounds)") == 3
+    assert ax.get_xlabel() == "Gold harmlessness (validation prompts)" and ax.get_ylabel() == "Gold helpfulness (validation prompts)"
+    assert {t.get_text() for t in ax.texts} >= {"R1", "R2", "R3", "10", "20", "30"}
+
+
+# --- figure 7 ---------------------------------------------------------------------------------------
+def test_overoptimization_gold_and_proxy_against_sqrt_kl(runs, draw):
+    from alignbench.analysis.figures import draw_overoptimization
+
+    from alignbench.evaluation import best_of_n_kl
+
+    drawn = draw(draw_overoptimization, runs)
+    best_of_n_ax, ppo_ax = drawn.figure.axes
+    assert legend_labels(best_of_n_ax) == ["best_of_n: gold", "best_of_n: proxy (RM)"]
+    assert legend_labels(ppo_ax) == ["ppo: gold", "ppo: proxy (RM)"]
+    gold = next(line for line in best_of_n_ax.get_lines() if line.get_label() == "best_of_n: gold")
+    assert np.allclose(gold.get_xdata(), [math.sqrt(best_of_n_kl(n)) for n in (1, 4, 16)])
+    ppo_gold = next(line for line in ppo_ax.get_lines() if line.get_label() == "ppo: gold")
+    assert len(ppo_gold.get_xdata()) == 3
+    assert all(ax.get_xlabel().startswith("√KL") and ax.get_ylabel() == "Reward" for ax in (best_of_n_ax, ppo_ax))
+
+
+# --- figure 8 ---------------------------------------------------------------------------------------
+def test_training_curves_one_row_per_trained_policy_with_seed_bands(runs, draw):
+    from alignbench.analysis.figures import draw_training_curves
+
+    drawn = draw(draw_training_curves, runs)
+    trained = [g for g in group_runs(runs) if g.method in ("dpo", "ppo", "rejection_sampling")]
+    rows = [ax for ax in drawn.figure.axes if ax.get_title(loc="left")]
+    assert [ax.get_title(loc="left") for ax in rows] == [g.label for g in trained]
+    loss_ax = rows[0]
+    assert loss_ax.get_ylabel() == "train/loss"
+    assert legend_labels(loss_ax) == [trained[0].label, "range over 2 seeds"]
+    assert "range (min–max) over 2 seeds" in drawn.caption
+    # PPO's row: loss, KL, its objective's metric and the validation win rate.
+    ppo_row = [ax for ax in drawn.figure.axes if ax.get_visible() and ax.axison][4 * 4 : 4 * 4 + 4]
+    assert [ax.get_ylabel() for ax in ppo_row] == ["train/loss", "train/kl", "train/reward_accuracy", "val/win_rate"]
+
+
+# --- figure 9 and the whole command -------------------------------------------------------------------
+def test_plot_directory_writes_every_figure_and_the_tables(fixture_dir, tmp_path):
+    import shutil
+
+    from alignbench.analysis.plot import plot_directory
+
+    target = tmp_path / EXPERIMENT
+    shutil.copytree(fixture_dir, target)
+    written = plot_directory(target, formats=("png",), n_boot=100)
+    names = {p.name for p in written}
+    for stem in ("win_rate_vs_sft", "head_to_head", "reward_vs_kl", "win_rate_vs_temperature", "win_rate_vs_model_size", "helpfulness_vs_harmlessness", "overoptimization", "training_curves"):
+        assert f"{stem}.png" in names
+    assert {"results.md", "results.tex", "index.md", "bradley_terry.md", "head_to_head.tex"} <= names
+    results = (target / "figures" / "results.md").read_text()
+    sft = [r for r in load_local_runs(target) if r.method == "sft" and r.settings["model.name"] == "world-small"]
+    mean = np.mean([r.metrics["eval/win_rate"] for r in sft])
+    assert "| sft (model.name=world-small) " in results and f"{mean:.3f} ± " in results
+    assert r"$\pm$" in (target / "figures" / "results.tex").read_text()
+    assert "## Skipped" not in (target / "figures" / "index.md").read_text()
+
+
+def test_a_directory_without_sweeps_lists_the_skipped_figures(fixture_dir, tmp_path, capsys):
+    import shutil
+
+    from alignbench.analysis.plot import plot_directory
+
+    target = tmp_path / EXPERIMENT
+    target.mkdir()
+    for run_dir in fixture_dir.iterdir():
+        if run_dir.name in ("sft-seed0-world-small", "dpo-seed0-beta0.1world-small"):
+            shutil.copytree(run_dir, target / run_dir.name)
+    written = {p.name for p in plot_directory(target, formats=("png",), n_boot=50)}
+    assert {"win_rate_vs_sft.png", "head_to_head.png", "training_curves.png", "results.md"} <= written
+    index = (target / "figures" / "index.md").read_text()
+    for stem in ("reward_vs_kl", "win_rate_vs_model_size", "helpfulness_vs_harmlessness", "overoptimization"):
+        assert f"(`{stem}`)" in index
+    assert "figure 3 (reward_vs_kl) skipped: needs runs of one method at two or more settings" in capsys.readouterr().out
+
+
+def test_cli_plot_and_its_user_errors(fixture_dir, tmp_path, capsys):
+    from alignbench.cli import main
+
+    assert main(["plot", str(tmp_path / "missing")]) == 2
+    assert "results directory not found" in capsys.readouterr().err
+    (tmp_path / "two" / "a").mkdir(parents=True)
+    for name in ("a", "b"):
+        run = tmp_path / "two" / name / "run"
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "metrics.json").write_text(json.dumps({"experiment": name, "run_name": "run", "method": "sft", "seed": 0, "config": {}, "metrics": {"eval/win_rate": 0.5}}))
+    assert main(["plot", str(tmp_path / "two")]) == 2
+    assert "holds runs of 2 experiments (a, b)" in capsys.readouterr().err
+    assert main(["plot", str(tmp_path / "two" / "a"), "--formats", "png,bmpx"]) == 2
+    assert "unknown format(s) bmpx" in capsys.readouterr().err
+    assert main(["plot", str(tmp_path / "two" / "a"), "--wandb", "not-a-path"]) == 2
+    assert "must be ENTITY/PROJECT" in capsys.readouterr().err
+
+
+# --- W&B -----------------------------------------------------------------------------------------
+class _FakeRun:
+    def __init__(self, run, state="finished"):
+        self.name, self.state, self.job_type = run.name, state, run.method
+        self.config = run.config
+        self.summary = {**run.metrics, "_runtime": 3.0, "_wandb": {"runtime": 3}}
+        self._history = run.history
+
+    def scan_history(self):
+        for i, row in enumerate(self._history):
+            yield {"_step": i, "trainer/global_step": row["step"], **{k: v for k, v in row.items() if k != "step"}}
+
+
+def test_wandb_runs_read_like_local_ones(runs):
+    api = types.SimpleNamespace(runs=lambda path: [_FakeRun(r) for r in runs] + [_FakeRun(runs[0], state="running")])
+    remote = load_wandb_runs("team/fixture", api=api)
+    assert len(remote) == len(runs)
+    by_name = {r.name: r for r in remote}
+    for run in runs:
+        twin = by_name[run.name]
+        assert (twin.method, twin.seed, twin.experiment) == (run.method, run.seed, EXPERIMENT)
+        assert twin.metrics == run.metrics
+        assert [row["step"] for row in twin.history] == [row["step"] for row in run.history]
+        assert twin.samples_path is None
+    assert [g.label for g in group_runs(remote)] == [g.label for g in group_runs(runs)]
+
+
+def test_wandb_errors_are_user_errors():
+    def unreachable(path):
+        raise RuntimeError("could not find project team/nothing")
+
+    with pytest.raises(ConfigError, match="cannot read the W&B project 'team/nothing'"):
+        load_wandb_runs("team/nothing", api=types.SimpleNamespace(runs=unreachable))
+
+
+# --- figure 4's data: evaluation at extra temperatures -----------------------------------------------
+def test_evaluation_at_extra_temperatures_names_its_metrics_and_compares_at_the_same_temperature(world, codec):
+    """The SFT policy against itself: greedy decoding (t = 0) gives the reference's own answers, so
+    every prompt ties (win rate exactly 1/2) and the KL terms are 0; the metrics are deterministic."""
+    from alignbench.evaluation import (
+        EvalConfig,
+        Evaluator,
+        evaluate_at_temperatures,
+        sample_policy,
+    )
+    from alignbench.judges import GoldJudge
+    from alignbench.models import build_tiny_policy, freeze
+
+    policy = freeze(build_tiny_policy("world-tiny", codec.tokenizer, seed=0))
+    config = EvalConfig(n_test_prompts=24, bootstrap_samples=100, max_new_tokens=8, temperatures=[0.0, 0.7])
+    prompts = world.sample_prompts("test", 24, seed=0)
+    context = types.SimpleNamespace(eval_config=config, reference=policy, codec=codec, evaluator=Evaluator(config, {"test": prompts}, {}, GoldJudge(world), world=world))
+    module = types.SimpleNamespace(respond=lambda ps, generator, desc=False: sample_policy(policy, policy, codec, ps, context.eval_config, generator))
+
+    metrics = evaluate_at_temperatures(module, context, seed=0)
+    assert metrics["eval/T0/win_rate"] == 0.5 and metrics["eval/T0/kl"] == 0.0
+    assert {"eval/T0.7/win_rate", "eval/T0.7/win_rate_ci_low", "eval/T0.7/gold_reward", "eval/T0.7/length"} <= set(metrics)
+    assert context.eval_config is config  # the run's settings are restored
+    assert evaluate_at_temperatures(module, context, seed=0) == metrics
+    with pytest.raises(ValueError, match="eval.temperatures"):
+        EvalConfig(temperatures=[0.7, 0.7])
