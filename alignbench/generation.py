@@ -12,6 +12,12 @@ Design notes:
   them have accumulated, so a batch with a long tail costs only as much as its unfinished rows.
 * Randomness comes from ``generator`` alone: one uniform number per row and step, turned into a
   token by inverse-CDF sampling, which works whatever devices the model and the generator are on.
+* Llama-architecture models (the world's tiny models among them) decode through
+  :class:`_LlamaDecoder`: the operations of the transformers forward without its Python layers,
+  and a key/value cache written once into buffers sized for the batch instead of concatenated
+  anew at every step (``benchmarks/rollout.py`` measures it against ``generate``). Any other
+  model, or a Llama whose layers were replaced (LoRA, quantised), uses the model's own forward
+  with a ``DynamicCache``.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import inspect
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import DynamicCache
@@ -189,17 +196,9 @@ def _sample_batch(
     live = torch.arange(num_rows, device=device)
     done = torch.zeros(num_rows, dtype=torch.bool, device=device)
 
-    cache = DynamicCache(config=model.config) if _CACHE_TAKES_CONFIG else DynamicCache()
-    extra = {"logits_to_keep": 1} if keywords.logits_to_keep else {}
+    decoder = _LlamaDecoder.of(model, num_rows, prompt_width + max_new_tokens) or _TransformersDecoder(model, keywords)
     for step in range(max_new_tokens):
-        logits = model(
-            input_ids=input_ids,
-            attention_mask=mask[:, : prompt_width + step],
-            position_ids=position_ids,
-            use_cache=True,
-            **{keywords.cache: cache},
-            **extra,
-        ).logits[:, -1].float()  # [R, V]
+        logits = decoder(input_ids, position_ids, mask[:, : prompt_width + step]).float()  # [R, V]
         token, token_logprob = _next_token(logits, temperature, top_p, generator)
         token = token.masked_fill(done, pad_token_id)
 
@@ -214,7 +213,7 @@ def _sample_batch(
 
         if done.sum() >= _COMPACT_FRACTION * len(done):
             keep = (~done).nonzero().squeeze(1)
-            cache.batch_select_indices(keep)
+            decoder.select_rows(keep)
             live, done, token = live[keep], done[keep], token[keep]
             next_position, mask = next_position[keep], mask[keep]
 
@@ -225,6 +224,152 @@ def _sample_batch(
 
     responses = [tokens[:length] for tokens, length in zip(generated.tolist(), lengths.tolist())]
     return responses, logprob_sums.tolist(), finished.tolist()
+
+
+class _TransformersDecoder:
+    """Decoding steps through the model's own forward and a transformers ``DynamicCache``."""
+
+    def __init__(self, model: nn.Module, keywords: _ForwardKeywords):
+        self.model, self.keywords = model, keywords
+        self.cache = DynamicCache(config=model.config) if _CACHE_TAKES_CONFIG else DynamicCache()
+        self.extra = {"logits_to_keep": 1} if keywords.logits_to_keep else {}
+
+    def __call__(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Feed ``input_ids [R, S]`` (after everything fed before); logits ``[R, V]`` at the last position.
+
+        ``attention_mask [R, K]`` covers everything fed so far, these tokens included.
+        """
+        return self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            **{self.keywords.cache: self.cache},
+            **self.extra,
+        ).logits[:, -1]
+
+    def select_rows(self, keep: Tensor) -> None:
+        """Keep only rows ``keep`` (indices into the current rows) in the cache."""
+        self.cache.batch_select_indices(keep)
+
+
+class _LlamaDecoder:
+    """Decoding steps of a transformers ``LlamaForCausalLM`` with SDPA attention, computed directly.
+
+    The operations are those of transformers' ``modeling_llama`` (RMSNorm in float32, the model's
+    own rotary module, q/k/v projections, SDPA with a boolean mask, SwiGLU), without the Python
+    layers around them (mask builders, cache and output objects, decorators). The difference that
+    matters is the cache: transformers concatenates every layer's keys and values anew at each step
+    (a copy of the whole cache, the largest cost after the matmuls on the world's models); here they
+    are written once into zeroed buffers sized for the batch, and attention reads each buffer whole,
+    with the positions not yet written masked. SDPA reads a strided slice of a buffer about as
+    slowly as transformers' concatenation (it copies it), hence the whole buffer.
+
+    Attention over the whole buffer adds exact zeros (masked positions) to its sums, but in another
+    order, so logits differ from the transformers forward in the last bits (~1e-7): samples are the
+    same except where a uniform draw falls within that distance of a boundary of the inverse CDF
+    (the tests compare the two paths sample for sample).
+    """
+
+    def __init__(self, model: nn.Module, num_rows: int, max_length: int):
+        base = model.model
+        self.layers, self.embed, self.norm, self.rotary = base.layers, base.embed_tokens, base.norm, base.rotary_emb
+        self.lm_head = model.lm_head
+        attention = self.layers[0].self_attn
+        self.num_heads, self.head_dim, self.scaling = model.config.num_attention_heads, attention.head_dim, attention.scaling
+        weight = self.embed.weight
+        shape = (len(self.layers), num_rows, self.num_heads, max_length, self.head_dim)
+        self.keys = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+        self.values = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+        self.length = 0  # positions written in the buffers
+
+    @classmethod
+    def of(cls, model: nn.Module, num_rows: int, max_length: int) -> _LlamaDecoder | None:
+        """A decoder for ``model``, or None unless its forward is the one mirrored here (a plain
+        Llama with SDPA attention: no LoRA or quantised layers, no grouped-query attention, no hooks)."""
+        from transformers.models.llama import modeling_llama as llama
+
+        if type(model) is not llama.LlamaForCausalLM:
+            return None
+        config, base = model.config, model.model
+        if (
+            config._attn_implementation != "sdpa"
+            or config.num_key_value_heads != config.num_attention_heads
+            or getattr(config, "pretraining_tp", 1) != 1
+            or type(model.lm_head) is not nn.Linear
+            or type(base.embed_tokens) is not nn.Embedding
+            or type(base.norm) is not llama.LlamaRMSNorm
+            or any(module._forward_hooks or module._forward_pre_hooks for module in model.modules())
+        ):
+            return None
+        for layer in base.layers:
+            attention, mlp = layer.self_attn, layer.mlp
+            linears = (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+            if (
+                type(layer) is not llama.LlamaDecoderLayer
+                or type(mlp) is not llama.LlamaMLP
+                or any(type(linear) is not nn.Linear for linear in linears)
+                or any(type(norm) is not llama.LlamaRMSNorm for norm in (layer.input_layernorm, layer.post_attention_layernorm))
+            ):
+                return None
+        return cls(model, num_rows, max_length)
+
+    def __call__(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """As :meth:`_TransformersDecoder.__call__`."""
+        rows, new = input_ids.shape
+        start, end = self.length, self.length + new
+        split = (rows, new, self.num_heads, self.head_dim)
+        hidden = self.embed(input_ids)
+        cos, sin = self.rotary(hidden, position_ids)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        # transformers' SDPA mask (key padding, causal within the tokens fed now), widened to the
+        # whole buffer with the positions not yet written masked.
+        width = self.keys.shape[3]
+        key_mask = F.pad(attention_mask.bool(), (0, width - end))[:, None, None, :]
+        if new > 1:
+            arange = torch.arange(width, device=input_ids.device)
+            key_mask = key_mask & (arange[None, :] <= arange[start:end, None])
+        key_mask = key_mask.expand(rows, 1, new, width).contiguous()
+        for index, layer in enumerate(self.layers):
+            attention, mlp = layer.self_attn, layer.mlp
+            residual = hidden
+            hidden = _rms_norm(layer.input_layernorm, hidden)
+            query = attention.q_proj(hidden).view(split).transpose(1, 2)
+            key = attention.k_proj(hidden).view(split).transpose(1, 2)
+            self.values[index, :, :, start:end] = attention.v_proj(hidden).view(split).transpose(1, 2)
+            query = (query * cos) + (_rotate_half(query) * sin)
+            self.keys[index, :, :, start:end] = (key * cos) + (_rotate_half(key) * sin)
+            output = F.scaled_dot_product_attention(
+                query, self.keys[index], self.values[index],
+                attn_mask=key_mask, dropout_p=0.0, scale=self.scaling, is_causal=False,
+            )
+            hidden = residual + attention.o_proj(output.transpose(1, 2).reshape(rows, new, -1))
+            residual = hidden
+            hidden = _rms_norm(layer.post_attention_layernorm, hidden)
+            hidden = residual + mlp.down_proj(mlp.act_fn(mlp.gate_proj(hidden)) * mlp.up_proj(hidden))
+        self.length = end
+        # RMSNorm and the head act on each position alone: only the last one is needed.
+        return self.lm_head(_rms_norm(self.norm, hidden[:, -1:]))[:, -1]
+
+    def select_rows(self, keep: Tensor) -> None:
+        """As :meth:`_TransformersDecoder.select_rows`."""
+        self.keys, self.values = self.keys[:, keep], self.values[:, keep]
+
+
+def _rms_norm(norm: nn.Module, hidden: Tensor) -> Tensor:
+    """``LlamaRMSNorm.forward``: the same operations in the same order (the casts are no-ops in float32)."""
+    dtype = hidden.dtype
+    if dtype != torch.float32:
+        hidden = hidden.to(torch.float32)
+    variance = hidden.pow(2).mean(-1, keepdim=True)
+    hidden = hidden * torch.rsqrt(variance + norm.variance_epsilon)
+    return norm.weight * (hidden if dtype == torch.float32 else hidden.to(dtype))
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    """transformers' ``rotate_half`` for rotary embeddings."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def _next_token(

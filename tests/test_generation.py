@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
+from alignbench import generation
 from alignbench.generation import SampleOutput, sample
 from alignbench.logprobs import pack_sequences, sequence_logprobs
 
@@ -175,3 +176,65 @@ def test_invalid_arguments(model: GPT2LMHeadModel) -> None:
     with pytest.raises(ValueError):
         draw(model, PROMPTS, max_new_tokens=0)
     assert draw(model, [], max_new_tokens=3) == SampleOutput([], [], [])
+
+
+# --- the direct Llama decoder (alignbench.generation._LlamaDecoder) ----------------------------
+
+
+@pytest.fixture
+def tiny_llama():
+    """A seeded 2-layer Llama over 32 token ids (the world models' architecture), built without a download."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.3, tie_word_embeddings=True,
+        bos_token_id=None, eos_token_id=None, pad_token_id=PAD,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def through_transformers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make `sample` decode with the model's own forward and a DynamicCache."""
+    monkeypatch.setattr(generation._LlamaDecoder, "of", classmethod(lambda cls, *args: None))
+
+
+def test_llama_decoder_is_used_only_where_it_mirrors_the_forward(tiny_llama, tiny_gpt2) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    assert generation._LlamaDecoder.of(tiny_llama, 2, 8) is not None
+    assert generation._LlamaDecoder.of(tiny_gpt2, 2, 8) is None
+    grouped = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    assert generation._LlamaDecoder.of(grouped, 2, 8) is None
+    handle = tiny_llama.model.layers[0].mlp.register_forward_hook(lambda *args: None)
+    assert generation._LlamaDecoder.of(tiny_llama, 2, 8) is None  # a hook would not run
+    handle.remove()
+    # A replaced projection (as LoRA or quantisation do) is not an nn.Linear: its forward differs.
+    q_proj = tiny_llama.model.layers[1].self_attn.q_proj
+    tiny_llama.model.layers[1].self_attn.q_proj = torch.nn.Sequential(q_proj)
+    assert generation._LlamaDecoder.of(tiny_llama, 2, 8) is None
+
+
+@pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 1.0), (0.7, 0.9), (0.0, 1.0)])
+def test_llama_decoder_samples_like_the_transformers_forward(tiny_llama, monkeypatch, temperature: float, top_p: float) -> None:
+    # EOS = a likely token, so rows finish at different steps and finished rows get dropped.
+    eos = int(first_token_probs(tiny_llama, PROMPTS[0]).argsort()[-2])
+    kwargs = {"seed": 5, "max_new_tokens": 12, "eos_token_id": eos, "num_samples": 3, "batch_size": 10, "temperature": temperature, "top_p": top_p}
+    direct = draw(tiny_llama, PROMPTS, **kwargs)
+    through_transformers(monkeypatch)
+    reference = draw(tiny_llama, PROMPTS, **kwargs)
+    assert any(direct.finished) and not all(direct.finished)
+    assert direct.response_ids == reference.response_ids
+    assert direct.finished == reference.finished
+    # The logits differ in the last bits only (attention sums in another order).
+    torch.testing.assert_close(torch.tensor(direct.logprobs), torch.tensor(reference.logprobs), atol=1e-4, rtol=0)
+
+
+def test_llama_decoder_greedy_matches_hf_generate_and_scores_like_sequence_logprobs(tiny_llama) -> None:
+    output = draw(tiny_llama, PROMPTS, max_new_tokens=10, temperature=0, batch_size=8)
+    assert output.response_ids == [hf_greedy(tiny_llama, p, 10, eos_token_id=RARE) for p in PROMPTS]
+    sampled = draw(tiny_llama, PROMPTS, seed=2, max_new_tokens=10, num_samples=2)
+    prompts = [p for p in PROMPTS for _ in range(2)]
+    _, expected = sequence_logprobs(tiny_llama, pack_sequences(prompts, sampled.response_ids, pad_token_id=PAD))
+    torch.testing.assert_close(torch.tensor(sampled.logprobs), expected, atol=1e-4, rtol=0)
