@@ -92,13 +92,26 @@ ExperimentConfig = dataclasses.make_dataclass(
 ExperimentConfig.__doc__ = "A whole experiment: shared stages, evaluation, tracking and every method's section."
 
 # Keys that change how a run is executed or shown, never its numbers.
-_NOT_IN_RUN_IDENTITY = ("methods", "seeds", "tracking", "trainer.progress_bar", "trainer.threads")
+_NOT_IN_RUN_IDENTITY = ("methods", "seeds", "tracking", "trainer.progress_bar", "trainer.threads", "trainer.checkpoint_every")
+
+
+# Sections that `alignbench sweep` and `alignbench tune` read. Every other command runs such
+# a file as the experiment its runs share and ignores them, so that
+# `alignbench run head_to_head method=dpo seed=1` runs one run of the head-to-head sweep.
+DRIVER_SECTIONS = ("sweep", "tune")
+
+
+def is_wandb_sweep(data: dict) -> bool:
+    """A W&B sweep config (started with `wandb sweep FILE`), not an experiment."""
+    return isinstance(data.get("parameters"), dict) and ("command" in data or "program" in data)
 
 
 def shipped_experiments() -> dict[str, Path]:
     root = resources.files("alignbench.experiments")
     found = {}
     for path in sorted(Path(str(root)).rglob("*.yaml")):
+        if is_wandb_sweep(load_yaml(path)):  # W&B's agent runs it, not alignbench
+            continue
         found.setdefault(path.stem, path)
         found[str(path.relative_to(Path(str(root))).with_suffix(""))] = path
     return found
@@ -121,11 +134,50 @@ def find_experiment(name_or_path: str) -> Path:
     )
 
 
-def load_experiment(name_or_path: str, overrides: Sequence[str] = ()):
-    """Load, override and validate an experiment; every user error is a ConfigError."""
-    path = find_experiment(name_or_path)
-    data = apply_overrides(load_yaml(path), parse_overrides(overrides))
+def load_experiment_data(name_or_path: str, _chain: tuple[Path, ...] = ()) -> dict:
+    """An experiment file's mapping, with its `base:` experiment merged under it (this file's
+    keys win, section by section). `base` is a shipped experiment's name or a YAML path
+    (relative to this file's folder); a base's own sweep / tune sections are not inherited."""
+    path = find_experiment(name_or_path).resolve()
+    if path in _chain:
+        raise ConfigError(f"'base' loops back to {path}: {' -> '.join(p.stem for p in _chain + (path,))}")
+    data = load_yaml(path)
+    if is_wandb_sweep(data):
+        raise ConfigError(f"{path} is a W&B sweep config, not an experiment: start it with `wandb sweep {path}`, then `wandb agent SWEEP_ID`")
     data.setdefault("name", path.stem)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"'base' in {path} must be a shipped experiment's name or a YAML path, got {base!r}")
+    beside = path.parent / base
+    base_data = load_experiment_data(str(beside) if beside.is_file() else base, _chain + (path,))
+    for section in DRIVER_SECTIONS:
+        base_data.pop(section, None)
+    return _deep_merge(base_data, data)
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_experiment(name_or_path: str, overrides: Sequence[str] = ()):
+    """Load, override and validate an experiment; every user error is a ConfigError.
+    A sweep or tune file loads as the experiment its runs share (see DRIVER_SECTIONS)."""
+    data = apply_overrides(load_experiment_data(name_or_path), parse_overrides(overrides))
+    for section in DRIVER_SECTIONS:
+        data.pop(section, None)
+    return experiment_from_data(data)
+
+
+def experiment_from_data(data: dict):
+    """Build and validate an experiment from its (merged, overridden) mapping."""
     config = from_dict(ExperimentConfig, data)
     for name in config.methods:
         get_method(name)

@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +101,32 @@ def versions() -> dict[str, str]:
     }
 
 
+# Set by a parent (the sweep) that a run must not outlive.
+PARENT_PID_VARIABLE = "ALIGNBENCH_PARENT_PID"
+
+
+def follow_parent_process() -> None:
+    """Linux: ask to be SIGKILLed when the parent named in PARENT_PID_VARIABLE dies (SIGKILL
+    included); the variable is dropped so the run's own children (DDP ranks) do not inherit it."""
+    parent = os.environ.pop(PARENT_PID_VARIABLE, None)
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != int(parent):  # it died before the request was in place
+        os._exit(1)
+
+
+def stage_pipeline(config, out: Path) -> Pipeline:
+    """The pipeline of a run's shared stages. They train on one device: every rank of a
+    distributed run then loads them from the cache."""
+    if config.trainer.distributed:
+        config = dataclasses.replace(config, trainer=config.trainer.single_process())
+    return Pipeline(config, Path(out))
+
+
 def is_primary_process() -> bool:
     """The only process, or rank 0 of a distributed run: the one that writes files. (A rank
     that Lightning launched has LOCAL_RANK set; a node other than the first has NODE_RANK.)"""
@@ -120,6 +147,7 @@ def run_one(
     `observers` see every history row as it is logged (Optuna's pruning reads the periodic
     validation through one).
     """
+    follow_parent_process()
     config = for_run(config, method, seed)
     name = run_name(config)
     run_dir = Path(out) / config.name / name
@@ -149,11 +177,7 @@ def _exclusive(run_dir: Path):
 
 
 def _run(config, name: str, run_dir: Path, out: Path, group, pipeline, split: str, observers, primary: bool) -> dict[str, Any]:
-    if pipeline is None:
-        # The shared stages train on one device; every rank of a distributed run then loads them.
-        stages = dataclasses.replace(config, trainer=config.trainer.single_process()) if config.trainer.distributed else config
-        pipeline = Pipeline(stages, out)
-    context = pipeline.context(config.seed)
+    context = (pipeline or stage_pipeline(config, out)).context(config.seed)
     checkpoints = Checkpoints(run_dir / "checkpoints", primary)
     resume = checkpoints.resume_point()
     history_path = run_dir / "history.jsonl"

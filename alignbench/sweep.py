@@ -1,0 +1,316 @@
+"""`alignbench sweep SWEEP [key=value ...] [--workers N]`: methods x seeds x a grid of overrides.
+
+A sweep file is an experiment file (any experiment runs as a sweep of its methods and
+seeds) plus an optional `sweep:` section:
+
+    base: quickstart           # start from a shipped experiment's settings (and stage caches)
+    methods: [sft, dpo, ppo]
+    seeds: [0, 1, 2]
+    sweep:
+      grid:                    # cartesian product over dotted-key overrides
+        dpo.beta: [0.05, 0.1, 0.5]
+      zip:                     # paired values, varied together: one run per index
+        ppo.init_kl_coef: [0.05, 0.2]
+        ppo.iterations: [40, 20]
+      max_retries: 1
+
+Runs = methods x seeds x grid x zip. Each run is exactly
+`alignbench run SWEEP [key=value ...] method=M seed=S <its grid and zip values>` (a plain
+`run` ignores the sweep section), started as its own process, so a crash, a NaN or a kill
+stays inside that run. A run's name hashes its resolved config, in which only its own
+method's section counts: the `sft` baseline under three `dpo.beta` values is one run.
+
+Before any run starts, the shared stages (SFT, labels, reward models, reference samples)
+are built once in this process; the runs then load them from the cache. A run whose
+metrics.json exists is skipped, an interrupted one resumes from its checkpoint, and a
+failed one is retried `max_retries` times and then reported: the sweep exits non-zero and
+lists it (never dropping it silently), with its log at `OUT/<sweep>/<run>/run.log`. Every run
+is in the W&B group named after the sweep. At the end the sweep prints the table of its
+runs, averaged over seeds per method and swept setting, and writes `OUT/<sweep>/sweep.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from alignbench.config import ConfigError, apply_overrides, from_dict, parse_overrides
+
+# Set by the sweep's own expansion, not by the grid.
+_RESERVED_KEYS = ("method", "methods", "seed", "seeds", "name")
+
+
+@dataclass
+class SweepConfig:
+    """The `sweep:` section of a sweep file."""
+
+    grid: dict[str, Any] = field(default_factory=dict)
+    """Dotted key -> list of values; runs cover every combination (`dpo.beta: [0.05, 0.1]`)."""
+    zip: dict[str, Any] = field(default_factory=dict)
+    """Dotted key -> list of values, all lists of one length, varied together (one run per index)."""
+    max_retries: int = 1
+    """A failed run is started again this many times before it is reported as failed."""
+
+    def __post_init__(self):
+        if self.max_retries < 0:
+            raise ValueError(f"sweep.max_retries={self.max_retries} must be >= 0")
+
+
+def flatten_keys(tree: dict, where: str, is_leaf) -> dict[str, Any]:
+    """{"dpo": {"beta": X}} and {"dpo.beta": X} alike -> {"dpo.beta": X}, descending until
+    `is_leaf(value)`; `where` names the section in errors."""
+    flat: dict[str, Any] = {}
+    for key, value in (tree or {}).items():
+        if is_leaf(value):
+            flat[str(key)] = value
+        elif isinstance(value, dict):
+            flat.update({f"{key}.{sub}": v for sub, v in flatten_keys(value, f"{where}.{key}", is_leaf).items()})
+        else:
+            raise ConfigError(f"{where}.{key} must be a list of values, got {value!r}")
+    return flat
+
+
+@dataclass
+class SweepRun:
+    """One run of a sweep: its method, seed and swept values, and what `alignbench run` makes of them."""
+
+    method: str
+    seed: int
+    values: dict[str, Any]
+    """The grid and zip values of this run."""
+    argv: list[str]
+    """The overrides that make it: method=, seed= and the values (after the user's overrides)."""
+    config: Any
+    name: str
+    """The run's folder name: method, seed and the hash of its resolved config."""
+    label: str
+    """The method and the swept values that matter to it (what the summary table groups by)."""
+
+
+def override_text(key: str, value: Any) -> str:
+    """`key=value` that parses back to exactly `value` (JSON is YAML)."""
+    text = f"{key}={json.dumps(value)}"
+    if parse_overrides([text])[key] != value:
+        raise ConfigError(f"the sweep value {value!r} of '{key}' cannot be passed on a command line; use a number, string, boolean, list or mapping")
+    return text
+
+
+def load_sweep(name_or_path: str, overrides: list[str] = ()) -> tuple[dict, SweepConfig]:
+    """The experiment mapping (base merged, overrides applied, sweep/tune sections removed) and its sweep section."""
+    from alignbench.experiment import load_experiment_data
+
+    data = apply_overrides(load_experiment_data(name_or_path), parse_overrides(overrides))
+    spec = from_dict(SweepConfig, data.pop("sweep", None), "sweep")
+    data.pop("tune", None)
+    return data, spec
+
+
+def expand(name_or_path: str, overrides: list[str] = ()) -> tuple[list[SweepRun], SweepConfig]:
+    """Every run of the sweep, each once (runs whose resolved configs coincide are one run)."""
+    from alignbench.experiment import (
+        experiment_from_data,
+        for_run,
+        load_experiment,
+        run_config_dict,
+        run_name,
+    )
+
+    data, spec = load_sweep(name_or_path, overrides)
+    is_list = lambda v: isinstance(v, list)
+    grid, zipped = flatten_keys(spec.grid, "sweep.grid", is_list), flatten_keys(spec.zip, "sweep.zip", is_list)
+    for section, values in (("grid", grid), ("zip", zipped)):
+        for key, options in values.items():
+            if key.split(".")[0] in _RESERVED_KEYS:
+                raise ConfigError(f"sweep.{section}.{key}: methods and seeds are swept with the top-level 'methods' and 'seeds' lists")
+            if not options:
+                raise ConfigError(f"sweep.{section}.{key} is an empty list; give at least one value")
+    lengths = {key: len(v) for key, v in zipped.items()}
+    if len(set(lengths.values())) > 1:
+        raise ConfigError(f"sweep.zip lists must all have one length, got {', '.join(f'{k}: {n}' for k, n in lengths.items())}")
+    if set(grid) & set(zipped):
+        raise ConfigError(f"sweep keys in both grid and zip: {', '.join(sorted(set(grid) & set(zipped)))}")
+    combinations = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    pairs = [{key: v[i] for key, v in zipped.items()} for i in range(next(iter(lengths.values()), 1))]
+    variants = [{**g, **z} for g in combinations for z in pairs]
+    base = experiment_from_data(dict(data))
+    runs, seen = [], set()
+    for seed in base.seeds:
+        for method in base.methods:
+            for values in variants:
+                argv = [f"method={method}", f"seed={seed}"] + [override_text(k, v) for k, v in values.items()]
+                try:  # exactly what `alignbench run` will make of it
+                    config = for_run(load_experiment(name_or_path, list(overrides) + argv))
+                except ConfigError as err:
+                    raise ConfigError(f"sweep values {values}: {err}") from None
+                name = run_name(config)
+                if name in seen:
+                    continue
+                seen.add(name)
+                sections = run_config_dict(config)
+                relevant = {k: v for k, v in values.items() if k.split(".")[0] in sections}
+                label = " ".join([method] + [f"{k.removeprefix(method + '.')}={json.dumps(v)}" for k, v in relevant.items()])
+                runs.append(SweepRun(method, seed, values, argv, config, name, label))
+    return runs, spec
+
+
+def build_shared_stages(runs: list[SweepRun], out: Path) -> None:
+    """Build each distinct set of shared stages once, here, before the runs fan out."""
+    from alignbench.config import config_hash, to_dict
+    from alignbench.experiment import ExperimentBase
+    from alignbench.runner import stage_pipeline
+
+    shared = [f.name for f in dataclasses.fields(ExperimentBase) if f.name not in ("methods", "seeds", "method", "seed", "name", "tracking")]
+    pipelines: dict[str, Any] = {}
+    done = set()
+    for run in runs:
+        key = config_hash({name: to_dict(getattr(run.config, name)) for name in shared})
+        if (key, run.seed) in done:
+            continue
+        done.add((key, run.seed))
+        if key not in pipelines:
+            pipelines[key] = stage_pipeline(run.config, out)
+        pipelines[key].context(run.seed)
+
+
+def _run_environment(workers: int, slot: int) -> dict[str, str]:
+    from alignbench.runner import PARENT_PID_VARIABLE
+
+    env = dict(os.environ)
+    # Each run starts its own W&B service: one shared with this process would outlive a killed run.
+    env.pop("WANDB_SERVICE", None)
+    # The run dies with the sweep, even when the sweep is SIGKILLed, rather than running on
+    # unwatched (running the sweep again resumes it from its checkpoint).
+    env[PARENT_PID_VARIABLE] = str(os.getpid())
+    if "OMP_NUM_THREADS" not in os.environ:  # share the cores instead of each run taking them all
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    gpus = _gpu_count()
+    if gpus > 1 and workers > 1 and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)  # one GPU per worker
+    return env
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join("    " + line for line in path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "    (no log)"
+
+
+def run_sweep(experiment: str, overrides: list[str], out: Path, workers: int = 1) -> tuple[list[SweepRun], dict[str, Any]]:
+    """Run every unfinished run of a sweep in up to `workers` processes; returns the runs and
+    the status written to OUT/<sweep>/sweep.json ({"runs": [...], "failed": [...]})."""
+    from alignbench.experiment import find_experiment
+    from alignbench.pipeline import log
+    from alignbench.tracking import write_json_atomic
+
+    if workers < 1:
+        raise ConfigError(f"--workers={workers} must be >= 1")
+    runs, spec = expand(experiment, overrides)
+    sweep_name = runs[0].config.name
+    folder = out / sweep_name
+    todo = [r for r in runs if not (folder / r.name / "metrics.json").exists()]
+    log(f"sweep {sweep_name}: {len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run in {workers} worker process(es)")
+    status = {r.name: {"run_name": r.name, "method": r.method, "seed": r.seed, "values": r.values, "attempts": 0, "status": "finished"} for r in runs}
+    if todo:
+        build_shared_stages(todo, out)
+    path = str(find_experiment(experiment).resolve())
+    pending, running, free = deque(todo), {}, list(range(workers))
+    started = time.perf_counter()
+    try:
+        while pending or running:
+            while pending and free:
+                run, slot = pending.popleft(), free.pop(0)
+                status[run.name]["attempts"] += 1
+                run_dir = folder / run.name
+                run_dir.mkdir(parents=True, exist_ok=True)
+                with open(run_dir / "run.log", "a") as handle:
+                    handle.write(f"--- attempt {status[run.name]['attempts']} ---\n")
+                    handle.flush()
+                    command = [sys.executable, "-m", "alignbench", "run", path, *overrides, *run.argv, "--out", str(out)]
+                    process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=_run_environment(workers, slot))
+                running[process] = (run, slot, time.perf_counter())
+                log(f"started {run.label} ({run.name}); log: {run_dir / 'run.log'}")
+            time.sleep(0.5)
+            for process in [p for p in running if p.poll() is not None]:
+                run, slot, began = running.pop(process)
+                free.append(slot)
+                entry = status[run.name]
+                if process.returncode == 0 and (folder / run.name / "metrics.json").exists():
+                    entry["status"] = "finished"
+                    log(f"finished {run.label} in {time.perf_counter() - began:.0f}s ({len(todo) - len(pending) - len(running)} of {len(todo)} done)")
+                    continue
+                log_path = folder / run.name / "run.log"
+                if entry["attempts"] <= spec.max_retries:
+                    log(f"{run.label} failed (exit {process.returncode}); retrying ({entry['attempts']} of {spec.max_retries} retries). Its log ends:\n{_tail(log_path)}")
+                    pending.append(run)
+                else:
+                    entry["status"] = "failed"
+                    entry["exit_code"] = process.returncode
+                    entry["log"] = str(log_path)
+                    log(f"{run.label} failed (exit {process.returncode}) after {entry['attempts']} attempt(s). Its log ends:\n{_tail(log_path)}")
+    except BaseException:  # KeyboardInterrupt included: no run outlives the sweep
+        for process in running:
+            process.kill()
+        raise
+    failed = [s for s in status.values() if s["status"] == "failed"]
+    result = {"sweep": sweep_name, "runs": list(status.values()), "failed": [s["run_name"] for s in failed], "seconds": round(time.perf_counter() - started, 1)}
+    write_json_atomic(folder / "sweep.json", result)
+    return runs, result
+
+
+def summary(runs: list[SweepRun], folder: Path) -> str:
+    """The sweep's finished runs: one column per method and swept setting, averaged over seeds."""
+    from alignbench.analysis.tables import format_table, results_frame, summary_table
+
+    finished = [(r, folder / r.name / "metrics.json") for r in runs]
+    results = [dict(json.loads(p.read_text()), method=r.label) for r, p in finished if p.exists()]
+    if not results:
+        return "no finished runs\n"
+    table = summary_table(results_frame(results))
+    transposed = table.set_index("method").drop(columns=["experiment"]).T.reset_index().rename(columns={"index": "metric"})
+    return format_table(transposed, "md")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sweep", help="a shipped sweep or experiment name (head_to_head) or a YAML path")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides applied to every run, e.g. eval.n_test_prompts=512")
+    parser.add_argument("--workers", type=int, default=1, help="runs at once, each in its own process (default 1)")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs and whether each is finished, and run nothing")
+
+
+def main(args) -> None:
+    out = Path(args.out)
+    if args.dry_run:
+        runs, _ = expand(args.sweep, args.overrides)
+        for run in runs:
+            done = (out / run.config.name / run.name / "metrics.json").exists()
+            print(f"{'finished' if done else 'to run  '}  {run.name}  {run.label}")
+        print(f"{len(runs)} runs")
+        return
+    runs, result = run_sweep(args.sweep, args.overrides, out, args.workers)
+    print()
+    print(summary(runs, out / result["sweep"]), end="")
+    print(f"sweep {result['sweep']}: {len(result['runs']) - len(result['failed'])} of {len(result['runs'])} runs finished; results in {out / result['sweep']}")
+    if result["failed"]:
+        print(f"FAILED after retries ({len(result['failed'])}):", file=sys.stderr)
+        for entry in result["runs"]:
+            if entry["status"] == "failed":
+                print(f"  {entry['run_name']} (exit {entry['exit_code']}): {entry['log']}", file=sys.stderr)
+        raise SystemExit(1)
