@@ -15,6 +15,8 @@ from typing import Any, Literal, Sequence
 from alignbench.annotator import AnnotatorConfig
 from alignbench.config import ConfigError, apply_overrides, config_hash, did_you_mean, from_dict, load_yaml, parse_overrides, to_dict
 from alignbench.evaluation import EvalConfig
+from alignbench.hf_data import DataConfig
+from alignbench.models import LoRAConfig
 from alignbench.registry import METHODS, get_method
 from alignbench.reward import RewardModelConfig
 from alignbench.sft import SFTConfig
@@ -33,6 +35,10 @@ class ModelConfig:
     """Allow a hub model's own Python code to run. Off unless you trust the model's authors."""
     init_seed: int = 0
     """Seed of a named world model's random initialisation."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """Low-rank adapters instead of full fine-tuning (SFT, reward models and every trained method)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory for long sequences, ~30% more time."""
 
 
 @dataclass
@@ -79,6 +85,7 @@ class ExperimentBase:
     eval: EvalConfig = field(default_factory=EvalConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
 
 _SHARED_SECTIONS = {f.name for f in dataclasses.fields(ExperimentBase)}

@@ -4,15 +4,21 @@ A policy is any Hugging Face causal LM. For the built-in world there are named t
 Llama-style configurations, built from a config with no download, and a word-level tokenizer
 built from the world's vocabulary; both save and load with the ordinary HF API, so the
 rest of alignbench never needs to know whether it runs on the world or on a real model.
+
+Real models add three things, all optional: low-rank adapters (LoRA, via peft), where the
+frozen reference is the same weights run with the adapters disabled (no second copy);
+gradient checkpointing; and the dtype weights are loaded in, from the trainer's precision.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
-from dataclasses import dataclass
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -65,11 +71,46 @@ def build_world_tokenizer(vocabulary: Sequence[str]):
     return tokenizer
 
 
+# A prompt is one string everywhere (datasets, judges, samples.jsonl). A multi-turn prompt is
+# stored in the hh-rlhf dialogue form, "Human: …\n\nAssistant: …\n\nHuman: …", and turned
+# back into chat messages when the tokenizer's chat template is applied.
+_SPEAKERS = {"system": "System", "user": "Human", "assistant": "Assistant"}
+_ROLES = {speaker: role for role, speaker in _SPEAKERS.items()}
+_TURN_MARKER = re.compile(r"\n\n(Human|Assistant|System):")
+
+
+def split_dialogue(text: str) -> list[dict[str, str]] | None:
+    """Chat messages of a dialogue in the hh-rlhf form ("\n\nHuman: …\n\nAssistant: …"),
+    or None when the text is not one. Contents are stripped; an empty last turn stays empty."""
+    parts = _TURN_MARKER.split(text if text.startswith("\n\n") else "\n\n" + text)
+    if len(parts) < 3 or parts[0].strip():
+        return None
+    return [{"role": _ROLES[speaker], "content": content.strip()} for speaker, content in zip(parts[1::2], parts[2::2])]
+
+
+def render_conversation(messages: Sequence[dict[str, str]]) -> str:
+    """The prompt string of chat messages: a lone user message is its text; anything longer
+    is written in the hh-rlhf dialogue form that `conversation_messages` reads back."""
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return messages[0]["content"]
+    return "\n\n".join(f"{_SPEAKERS[m['role']]}: {m['content']}" for m in messages)
+
+
+def conversation_messages(prompt: str) -> list[dict[str, str]]:
+    """The chat messages a prompt string stands for (see `render_conversation`)."""
+    if prompt.startswith(("Human:", "System:")):
+        messages = split_dialogue(prompt)
+        if messages is not None:
+            return messages
+    return [{"role": "user", "content": prompt}]
+
+
 class TextCodec:
     """Turns prompts and responses into token ids and back, the same way for every method.
 
     Prompts go through the tokenizer's chat template when it has one (the world's
-    tokenizer does), otherwise they are encoded as plain text. Responses end in EOS.
+    tokenizer does; a multi-turn prompt becomes its chat messages), otherwise they are
+    encoded as plain text. Responses end in EOS.
     Encoded prompts are memoised: the same prompts are encoded many times per run.
     """
 
@@ -87,7 +128,7 @@ class TextCodec:
         if ids is None:
             if self.use_chat_template:
                 ids = self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+                    conversation_messages(prompt), add_generation_prompt=True, tokenize=True
                 )
                 if isinstance(ids, dict) or hasattr(ids, "input_ids"):
                     ids = ids["input_ids"]
@@ -166,26 +207,180 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
+# --- real models: precision, LoRA, gradient checkpointing ---------------------------------
+_HALF_WEIGHTS = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}
+
+
+def weights_dtype(precision: str) -> torch.dtype:
+    """The dtype to load weights in for a Lightning precision: half only for the '-true'
+    settings; mixed precision keeps float32 master weights and computes in half under autocast."""
+    return _HALF_WEIGHTS.get(precision, torch.float32)
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters (Hu et al. 2021, arXiv 2106.09685) through peft: W + (α/r)·B·A with
+    B initialised to zero, so a freshly adapted model computes exactly what its base does."""
+
+    enabled: bool = False
+    """Train adapters instead of all weights: the SFT stage merges its adapters into the SFT
+    policy; each method trains fresh adapters on it, and its reference is the same weights
+    with the adapters disabled (no second copy of the model)."""
+    r: int = 16
+    """Rank of each adapter."""
+    alpha: float = 32.0
+    """Scale α of the adapters' output (α / r multiplies B·A)."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input (0 keeps the policy equal to its reference at step 0)."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module names to adapt (e.g. [q_proj, v_proj]); ['all-linear']: every linear layer but the output head."""
+
+    def __post_init__(self):
+        if self.r < 1:
+            raise ValueError(f"model.lora.r={self.r} must be >= 1")
+        if not self.alpha > 0:
+            raise ValueError(f"model.lora.alpha={self.alpha} must be > 0")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"model.lora.dropout={self.dropout} must be in [0, 1)")
+        if not self.target_modules:
+            raise ValueError("model.lora.target_modules must name at least one module, or be ['all-linear']")
+
+
+def add_lora(model: nn.Module, config: LoRAConfig, causal_lm: bool = True) -> nn.Module:
+    """`model` wrapped with fresh trainable adapters; only the adapters require gradients."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = "all-linear" if list(config.target_modules) == ["all-linear"] else list(config.target_modules)
+    lora = LoraConfig(
+        r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=targets,
+        task_type="CAUSAL_LM" if causal_lm else None,
+    )
+    return get_peft_model(model, lora)
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """The plain model with its adapters folded into the weights (unchanged without adapters)."""
+    from peft import PeftModel
+
+    return model.merge_and_unload() if isinstance(model, PeftModel) else model
+
+
+def prepare_for_training(model: nn.Module, lora: LoRAConfig, gradient_checkpointing: bool, seed: int, causal_lm: bool = True) -> nn.Module:
+    """Turn on gradient checkpointing and add adapters (initialised from `seed`, without
+    touching the global random stream), as the model config asks."""
+    if gradient_checkpointing:
+        # Non-reentrant checkpointing also works when only adapters (not the inputs) need gradients.
+        if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora.enabled:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = add_lora(model, lora, causal_lm=causal_lm)
+    return model.train()
+
+
+class AdapterDisabledReference(nn.Module):
+    """The frozen reference policy as a view of the trained one: the policy's own weights,
+    run with its LoRA adapters disabled, in eval mode and without gradients.
+
+    With LoRA the SFT weights stay frozen under the adapters, so "the policy without its
+    adapters" is exactly the SFT policy and no second copy is needed. The view is bound to
+    the first policy a run loads (`RunContext.load_policy`); a policy without adapters (a
+    method that does not train) is its own reference.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.policy = None
+
+    def bind(self, policy: nn.Module) -> None:
+        if self.policy is None:
+            self.policy = policy
+
+    def _bound(self) -> nn.Module:
+        if self.policy is None:
+            raise RuntimeError("the reference is a view of the run's policy; load the policy first (RunContext.load_policy)")
+        return self.policy
+
+    @property
+    def config(self):
+        return self._bound().config
+
+    def get_base_model(self) -> nn.Module:
+        """The transformers model under the adapters (the sampler reads its forward's keywords)."""
+        policy = self._bound()
+        return policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+
+    def forward(self, *args, **kwargs):
+        from peft import PeftModel
+
+        policy = self._bound()
+        was_training = policy.training
+        policy.eval()
+        try:
+            disabled = policy.disable_adapter() if isinstance(policy, PeftModel) else contextlib.nullcontext()
+            with torch.no_grad(), disabled:
+                return policy(*args, **kwargs)
+        finally:
+            policy.train(was_training)
+
+    def train(self, mode: bool = True) -> AdapterDisabledReference:
+        return self  # the policy's mode belongs to its training loop; `forward` runs it in eval mode
+
+    def requires_grad_(self, requires_grad: bool = True) -> AdapterDisabledReference:
+        return self  # never freeze the policy through its reference view
+
+
 class RewardModel(nn.Module):
     """A causal-LM backbone with a scalar head read at the last non-padding token.
 
     InstructGPT initialises the reward model from the SFT policy; `from_policy` does the
     same. `calibration` holds an affine map (scale, bias) applied to the raw score before
     the sigmoid, so that `probability` can be thresholded as Llama 2 does (safety < 0.15).
+
+    Two architectures, scored the same way: alignbench's backbone + head (`from_policy`), or
+    a Hugging Face `AutoModelForSequenceClassification` with one label (`from_sequence_classifier`),
+    which is saved as one, so that transformers loads the trained reward model as it is.
     """
 
-    def __init__(self, backbone: nn.Module, hidden_size: int):
+    def __init__(self, backbone: nn.Module, hidden_size: int, head: nn.Linear | None = None):
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Linear(hidden_size, 1)
-        nn.init.normal_(self.head.weight, std=1.0 / (hidden_size + 1) ** 0.5)
-        nn.init.zeros_(self.head.bias)
+        if head is None:
+            head = nn.Linear(hidden_size, 1)
+            nn.init.normal_(head.weight, std=1.0 / (hidden_size + 1) ** 0.5)
+            nn.init.zeros_(head.bias)
+        self.head = head
         self.register_buffer("calibration", torch.tensor([1.0, 0.0]))
+        # The whole classifier (whose modules are `backbone` and `head`), kept unregistered so
+        # that its parameters are not counted twice; deepcopy keeps the sharing.
+        self.__dict__["_classifier"] = None
 
     @classmethod
-    def from_policy(cls, policy) -> "RewardModel":
-        backbone = copy.deepcopy(policy.base_model)
+    def from_policy(cls, policy) -> RewardModel:
+        from peft import PeftModel
+
+        if isinstance(policy, PeftModel):  # a LoRA policy's backbone is its merged weights
+            backbone = merge_lora(copy.deepcopy(policy)).base_model
+        else:
+            backbone = copy.deepcopy(policy.base_model)
         return cls(backbone, policy.config.get_text_config().hidden_size)
+
+    @classmethod
+    def from_sequence_classifier(cls, classifier) -> RewardModel:
+        """A reward model from an `AutoModelForSequenceClassification` with one label."""
+        head = getattr(classifier, "score", None)
+        if not isinstance(head, nn.Linear) or head.out_features != 1:
+            raise ValueError(f"{type(classifier).__name__} has no one-label linear 'score' head; a reward model needs num_labels=1")
+        model = cls(classifier.base_model, head.in_features, head=head)
+        model.__dict__["_classifier"] = classifier
+        return model
+
+    @property
+    def architecture(self) -> str:
+        return "backbone_head" if self._classifier is None else "sequence_classification"
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Raw scores, shape [B], for sequences [B, T] padded on either side."""
@@ -206,17 +401,26 @@ class RewardModel(nn.Module):
         from safetensors.torch import save_file
 
         directory.mkdir(parents=True, exist_ok=True)
-        self.backbone.save_pretrained(directory / "backbone")
-        save_file({k: v.contiguous() for k, v in self.head.state_dict().items()} | {"calibration": self.calibration}, directory / "head.safetensors")
-        (directory / "reward_model.json").write_text(json.dumps({"hidden_size": self.head.in_features}))
+        if self._classifier is None:
+            self.backbone.save_pretrained(directory / "backbone")
+            save_file({k: v.contiguous() for k, v in self.head.state_dict().items()} | {"calibration": self.calibration}, directory / "head.safetensors")
+        else:
+            self._classifier.save_pretrained(directory / "classifier")
+            save_file({"calibration": self.calibration}, directory / "calibration.safetensors")
+        (directory / "reward_model.json").write_text(json.dumps({"hidden_size": self.head.in_features, "architecture": self.architecture}))
 
     @classmethod
-    def load(cls, directory: Path) -> "RewardModel":
+    def load(cls, directory: Path) -> RewardModel:
+        """A saved reward model, in float32 (its head is float32 whatever the backbone was saved in)."""
         from safetensors.torch import load_file
-        from transformers import AutoModel
+        from transformers import AutoModel, AutoModelForSequenceClassification
 
         meta = json.loads((directory / "reward_model.json").read_text())
-        model = cls(AutoModel.from_pretrained(directory / "backbone"), meta["hidden_size"])
+        if meta.get("architecture", "backbone_head") == "sequence_classification":
+            model = cls.from_sequence_classifier(AutoModelForSequenceClassification.from_pretrained(directory / "classifier", dtype=torch.float32))
+            model.calibration.copy_(load_file(directory / "calibration.safetensors")["calibration"])
+            return model
+        model = cls(AutoModel.from_pretrained(directory / "backbone", dtype=torch.float32), meta["hidden_size"])
         tensors = load_file(directory / "head.safetensors")
         model.calibration.copy_(tensors.pop("calibration"))
         model.head.load_state_dict(tensors)

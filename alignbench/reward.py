@@ -17,7 +17,7 @@ R_c = R_s if the prompt is a safety prompt or R_s < 0.15, else R_h.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Literal, Sequence
 
 import lightning as L
 import torch
@@ -49,6 +49,10 @@ class RewardModelConfig:
     """Share of labelled prompts held out to measure accuracy against gold."""
     max_length: int = 48
     """Longest prompt + response in tokens."""
+    architecture: Literal["backbone_head", "sequence_classification"] = "backbone_head"
+    """'backbone_head': the SFT policy's backbone with a fresh scalar head; 'sequence_classification':
+    the SFT policy loaded as a Hugging Face AutoModelForSequenceClassification with one label
+    (saved as one, so transformers loads the trained reward model as it is)."""
 
     def __post_init__(self):
         if self.epochs < 1 or self.batch_size < 1:
@@ -112,8 +116,9 @@ class RewardModelTraining(L.LightningModule):
 
 
 @torch.no_grad()
-def score_texts(model: RewardModel, codec: TextCodec, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 512, max_length: int = 64) -> torch.Tensor:
-    """Raw reward-model scores [N] of responses to prompts."""
+def score_texts(model: RewardModel, codec: TextCodec, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 512, max_length: int | None = None) -> torch.Tensor:
+    """Raw reward-model scores [N] of responses to prompts (`max_length`: cut longer texts'
+    responses; by default the model reads the whole text, however long a dataset's prompt)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -21,7 +21,8 @@ class SFTConfig:
     """The shared supervised fine-tuning stage."""
 
     n_demonstrations: int = 20000
-    """Demonstrations written by the world's noisy demonstrator (or rows of a dataset)."""
+    """Demonstrations written by the world's noisy demonstrator (with data.source=hf the SFT
+    dataset's rows are used; data.sft.limit caps them)."""
     epochs: int = 2
     """Passes over the demonstrations (one epoch leaves the world's SFT policy undertrained)."""
     batch_size: int = 64
