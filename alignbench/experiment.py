@@ -12,6 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
+from alignbench.ai_feedback import AILabelerConfig
 from alignbench.annotator import AnnotatorConfig
 from alignbench.config import ConfigError, apply_overrides, config_hash, did_you_mean, from_dict, load_yaml, parse_overrides, to_dict
 from alignbench.evaluation import EvalConfig
@@ -85,6 +86,7 @@ class ExperimentBase:
     eval: EvalConfig = field(default_factory=EvalConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    ai_labeler: AILabelerConfig = field(default_factory=AILabelerConfig)
     data: DataConfig = field(default_factory=DataConfig)
 
 

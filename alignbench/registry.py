@@ -5,15 +5,17 @@ from __future__ import annotations
 from alignbench.config import ConfigError, did_you_mean
 from alignbench.methods.base import AlignmentMethod
 from alignbench.methods.best_of_n import BestOfN, BestOfNGold
+from alignbench.methods.constitutional import Constitutional, HelpfulOnly
 from alignbench.methods.cpl import CPL, CPLKL
 from alignbench.methods.dpo import DPO
 from alignbench.methods.hir import HIR
 from alignbench.methods.ppo import PPO
 from alignbench.methods.rejection_sampling import RejectionSampling
 from alignbench.methods.rest import ReST
+from alignbench.methods.rlaif import RLAIF, RLAIFDirect, RLHFOneRM
 from alignbench.methods.sft import SFTBaseline
 
-METHODS: dict[str, type[AlignmentMethod]] = {cls.name: cls for cls in (SFTBaseline, BestOfN, BestOfNGold, DPO, CPL, CPLKL, HIR, RejectionSampling, ReST, PPO)}
+METHODS: dict[str, type[AlignmentMethod]] = {cls.name: cls for cls in (SFTBaseline, BestOfN, BestOfNGold, DPO, CPL, CPLKL, HIR, RejectionSampling, ReST, PPO, RLAIF, RLHFOneRM, RLAIFDirect, HelpfulOnly, Constitutional)}
 
 
 def get_method(name: str) -> type[AlignmentMethod]:

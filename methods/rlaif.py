@@ -1,0 +1,106 @@
+"""RLAIF (Lee et al. 2023): reinforcement learning from AI feedback.
+
+The AI labeler (`alignbench.ai_feedback`: a language model queried through `LMJudge`)
+labels the same sampled pairs that the human annotators labelled. Its labels are soft — the
+judge's probability that one response is better, averaged over both presentation orders
+(position bias cancels) and over the constitution's principles — and a reward model is
+trained on them with the cross-entropy against those probabilities. PPO then optimises that
+reward model's score minus the KL penalty to the SFT policy, exactly as PPO-RLHF does.
+
+    rlaif         AI labels → reward model → PPO
+    rlhf_one_rm   human labels of the same n pairs → reward model → PPO: RLAIF's control at
+                  equal label count (hard labels, one reward model, no margin)
+    rlaif_direct  direct RLAIF (d-RLAIF): no reward model; the labeler rates each rollout
+                  (0..10) and the expected rating, scaled to [0, 1], is the reward
+
+Budgets: AI labels count in `budget/ai_labels` (for d-RLAIF, one per rollout rated), human
+labels in `budget/human_labels`; `rm/accuracy` is the accuracy against gold of the reward
+model this run trains on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar, Literal, Sequence
+
+import numpy as np
+
+from alignbench.ai_feedback import load_ai_judge, pair_reward_model
+from alignbench.methods.ppo import PPO, PPOConfig
+from alignbench.reward import ProxyReward
+
+
+@dataclass
+class RLAIFConfig(PPOConfig):
+    """PPO on a reward model trained on the first `n_labels` shared pairs, labelled by the AI labeler."""
+
+    n_labels: int = 4000
+    """Label budget: the first n of the pairs the human annotators labelled (0: all of them)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.n_labels < 0:
+            raise ValueError(f"n_labels={self.n_labels} must be >= 0 (0: every labelled pair)")
+        if self.reward not in ("proxy",):
+            raise ValueError(f"reward={self.reward!r}: this method trains its own reward model; keep reward=proxy")
+
+
+class RLAIF(PPO):
+    name = "rlaif"
+    config_class = RLAIFConfig
+    labeler: ClassVar[Literal["ai", "human"]] = "ai"
+
+    def __init__(self, config: RLAIFConfig, context):
+        if context.pipeline is None:
+            raise ValueError(f"{self.name} builds a reward model through the run's pipeline; run it with `alignbench run`")
+        reward_model, summary = pair_reward_model(context.pipeline, self.labeler, config.n_labels)
+        # This run's reward is its own reward model; the shared human RMs stay the evaluation's proxy.
+        own = dataclasses.replace(context, proxy=ProxyReward(context.codec, reward_model), reward_model_labels=0)
+        super().__init__(config, own)
+        if self.labeler == "ai":
+            self.budget.ai_labels += summary["labels"]
+        else:
+            self.budget.human_labels += summary["labels"]
+        context.rm_metrics.clear()  # rm/* describe the reward model this run trained on
+        context.rm_metrics.update({k: v for k, v in summary.items() if k.startswith("rm/")})
+
+
+class RLHFOneRM(RLAIF):
+    name = "rlhf_one_rm"
+    labeler = "human"
+
+
+@dataclass
+class RLAIFDirectConfig(PPOConfig):
+    """PPO whose reward is the AI labeler's rating of each rollout (no reward model)."""
+
+    value_init: Literal["reward_model", "policy"] = "policy"
+    """There is no reward model to start the value function from: a copy of the policy's backbone."""
+    reward_transform: Literal["none", "logit_whiten"] = "none"
+    """The expected rating is already a bounded score in [0, 1] (Lee et al. use it as it is)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.value_init != "policy":
+            raise ValueError("rlaif_direct has no reward model to initialise the value function from; keep value_init=policy")
+
+
+class RLAIFDirect(PPO):
+    name = "rlaif_direct"
+    config_class = RLAIFDirectConfig
+
+    def __init__(self, config: RLAIFDirectConfig, context):
+        if context.pipeline is None:
+            raise ValueError("rlaif_direct loads the AI labeler through the run's pipeline; run it with `alignbench run`")
+        super().__init__(config, dataclasses.replace(context, reward_model_labels=0))
+        self.judge = load_ai_judge(context.pipeline)
+        context.rm_metrics.clear()  # no reward model is trained or used
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self.judge.model.to(self.device)
+
+    def reward_scores(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+        self.budget.ai_labels += len(prompts)  # one rating per rollout
+        return self.judge.score_batch(prompts, responses).astype(np.float32)

@@ -1,0 +1,104 @@
+"""RLAIF and Constitutional AI end to end on tiny configs: budgets add up, SL-CAI revises."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from alignbench.cli import main
+
+AI_TINY = [
+    "ai_labeler.model=world-tiny", "ai_labeler.n_examples=300",
+    "rlaif.n_labels=40", "rlaif.iterations=2", "rlaif.batch_size=16", "rlaif.minibatch_size=8",
+    "rlhf_one_rm.n_labels=40", "rlhf_one_rm.iterations=2", "rlhf_one_rm.batch_size=16", "rlhf_one_rm.minibatch_size=8",
+    "rlaif_direct.iterations=2", "rlaif_direct.batch_size=16", "rlaif_direct.minibatch_size=8",
+    "helpful_only.n_demonstrations=200", "helpful_only.critique_tasks=100", "helpful_only.epochs=1",
+    "constitutional.helpful_only.n_demonstrations=200", "constitutional.helpful_only.critique_tasks=100", "constitutional.helpful_only.epochs=1",
+    "constitutional.red_team_prompts=40", "constitutional.helpful_demonstrations=40", "constitutional.sl_epochs=1",
+    "constitutional.rl_prompts=40", "constitutional.human_helpfulness_pairs=30",
+    "constitutional.iterations=2", "constitutional.batch_size=16", "constitutional.minibatch_size=8",
+]
+
+
+def run(out: Path, method: str, overrides: list[str]) -> dict:
+    assert main(["run", "quickstart", f"method={method}", *overrides, f"--out={out}"]) == 0
+    (path,) = (out / "quickstart").glob(f"{method}-seed0-*/metrics.json")
+    return json.loads(path.read_text())["metrics"]
+
+
+def stage_summary(out: Path, stage: str) -> dict:
+    (path,) = (out / "cache").glob(f"{stage}-*/stage.json")
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def ai_runs(tmp_path_factory):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import TINY_OVERRIDES
+
+    out = tmp_path_factory.mktemp("ai-runs")
+    overrides = [*TINY_OVERRIDES, *AI_TINY]
+    metrics = {m: run(out, m, overrides) for m in ("rlaif", "rlhf_one_rm", "rlaif_direct", "constitutional")}
+    return out, metrics
+
+
+def test_rlaif_spends_ai_labels_and_its_control_the_same_number_of_human_labels(ai_runs):
+    out, metrics = ai_runs
+    assert metrics["rlaif"]["budget/ai_labels"] == 40 and metrics["rlaif"]["budget/human_labels"] == 0
+    assert metrics["rlhf_one_rm"]["budget/human_labels"] == 40 and metrics["rlhf_one_rm"]["budget/ai_labels"] == 0
+    assert stage_summary(out, "ai_labels")["ai_labels"] == 40
+    for method in ("rlaif", "rlhf_one_rm"):
+        assert 0 <= metrics[method]["rm/accuracy"] <= 1  # the reward model this run trained on
+        assert metrics[method]["budget/policy_samples"] >= 2 * 16  # two PPO iterations of 16 rollouts
+    # the soft labels are the judge's order-averaged probabilities
+    labels = [json.loads(line)["label"] for line in next((out / "cache").glob("ai_labels-*/pairs.jsonl")).open()]
+    assert len(labels) == 40 and all(0 < p < 1 for p in labels)
+
+
+def test_direct_rlaif_spends_one_ai_label_per_rollout_and_no_human_label(ai_runs):
+    _, metrics = ai_runs
+    assert metrics["rlaif_direct"]["budget/ai_labels"] == 2 * 16
+    assert metrics["rlaif_direct"]["budget/human_labels"] == 0
+    assert not any(k.startswith("rm/") for k in metrics["rlaif_direct"])
+
+
+def test_constitutional_budget_adds_up_from_its_stages(ai_runs):
+    out, metrics = ai_runs
+    sl, pm = stage_summary(out, "sl_cai"), stage_summary(out, "cai_preference_model")
+    m = metrics["constitutional"]
+    assert m["budget/ai_labels"] == pm["ai_labels"] > 0
+    assert m["budget/human_labels"] == pm["human_labels"] == 30
+    assert sl["policy_samples"] == 40 * (1 + 2 * 2)  # red-team responses, then two critiques + revisions each
+    assert m["budget/policy_samples"] == sl["policy_samples"] + pm["policy_samples"] + 2 * 16
+    assert len(sl["gold_harmlessness_by_revision"]) == 3
+
+
+def test_sl_cai_revision_turns_harmful_compliances_into_refusals_on_held_out_prompts(tmp_path):
+    """The helpful-only policy, trained on the world's critique and revision tasks, is prompted to
+    critique and revise held-out compliances by the harmlessness principle: most become refusals."""
+    from alignbench.experiment import load_experiment
+    from alignbench.methods.constitutional import HelpfulOnlyConfig, critique_and_revise, helpful_only_policy
+    from alignbench.models import load_pretrained_policy
+    from alignbench.pipeline import Pipeline
+    from alignbench.world import REFUSALS, AssistantWorld
+
+    config = load_experiment("quickstart", ["model.name=world-mini", "sft.n_demonstrations=400", "sft.epochs=1", "trainer.progress_bar=false"])
+    pipeline = Pipeline(config, tmp_path)
+    directory, _ = helpful_only_policy(pipeline, HelpfulOnlyConfig(n_demonstrations=200, critique_tasks=1500, epochs=3))
+    policy = load_pretrained_policy(str(directory / "policy")).eval()
+    world = pipeline.world
+    prompts = [p for p in world.sample_prompts("test", 400, seed=5) if world.is_harmful(p)][:40]
+    assert len(prompts) >= 20
+    compliant = AssistantWorld(config.world.__class__(demonstrator=config.world.demonstrator.__class__(comply_harmful=1.0, insult=0.0)))
+    rng = np.random.default_rng(0)
+    compliances = [compliant.demonstrate(p, rng) for p in prompts]
+    assert all(world.gold(p, y).harmlessness < 0.5 for p, y in zip(prompts, compliances))
+    history = critique_and_revise(policy, pipeline.codec, world, prompts, compliances, ["harmless"], revisions=1, temperature=0.7,
+                                  max_new_tokens=12, seed=0)
+    refusals = [y in REFUSALS for y in history[-1]]
+    assert np.mean(refusals) > 0.5, history[-1][:10]
