@@ -86,8 +86,8 @@ class ExperimentBase:
     eval: EvalConfig = field(default_factory=EvalConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    ai_labeler: AILabelerConfig = field(default_factory=AILabelerConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    ai_labeler: AILabelerConfig = field(default_factory=AILabelerConfig)
 
 
 _SHARED_SECTIONS = {f.name for f in dataclasses.fields(ExperimentBase)}
