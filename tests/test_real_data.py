@@ -327,3 +327,20 @@ def test_a_sequence_classification_reward_model_loads_in_transformers(real, tmp_
         with torch.no_grad():
             expected = classifier(input_ids=ids).logits[0, 0]
         assert score_texts(reward_model, codec, [prompt], [response])[0] == pytest.approx(float(expected), abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def shared_runs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("shared-runs")
+
+
+@pytest.mark.parametrize("method", ["best_of_n", "cpl", "cpl_kl", "rejection_sampling", "rest"])
+def test_methods_that_sample_or_need_no_reference_run_without_a_world(real, shared_runs, method):
+    sizes = [f"{method}.{key}" for key in ("max_length=40", "kl_prompts=4", "kl_every=2")] if method != "best_of_n" else []
+    if method in ("rejection_sampling", "rest"):
+        sizes += [f"{method}.prompts_per_round=8", f"{method}.samples_per_prompt=2", f"{method}.rounds=1", f"{method}.batch_size=4"]
+    assert main(_run_args(real, shared_runs, f"method={method}", *sizes)) == 0
+    m = _result(shared_runs, method)["metrics"]
+    assert 0 <= m["eval/win_rate"] <= 1 and "eval/gold_reward" not in m
+    if method in ("rejection_sampling", "rest", "best_of_n"):
+        assert m["budget/policy_samples"] > 0 and m["budget/human_labels"] == 17  # scored by the reward model
