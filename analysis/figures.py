@@ -223,7 +223,7 @@ def draw_reward_vs_kl(runs: list[Run]) -> Drawn:
         intervals += golds
         drawn += 1
     if not drawn:
-        raise Skipped("needs runs of one method at two or more settings of its own section (a sweep such as dpo.beta or ppo.kl_coef: experiments/paper/reward_vs_kl.yaml)")
+        raise Skipped("needs runs of one method at two or more settings of its own section (a sweep such as dpo.beta or ppo.init_kl_coef: experiments/paper/reward_vs_kl.yaml)")
     sft = [r for r in runs if r.method == ANCHOR and KL in r.metrics and GOLD in r.metrics]
     if sft:
         ax.scatter([np.mean([r.metrics[KL] for r in sft])], [np.mean([r.metrics[GOLD] for r in sft])], marker="*", s=40, color="black", zorder=4, label="SFT")

@@ -99,10 +99,15 @@ def interval_cell(interval, fmt: str = "md") -> str:
         return "–"
     pm = r"$\pm$" if fmt == "latex" else "±"
     if interval.over == "seeds":
-        return f"{interval.mean:.3f} {pm} {interval.half_width:.3f}"
+        return f"{_three(interval.mean)} {pm} {_three(interval.half_width)}"
     if interval.over == "prompts":
-        return f"{interval.mean:.3f} [{interval.low:.3f}, {interval.high:.3f}]"
-    return f"{interval.mean:.3f}"
+        return f"{_three(interval.mean)} [{_three(interval.low)}, {_three(interval.high)}]"
+    return _three(interval.mean)
+
+
+def _three(value: float) -> str:
+    text = f"{value:.3f}"
+    return "0.000" if text == "-0.000" else text
 
 
 def results_with_intervals(policies: list[tuple[str, list[dict]]], fmt: str = "md") -> pd.DataFrame:

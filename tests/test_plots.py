@@ -426,3 +426,37 @@ def test_evaluation_at_extra_temperatures_names_its_metrics_and_compares_at_the_
     assert evaluate_at_temperatures(module, context, seed=0) == metrics
     with pytest.raises(ValueError, match="eval.temperatures"):
         EvalConfig(temperatures=[0.7, 0.7])
+
+
+# --- experiments/paper: one sweep per figure ------------------------------------------------------
+PAPER_SWEEPS = sorted((Path(__file__).parents[1] / "experiments" / "paper").glob("*.yaml"))
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    merged = dict(base)
+    for key, value in top.items():
+        merged[key] = _deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+@pytest.mark.parametrize("path", PAPER_SWEEPS, ids=lambda p: p.stem)
+def test_every_paper_sweep_is_a_valid_experiment_at_every_grid_point(path):
+    """The agreed sweep format: `base` deep-merged under the file, `sweep.grid` a cartesian product
+    of dotted overrides (the sweep runner owns the real expansion; this checks the values)."""
+    import itertools
+
+    from alignbench.config import apply_overrides, from_dict, load_yaml
+    from alignbench.experiment import ExperimentConfig, find_experiment
+    from alignbench.registry import get_method
+
+    data = load_yaml(path)
+    assert data.pop("base") == "quickstart" and data["name"] == f"paper_{path.stem}"
+    sweep = data.pop("sweep", None) or {}
+    assert set(sweep) <= {"grid", "zip", "max_retries"}
+    merged = _deep_merge(load_yaml(find_experiment("quickstart")), data)
+    grid = sweep.get("grid") or {}
+    for values in itertools.product(*grid.values()):
+        config = from_dict(ExperimentConfig, apply_overrides(merged, dict(zip(grid, values))))
+        for method in config.methods:
+            get_method(method)
+    assert len(PAPER_SWEEPS) == 6
