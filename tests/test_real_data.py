@@ -344,3 +344,19 @@ def test_methods_that_sample_or_need_no_reference_run_without_a_world(real, shar
     assert 0 <= m["eval/win_rate"] <= 1 and "eval/gold_reward" not in m
     if method in ("rejection_sampling", "rest", "best_of_n"):
         assert m["budget/policy_samples"] > 0 and m["budget/human_labels"] == 17  # scored by the reward model
+
+
+def test_saved_datasets_and_their_splits_load_too(real, tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    from alignbench.config import ConfigError
+    from alignbench.hf_data import PromptDatasetSpec, prompts
+
+    rows = [{"prompt": f"name a {t}"} for t in THINGS]
+    DatasetDict({"train": Dataset.from_list(rows[:8]), "test": Dataset.from_list(rows[8:])}).save_to_disk(str(tmp_path / "saved"))
+    assert prompts(PromptDatasetSpec(path=str(tmp_path / "saved"), split="test"), "data.eval_prompts") == [r["prompt"] for r in rows[8:]]
+    assert prompts(PromptDatasetSpec(path=str(tmp_path / "saved"), limit=3), "data.prompts") == [r["prompt"] for r in rows[:3]]
+    with pytest.raises(ConfigError, match="split='validation'.*train, test"):
+        prompts(PromptDatasetSpec(path=str(tmp_path / "saved"), split="validation"), "data.eval_prompts")
+    with pytest.raises(ConfigError, match="no such file"):
+        prompts(PromptDatasetSpec(path=str(tmp_path / "absent.jsonl")), "data.prompts")
