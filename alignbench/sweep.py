@@ -252,9 +252,11 @@ def run_sweep(experiment: str, overrides: list[str], out: Path, workers: int = 1
                 run, slot, began = running.pop(process)
                 free.append(slot)
                 entry = status[run.name]
-                if process.returncode == 0 and (folder / run.name / "metrics.json").exists():
+                if process.returncode == 0:
                     entry["status"] = "finished"
                     log(f"finished {run.label} in {time.perf_counter() - began:.0f}s ({len(todo) - len(pending) - len(running)} of {len(todo)} done)")
+                    if not (folder / run.name / "metrics.json").exists():  # not retried: it would do the same
+                        log(f"warning: {run.label} finished but not as {run.name}: its config resolves differently now (was alignbench changed while the sweep ran?); see {folder / run.name / 'run.log'}")
                     continue
                 log_path = folder / run.name / "run.log"
                 if entry["attempts"] <= spec.max_retries:

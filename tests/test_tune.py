@@ -1,0 +1,134 @@
+"""Optuna search: the tune file's search spaces and objective, pruning on the periodic
+validation, the shared trial budget, and end to end on a tiny world with two worker
+processes on the default SQLite storage: trials measured on the validation split only, the
+best settings written as a runnable experiment and re-run on fresh seeds (test split), and
+the stock `optuna` CLI reading the study."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from alignbench.config import ConfigError
+from alignbench.tune import Objective, load_tune, pruning_observer, run_trial
+
+
+def _write(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_tune_file_spaces_are_read_per_method_in_either_key_form(tmp_path):
+    path = _write(tmp_path / "t.yaml", {"methods": ["sft", "dpo", "cpl"], "tune": {"n_trials": 3, "space": {
+        "dpo": {"dpo.beta": {"type": "log_float", "low": 0.01, "high": 1.0}, "dpo": {"epochs": {"type": "int", "low": 1, "high": 3}}},
+        "cpl": {"cpl.bias": {"type": "categorical", "choices": [0.5, 1.0]}},
+    }}})
+    tune = load_tune(str(path))
+    assert tune.spec.n_trials == 3 and tune.name == "t"
+    assert {m: sorted(s) for m, s in tune.spaces.items()} == {"dpo": ["dpo.beta", "dpo.epochs"], "cpl": ["cpl.bias"]}
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    trial = study.ask()
+    beta, epochs = (tune.spaces["dpo"][k].suggest(trial, k) for k in ("dpo.beta", "dpo.epochs"))
+    assert 0.01 <= beta <= 1.0 and epochs in (1, 2, 3) and isinstance(epochs, int)
+    assert tune.study_name("dpo") == "t-dpo"
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"dpo": {"dpo.beta": {"type": "log_float", "low": 0.0, "high": 1.0}}}, "tune.space.dpo.dpo.beta.*log_float needs low > 0"),
+    ({"dpo": {"dpo.beta": {"type": "float", "low": 1.0, "high": 0.5}}}, "low=1.0 must be < high=0.5"),
+    ({"dpo": {"dpo.beta": {"type": "uniform", "low": 0.1, "high": 0.5}}}, "must be one of 'float', 'log_float', 'int', 'categorical'"),
+    ({"dpo": {"dpo.beta": {"type": "categorical"}}}, "needs a non-empty 'choices'"),
+    ({"dpo": {"dpo.bta": {"type": "float", "low": 0.1, "high": 0.5}}}, "tune.space.dpo.dpo.bta: unknown config key 'dpo.bta'"),
+    ({"dpo": {"dpo.beta": {"type": "float", "low": -1.0, "high": 0.5}}}, "tune.space.dpo.dpo.beta: .*beta"),
+    ({"dpo": {"ppo.init_kl_coef": {"type": "float", "low": 0.1, "high": 0.5}}}, "holds keys of its own section"),
+    ({"ppo": {"ppo.init_kl_coef": {"type": "float", "low": 0.1, "high": 0.5}}}, "'ppo' is not in this file's methods"),
+])
+def test_bad_search_spaces_name_the_key_and_what_is_accepted(tmp_path, space, message):
+    path = _write(tmp_path / "bad.yaml", {"methods": ["dpo"], "tune": {"space": space}})
+    with pytest.raises(ConfigError, match=message):
+        load_tune(str(path))
+
+
+def test_the_objective_is_measured_on_the_validation_split_and_trials_run_in_one_process(tmp_path):
+    assert Objective("eval/win_rate").key == "val/win_rate" and Objective("val/kl", "minimize").key == "val/kl"
+    assert Objective("budget/wall_s", "minimize").key == "budget/wall_s"
+    with pytest.raises(ValueError, match="must be a contract metric"):
+        Objective("win_rate")
+    path = _write(tmp_path / "ddp.yaml", {"methods": ["dpo"], "trainer": {"devices": 2, "strategy": "ddp"}})
+    with pytest.raises(ConfigError, match="each trial in one process"):
+        load_tune(str(path))
+
+
+def test_periodic_validation_is_reported_and_a_trial_below_the_median_is_pruned():
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0))
+    first = study.ask()
+    observe = pruning_observer(first, "val/win_rate")
+    for step, value in ((2, 0.55), (4, 0.6)):
+        observe({"step": step, "val/win_rate": value})
+    observe({"step": 3, "train/loss": 0.5})  # rows without the objective are not reported
+    study.tell(first, 0.6)
+    assert study.trials[0].intermediate_values == {2: 0.55, 4: 0.6}
+    second = study.ask()
+    observe = pruning_observer(second, "val/win_rate")
+    observe({"step": 2, "val/win_rate": 0.56})  # at least the median of step 2: goes on
+    with pytest.raises(optuna.TrialPruned, match="pruned at step 4"):
+        observe({"step": 4, "val/win_rate": 0.58})  # its best so far is below step 4's median
+
+
+def test_a_trial_asked_for_past_the_budget_is_not_run(tmp_path):
+    path = _write(tmp_path / "t.yaml", {"methods": ["dpo"], "tune": {"n_trials": 1, "space": {"dpo": {"dpo.beta": {"type": "float", "low": 0.1, "high": 0.5}}}}})
+    tune = load_tune(str(path))
+    study = optuna.create_study()
+    study.tell(study.ask(), 0.5)  # the budget of one trial is spent
+    late = study.ask()
+    with pytest.raises(Exception) as raised:
+        run_trial(late, tune, "dpo", tmp_path, pipeline=None)
+    assert type(raised.value).__name__ == "_OverBudget" and late.user_attrs == {"over_budget": True}
+
+
+def test_tune_with_two_workers_on_sqlite_then_the_best_config_on_fresh_seeds(tmp_path, capsys):
+    from alignbench.cli import main
+    from alignbench.experiment import load_experiment
+    from tests.conftest import TINY_OVERRIDES
+
+    path = _write(tmp_path / "tiny_tune.yaml", {
+        "name": "tiny_tune", "methods": ["dpo"], "eval": {"eval_every": 2}, "tracking": {"wandb": "disabled"},
+        "tune": {
+            "n_trials": 4, "final_seeds": [7], "sampler": {"seed": 0, "n_startup_trials": 2}, "pruner": {"type": "median", "n_startup_trials": 1},
+            "space": {"dpo": {"dpo.beta": {"type": "log_float", "low": 0.01, "high": 1.0}, "dpo.optim.lr": {"type": "categorical", "choices": [1.0e-5, 3.0e-3]}}},
+        },
+    })
+    out = tmp_path / "runs"
+    assert main(["tune", str(path), "--workers", "2", "--out", str(out), *TINY_OVERRIDES, "dpo.kl_every=0"]) == 0
+    printed = capsys.readouterr().out
+
+    storage = f"sqlite:///{(out / 'tiny_tune' / 'optuna.db').resolve()}"
+    study = optuna.load_study(study_name="tiny_tune-dpo", storage=storage)
+    trials = study.get_trials()
+    assert len(trials) == 4 and {t.state.name for t in trials} <= {"COMPLETE", "PRUNED"}
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    assert complete and all(t.intermediate_values for t in trials)  # every trial reported its periodic validation
+    for trial in complete:  # measured on the validation split; the test split never evaluated
+        metrics = json.loads((Path(trial.user_attrs["run"]) / "metrics.json").read_text())["metrics"]
+        assert trial.value == pytest.approx(metrics["val/win_rate"])
+        assert not any(key.startswith("eval/") for key in metrics)
+
+    best = load_experiment(str(out / "tiny_tune" / "best.yaml"))
+    assert (best.dpo.beta, best.dpo.optim.lr) == (study.best_params["dpo.beta"], study.best_params["dpo.optim.lr"])
+    assert best.seeds == [7] and best.model.name == "world-tiny"
+    (final,) = (out / "tiny_tune").glob("dpo-seed7-*/metrics.json")
+    assert "eval/win_rate" in json.loads(final.read_text())["metrics"]  # re-run on the fresh seed, test split
+    assert "| eval/win_rate" in printed and "optuna trials --study-name tiny_tune-dpo" in printed
+
+    optuna_cli = str(Path(sys.executable).with_name("optuna"))  # the stock console script
+    cli = subprocess.run([optuna_cli, "trials", "--study-name", "tiny_tune-dpo", "--storage", storage, "-f", "json"], capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0, cli.stderr
+    assert sorted(t["number"] for t in json.loads(cli.stdout)) == [0, 1, 2, 3]
+    cli = subprocess.run([optuna_cli, "best-trial", "--study-name", "tiny_tune-dpo", "--storage", storage, "-f", "json"], capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0 and json.loads(cli.stdout)["number"] == study.best_trial.number
