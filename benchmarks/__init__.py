@@ -1,0 +1,1 @@
+"""Benchmarks of alignbench against named baselines; run on demand (see README.md here), never in CI."""
