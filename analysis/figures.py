@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from alignbench.analysis.runs import Group, Run, group_runs, method_order
+from alignbench.analysis.runs import Group, Run, group_runs, method_order, setting_order
 from alignbench.analysis.stats import (
     Interval,
     describe_intervals,
@@ -86,6 +86,13 @@ def _errorbar(ax, x, intervals: Sequence[Interval], **kwargs):
     return ax.errorbar(x, means, yerr=np.vstack([low, high]), **kwargs)
 
 
+def _despine(*axes) -> None:
+    import seaborn as sns
+
+    for ax in axes:
+        sns.despine(ax=ax)
+
+
 def _note(ax, text: str) -> None:
     """What the error bars are, written above the axes (the caption repeats it)."""
     ax.set_title(text, loc="left", fontsize=5, color="0.35")
@@ -115,17 +122,10 @@ def draw_win_rates(runs: list[Run]) -> Drawn:
     seeds = sorted({len(g.runs) for g in groups})
     ax.legend(loc="upper right", frameon=False)
     _note(ax, bars + ("; dots: seeds" if max(seeds) > 1 else ""))
-    sns_despine(ax)
+    _despine(ax)
     caption = (f"Win rate against the SFT policy's samples on the same test prompts, ties counted 1/2, "
                f"{_judge_name(runs)} judge; {bars}" + ("; dots are single seeds." if max(seeds) > 1 else "."))
     return Drawn("win_rate_vs_sft", "Win rate vs SFT", fig, caption)
-
-
-def sns_despine(*axes) -> None:
-    import seaborn as sns
-
-    for ax in axes:
-        sns.despine(ax=ax)
 
 
 # --- 2. head to head ------------------------------------------------------------------------
@@ -172,7 +172,7 @@ def draw_head_to_head(runs: list[Run], n_boot: int = 1000) -> Drawn:
         ax2.set_yticks(y, [names[i] for i in order])
         ax2.set_xlabel(f"Bradley–Terry strength (log-odds vs {ranking.anchor})")
         _note(ax2, f"error bars: 95% bootstrap over {ranking.units} prompts ({ranking.bootstrap} resamples)")
-        sns_despine(ax2)
+        _despine(ax2)
         caption += (f" Right: Bradley–Terry strengths fitted to all comparisons, relative to {ranking.anchor} "
                     f"(P(i beats j) = σ(θi − θj)); error bars: 95% bootstrap intervals over prompts.")
         rows = [{"rank": rank + 1, "policy": names[i], "strength": ranking.strength[i], "ci_low": ranking.low[i], "ci_high": ranking.high[i],
@@ -192,7 +192,7 @@ def _by_setting(runs: list[Run], key) -> dict[Any, list[Run]]:
         value = key(r)
         if value is not None:
             grouped.setdefault(value, []).append(r)
-    return dict(sorted(grouped.items(), key=lambda kv: (str(type(kv[0])), kv[0])))
+    return dict(sorted(grouped.items(), key=lambda kv: setting_order(kv[0] if isinstance(kv[0], tuple) else (kv[0],))))
 
 
 def _own_keys_varying(runs: list[Run], method: str) -> list[str]:
@@ -232,7 +232,7 @@ def draw_reward_vs_kl(runs: list[Run]) -> Drawn:
     bars = describe_intervals(intervals)
     _note(ax, bars)
     _legend(ax)
-    sns_despine(ax)
+    _despine(ax)
     caption = (f"Gold reward against the KL divergence from the SFT policy, one curve per method across a sweep of "
                f"{', '.join(sorted(swept_keys))} (points labelled with the swept value); {bars}.")
     return Drawn("reward_vs_kl", "Reward vs KL frontier", fig, caption)
@@ -278,7 +278,7 @@ def draw_temperatures(runs: list[Run]) -> Drawn:
     bars = describe_intervals(intervals)
     _note(ax, bars)
     _legend(ax)
-    sns_despine(ax)
+    _despine(ax)
     caption = (f"Win rate against the SFT policy sampled at the same temperature, on the test prompts "
                f"({_judge_name(runs)} judge, ties 1/2), at temperatures {', '.join(f'{t:g}' for t in sorted(all_t))}; {bars}.")
     return Drawn("win_rate_vs_temperature", "Win rate vs sampling temperature", fig, caption)
@@ -334,7 +334,7 @@ def draw_model_sizes(runs: list[Run]) -> Drawn:
             ax.set_xticks([position[n] for n in names], names, rotation=30, ha="right")
             ax.set_xlabel("Model")
         ax.set_ylabel(ylabel)
-        sns_despine(ax)
+        _despine(ax)
     axes[0].axhline(0.5, color="0.4", linestyle="--", linewidth=0.8)
     bars = describe_intervals(intervals)
     _note(axes[0], bars)
@@ -397,7 +397,7 @@ def draw_iterations(runs: list[Run]) -> Drawn:
     bars = describe_intervals(intervals).replace("test prompts", "validation prompts")
     _note(ax, bars)
     _legend(ax)
-    sns_despine(ax)
+    _despine(ax)
     what = " and ".join(sorted({"rounds (R1, R2, ...)" if k == "round" else "periodic checkpoints (training step)" for k in kinds}))
     caption = (f"Helpfulness against harmlessness, gold scores on the validation prompts, across {what} "
                f"(Llama 2's RLHF-V1…V5 plot); {bars}; the star is the SFT policy on the test prompts.")
@@ -468,7 +468,7 @@ def draw_overoptimization(runs: list[Run]) -> Drawn:
         ax.set_ylabel("Reward")
         ax.set_title("Best-of-n over n (analytic KL, test prompts)" if kind == "best_of_n" else "Over training (validation checkpoints)")
         _legend(ax)
-        sns_despine(ax)
+        _despine(ax)
         if kind == "best_of_n":
             caption.append("best-of-n at each n against √KL with KL = log n − (n−1)/n (analytic), test prompts")
         else:
@@ -543,10 +543,13 @@ def draw_training_curves(runs: list[Run]) -> Drawn:
                 ax.fill_between(steps, low, high, color=colour, alpha=0.25, linewidth=0, label=f"range over {n} seeds")
             seed_counts.add(n)
             ax.set_ylabel(keys[col], fontsize=5.5)
-            ax.set_xlabel("Training step" if row == len(groups) - 1 or col >= len(curve_metrics(groups[row + 1].runs)) else "")
             if col == 0:
                 ax.set_title(group.label, loc="left", fontsize=6)
-            sns_despine(ax)
+            _despine(ax)
+    for col in range(columns):  # the step axis is named under the lowest panel of each column
+        lowest = max((row for row in range(len(groups)) if axes[row, col].axison), default=None)
+        if lowest is not None:
+            axes[lowest, col].set_xlabel("Training step")
     band = ("bands: range (min–max) over " + "/".join(map(str, sorted(n for n in seed_counts if n > 1))) + " seeds around the mean") if max(seed_counts) > 1 else "one seed per policy (no band)"
     fig.suptitle(band, x=0.0, ha="left", fontsize=5, color="0.35")
     caption = f"Training curves per policy (rows): loss, estimated KL to SFT, the objective's own metric and the validation win rate where logged; {band}."

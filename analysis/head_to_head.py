@@ -66,6 +66,8 @@ def compare_policies(groups: list[Group]) -> HeadToHead:
     """All pairwise gold-judge comparisons between the groups' runs (see the module docstring)."""
     from alignbench.judges import preference_from_scores
 
+    if not any(run.samples_path for group in groups for run in group.runs):
+        raise Skipped("needs the runs' samples.jsonl (their test responses), which only a local experiment directory has (W&B holds metrics, not samples)")
     judges: dict[str, object] = {}
     scored: list[tuple[int, Run, str, np.ndarray]] = []  # (group index, run, unit set, gold scores)
     unit_sets: dict[str, int] = {}  # (world, prompts) digest -> offset of its units

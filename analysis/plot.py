@@ -14,6 +14,7 @@ from pathlib import Path
 
 from alignbench.config import ConfigError
 
+# (number, file stem, drawing function in figures.py); figure 9 is the results table.
 FIGURES = (
     ("1", "win_rate_vs_sft", "draw_win_rates"),
     ("2", "head_to_head", "draw_head_to_head"),
@@ -80,14 +81,15 @@ def plot_directory(directory: Path, wandb_path: str | None = None, formats: tupl
     out = directory / "figures"
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    index = [f"# Figures of {runs[0].experiment}", "", f"From {len(runs)} finished runs in {where}. Regenerate with `alignbench plot {directory}`.", ""]
+    command = f"alignbench plot {directory}" + (f" --wandb {wandb_path}" if wandb_path else "")
+    index = [f"# Figures of {runs[0].experiment}", "", f"From {len(runs)} finished runs in {where}. Regenerate with `{command}`.", ""]
     skipped = []
     with paper_style():
         _check_formats(formats)
+        options = {"draw_head_to_head": {"n_boot": n_boot}}  # the ranking's bootstrap resamples
         for number, stem, function in FIGURES:
-            draw = getattr(figures, function)
             try:
-                drawn = draw(runs, n_boot=n_boot) if function == "draw_head_to_head" else draw(runs)
+                drawn = getattr(figures, function)(runs, **options.get(function, {}))
             except Skipped as reason:
                 skipped.append((number, stem, str(reason)))
                 print(f"figure {number} ({stem}) skipped: {reason}")

@@ -103,10 +103,10 @@ def load_wandb_runs(path: str, api: Any = None) -> list[Run]:
         if getattr(remote, "state", "finished") != "finished":
             continue
         config = dict(remote.config)
-        method = config.get("method") or remote.job_type
+        method = config.get("method") or getattr(remote, "job_type", None)
         if method is None or config.get("seed") is None:
             continue  # not an alignbench run
-        summary = {k: v for k, v in dict(remote.summary).items() if not k.startswith("_") and _is_number(v)}
+        summary = {k: v for k, v in dict(remote.summary_metrics).items() if not k.startswith("_") and _is_number(v)}
         history = []
         for row in remote.scan_history():
             step = row.get("trainer/global_step", row.get("_step"))
@@ -169,7 +169,7 @@ def group_runs(runs: list[Run], ignore: Callable[[str, str], bool] = lambda key,
         by_setting: dict[tuple, list[Run]] = {}
         for r in mine:
             by_setting.setdefault(tuple(_hashable(r.settings.get(k)) for k in varying), []).append(r)
-        for values in sorted(by_setting, key=_sort_key):
+        for values in sorted(by_setting, key=setting_order):
             differing = dict(zip(varying, values))
             label = method if not varying else f"{method} (" + ", ".join(f"{_short_key(k, method)}={_format_value(v)}" for k, v in differing.items()) + ")"
             groups.append(Group(method, label, sorted(by_setting[values], key=lambda r: r.seed), differing))
@@ -180,8 +180,8 @@ def _hashable(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
-def _sort_key(values: tuple) -> tuple:
-    # Numbers in numeric order, then everything else as text; None first.
+def setting_order(values: tuple) -> tuple:
+    """A sort key for tuples of setting values: numbers in numeric order, then anything else as text."""
     return tuple((0, v, "") if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, 0, str(v)) for v in values)
 
 

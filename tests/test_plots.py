@@ -367,10 +367,12 @@ def test_cli_plot_and_its_user_errors(fixture_dir, tmp_path, capsys):
 
 # --- W&B -----------------------------------------------------------------------------------------
 class _FakeRun:
+    """The attributes of `wandb.apis.public.Run` that the reader uses."""
+
     def __init__(self, run, state="finished"):
         self.name, self.state, self.job_type = run.name, state, run.method
         self.config = run.config
-        self.summary = {**run.metrics, "_runtime": 3.0, "_wandb": {"runtime": 3}}
+        self.summary_metrics = {**run.metrics, "_runtime": 3.0, "_wandb": {"runtime": 3}}
         self._history = run.history
 
     def scan_history(self):
