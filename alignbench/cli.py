@@ -7,6 +7,7 @@ what is wrong and what is accepted, and exit with status 2 — no traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import time
@@ -15,6 +16,13 @@ from pathlib import Path
 from alignbench.config import ConfigError
 
 EXIT_USER_ERROR = 2
+
+_MODULE_COMMANDS = [
+    ("sweep", "alignbench.sweep", "methods x seeds x a grid of overrides, in worker processes; skips finished runs"),
+    ("tune", "alignbench.tune", "an Optuna search over each method's hyperparameters (validation split), then the best config on fresh seeds"),
+    ("plot", "alignbench.analysis.plot", "paper-style figures and tables of an experiment directory into DIR/figures/"),
+    ("judge-report", "alignbench.judge_report", "each judge's agreement with gold, position bias and label cost"),
+]
 
 
 def _quiet_environment() -> None:
@@ -85,7 +93,11 @@ def cmd_quickstart(args) -> None:
             run_one(config, Path(args.out), method=method, seed=seed, pipeline=pipeline)
     print()
     _print_results(Path(args.out) / config.name, "md")
-    print(f"quickstart finished in {time.perf_counter() - started:.0f}s; results in {Path(args.out) / config.name}")
+    from alignbench.analysis.plot import plot_directory
+
+    figures = plot_directory(Path(args.out) / config.name)
+    print(f"quickstart finished in {time.perf_counter() - started:.0f}s; results in {Path(args.out) / config.name}, "
+          f"{len(figures)} figure files in {Path(args.out) / config.name / 'figures'}")
 
 
 def cmd_results(args) -> None:
@@ -124,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("directory")
     p.add_argument("--format", choices=["md", "csv", "latex"], default="md")
     add("methods", cmd_methods, "the registered methods and their configs")
+    # Commands that live in their own modules: each has `add_arguments(parser)` and
+    # `main(args)`, and keeps heavy imports inside `main` so that building the parser is cheap.
+    for name, module_name, help_text in _MODULE_COMMANDS:
+        module = importlib.import_module(module_name)
+        p = add(name, module.main, help_text)
+        module.add_arguments(p)
     return parser
 
 
