@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import functools
 import json
 import os
 import platform
@@ -40,13 +41,14 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import ParallelStrategy
 
 from alignbench.experiment import for_run, method_config, run_config_dict, run_name
 from alignbench.pipeline import Pipeline, RunContext, log
 from alignbench.registry import get_method
 from alignbench.seeding import seeded_generator
 from alignbench.tracking import HistoryLogger, HistoryWriter, make_wandb_logger, write_json_atomic
-from alignbench.training import ResumableLoader, make_trainer, rng_state, set_rng_state
+from alignbench.training import ResumableLoader, make_trainer, rng_state, set_rng_state, steps_per_epoch
 
 
 class KLMonitor(Callback):
@@ -423,17 +425,27 @@ class Fitter:
         if self.history_logger is not None:
             self.history_logger.step_offset = self.step_offset
         data = datamodule.train_dataloader()
-        total = max(1, len(data) * epochs)
         # Under manual optimisation (PPO) the method clips gradients itself; Lightning refuses to.
         grad_clip = mc.optim.grad_clip if self.module.automatic_optimization else 0.0
         callbacks = [self.kl_monitor]
         if self.config.eval.eval_every:
             callbacks.append(PeriodicEvaluation(self.context, self.config.eval.eval_every))
         fit_state = FitState(self, fit, self.config.trainer.checkpoint_every if self.checkpoints is not None else 0)
-        trainer = make_trainer(self.config.trainer, max_steps=total, max_epochs=epochs, grad_clip=grad_clip, loggers=self.loggers, callbacks=callbacks + [fit_state])
-        # One process: a loader that resumes mid-epoch. Several: the plain DataLoader, which
-        # Lightning shards with a DistributedSampler (a resumed fit replays its epoch from the start).
-        loader = fit_state.loader = ResumableLoader(data) if trainer.world_size == 1 else data
+
+        def trainer_for(total: int):
+            return make_trainer(self.config.trainer, max_steps=total, max_epochs=epochs, grad_clip=grad_clip, loggers=self.loggers, callbacks=callbacks + [fit_state])
+
+        trainer = trainer_for(max(1, len(data) * epochs))
+        sharded = isinstance(trainer.strategy, ParallelStrategy)  # DDP, FSDP, DeepSpeed: a DistributedSampler
+        if sharded:  # the schedule's length is each rank's number of steps
+            trainer = trainer_for(max(1, steps_per_epoch(data, trainer.world_size) * epochs))
+        if sharded:
+            # Each rank computes its shard's values; logged, `train/*` must be the whole batch's,
+            # as in one process: the mean over the ranks.
+            self.module.log = functools.partial(type(self.module).log, self.module, sync_dist=True)
+        # One process: a loader that resumes mid-epoch. Sharded: the plain DataLoader, which Lightning
+        # gives a DistributedSampler (a fit resumed mid-epoch replays that epoch from its start).
+        loader = fit_state.loader = data if sharded else ResumableLoader(data)
         trainer.fit(self.module, train_dataloaders=loader, ckpt_path=checkpoint, weights_only=True)
         self.last_fit_steps = trainer.global_step
         self.step_offset += trainer.global_step

@@ -115,6 +115,15 @@ class TrainerConfig:
         return replace(self, devices=1, num_nodes=1, strategy="auto")
 
 
+def steps_per_epoch(loader, world_size: int = 1) -> int:
+    """Batches one rank sees in an epoch: across several ranks Lightning shards the data
+    with a DistributedSampler (padded to a multiple of the ranks), each rank batching its share."""
+    if world_size == 1:
+        return len(loader)
+    per_rank = math.ceil(len(loader.dataset) / world_size)
+    return per_rank // loader.batch_size if loader.drop_last else math.ceil(per_rank / loader.batch_size)
+
+
 def make_trainer(config: TrainerConfig, *, max_steps: int = -1, max_epochs: int | None = None, grad_clip: float = 0.0, loggers=None, callbacks=None, **extra) -> L.Trainer:
     if config.threads:
         torch.set_num_threads(config.threads)
