@@ -257,18 +257,18 @@ class _LlamaDecoder:
     """Decoding steps of a transformers ``LlamaForCausalLM`` with SDPA attention, computed directly.
 
     The operations are those of transformers' ``modeling_llama`` (RMSNorm in float32, the model's
-    own rotary module, q/k/v projections, SDPA with a boolean mask, SwiGLU), without the Python
-    layers around them (mask builders, cache and output objects, decorators). The difference that
-    matters is the cache: transformers concatenates every layer's keys and values anew at each step
-    (a copy of the whole cache, the largest cost after the matmuls on the world's models); here they
-    are written once into zeroed buffers sized for the batch, and attention reads each buffer whole,
-    with the positions not yet written masked. SDPA reads a strided slice of a buffer about as
-    slowly as transformers' concatenation (it copies it), hence the whole buffer.
+    own rotary module, q/k/v projections, SwiGLU), without the Python layers around them (mask
+    builders, cache and output objects, decorators). What differs is the cache: transformers
+    concatenates every layer's keys and values anew at each step (a copy of the whole cache, the
+    largest cost after the matmuls on the world's models); here they are written once into zeroed
+    buffers sized for the batch, and attention reads each buffer whole, the positions not yet
+    written masked (SDPA copies a strided slice of a buffer, which costs as much as the
+    concatenation). A decoding step's attention is two batched matmuls (see :meth:`_attention`).
 
-    Attention over the whole buffer adds exact zeros (masked positions) to its sums, but in another
-    order, so logits differ from the transformers forward in the last bits (~1e-7): samples are the
-    same except where a uniform draw falls within that distance of a boundary of the inverse CDF
-    (the tests compare the two paths sample for sample).
+    Attending over the whole buffer adds exact zeros to the softmax sums, but the sums are taken
+    in another order, so logits differ from the transformers forward in the last bits (~1e-7):
+    samples are the same unless a uniform draw falls within that distance of a boundary of the
+    inverse CDF (the tests compare the two paths sample for sample).
     """
 
     def __init__(self, model: nn.Module, num_rows: int, max_length: int):
@@ -322,14 +322,16 @@ class _LlamaDecoder:
         hidden = self.embed(input_ids)
         cos, sin = self.rotary(hidden, position_ids)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        # transformers' SDPA mask (key padding, causal within the tokens fed now), widened to the
-        # whole buffer with the positions not yet written masked.
+        # Key padding, causal within the tokens fed now, and the positions not yet written, masked.
         width = self.keys.shape[3]
-        key_mask = F.pad(attention_mask.bool(), (0, width - end))[:, None, None, :]
+        key_mask = F.pad(attention_mask.bool(), (0, width - end))[:, None, None, :]  # [R, 1, 1, W]
         if new > 1:
             arange = torch.arange(width, device=input_ids.device)
             key_mask = key_mask & (arange[None, :] <= arange[start:end, None])
-        key_mask = key_mask.expand(rows, 1, new, width).contiguous()
+            key_mask = key_mask.expand(rows, 1, new, width).contiguous()
+        else:  # as an additive bias per (row, head), the input of `baddbmm`
+            bias = torch.zeros(key_mask.shape, dtype=hidden.dtype, device=hidden.device).masked_fill_(~key_mask, float("-inf"))
+            key_mask = bias.expand(rows, self.num_heads, 1, width).reshape(rows * self.num_heads, 1, width)
         for index, layer in enumerate(self.layers):
             attention, mlp = layer.self_attn, layer.mlp
             residual = hidden
@@ -339,10 +341,7 @@ class _LlamaDecoder:
             self.values[index, :, :, start:end] = attention.v_proj(hidden).view(split).transpose(1, 2)
             query = (query * cos) + (_rotate_half(query) * sin)
             self.keys[index, :, :, start:end] = (key * cos) + (_rotate_half(key) * sin)
-            output = F.scaled_dot_product_attention(
-                query, self.keys[index], self.values[index],
-                attn_mask=key_mask, dropout_p=0.0, scale=self.scaling, is_causal=False,
-            )
+            output = self._attention(query, self.keys[index], self.values[index], key_mask)
             hidden = residual + attention.o_proj(output.transpose(1, 2).reshape(rows, new, -1))
             residual = hidden
             hidden = _rms_norm(layer.post_attention_layernorm, hidden)
@@ -350,6 +349,22 @@ class _LlamaDecoder:
         self.length = end
         # RMSNorm and the head act on each position alone: only the last one is needed.
         return self.lm_head(_rms_norm(self.norm, hidden[:, -1:]))[:, -1]
+
+    def _attention(self, query: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+        """Attention of ``query [R, H, S, D]`` over a whole buffer ``[R, H, W, D]``; ``[R, H, S, D]``.
+
+        The prompt (S > 1) goes through SDPA with the boolean ``mask [R, 1, S, W]`` (its padding
+        rows attend to nothing; SDPA returns zeros for them). A decoding step (S = 1) is two
+        batched matmuls with the additive ``mask [R*H, 1, W]`` (transformers' eager formulation):
+        for one query over a short cache they cost about two thirds of SDPA's CPU kernel.
+        """
+        rows, heads, new, dim = query.shape
+        if new > 1:
+            return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, dropout_p=0.0, scale=self.scaling, is_causal=False)
+        width = keys.shape[2]
+        scores = torch.baddbmm(mask, query.reshape(rows * heads, 1, dim), keys.reshape(rows * heads, width, dim).transpose(1, 2), alpha=self.scaling)
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+        return torch.bmm(weights, values.reshape(rows * heads, width, dim)).view(rows, heads, 1, dim)
 
     def select_rows(self, keep: Tensor) -> None:
         """As :meth:`_TransformersDecoder.select_rows`."""
