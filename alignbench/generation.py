@@ -10,6 +10,9 @@ Design notes:
 * All per-step work is vectorised over the batch; the only Python loop is over decoding steps.
 * Rows that have produced EOS are dropped from the batch (and from the KV cache) once enough of
   them have accumulated, so a batch with a long tail costs only as much as its unfinished rows.
+* Sampling runs under ``torch.inference_mode`` (no autograd bookkeeping: ~8% of a tiny model's
+  decoding time against ``no_grad``); only Python lists leave it, so nothing it creates reaches a
+  later training step.
 * Randomness comes from ``generator`` alone: one uniform number per row and step, turned into a
   token by inverse-CDF sampling, which works whatever devices the model and the generator are on.
 * Llama-architecture models (the world's tiny models among them) decode through
@@ -82,7 +85,7 @@ class _ForwardKeywords:
         )
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def sample(
     model: nn.Module,
     prompt_ids: list[list[int]],

@@ -238,3 +238,11 @@ def test_llama_decoder_greedy_matches_hf_generate_and_scores_like_sequence_logpr
     prompts = [p for p in PROMPTS for _ in range(2)]
     _, expected = sequence_logprobs(tiny_llama, pack_sequences(prompts, sampled.response_ids, pad_token_id=PAD))
     torch.testing.assert_close(torch.tensor(sampled.logprobs), expected, atol=1e-4, rtol=0)
+
+
+def test_model_trains_after_sampling(tiny_llama) -> None:
+    # Sampling runs in inference mode; the model must still train afterwards.
+    draw(tiny_llama.train(), PROMPTS, seed=0, max_new_tokens=4)
+    _, logprobs = sequence_logprobs(tiny_llama, pack_sequences(PROMPTS[:2], [[3, 4], [5]], pad_token_id=PAD))
+    logprobs.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in tiny_llama.parameters() if p.requires_grad)
