@@ -182,7 +182,7 @@ def build_shared_stages(runs: list[SweepRun], out: Path) -> None:
         pipelines[key].context(run.seed)
 
 
-def _run_environment(workers: int, slot: int) -> dict[str, str]:
+def _run_environment(workers: int, slot: int, distributed: bool = False) -> dict[str, str]:
     from alignbench.runner import PARENT_PID_VARIABLE
 
     env = dict(os.environ)
@@ -195,8 +195,8 @@ def _run_environment(workers: int, slot: int) -> dict[str, str]:
         threads = str(max(1, (os.cpu_count() or 1) // workers))
         env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     gpus = _gpu_count()
-    if gpus > 1 and workers > 1 and "CUDA_VISIBLE_DEVICES" not in os.environ:
-        env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)  # one GPU per worker
+    if gpus > 1 and workers > 1 and not distributed and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)  # one GPU per worker (a multi-GPU run sees them all)
     return env
 
 
@@ -244,7 +244,7 @@ def run_sweep(experiment: str, overrides: list[str], out: Path, workers: int = 1
                     handle.write(f"--- attempt {status[run.name]['attempts']} ---\n")
                     handle.flush()
                     command = [sys.executable, "-m", "alignbench", "run", path, *overrides, *run.argv, "--out", str(out)]
-                    process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=_run_environment(workers, slot))
+                    process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=_run_environment(workers, slot, run.config.trainer.distributed))
                 running[process] = (run, slot, time.perf_counter())
                 log(f"started {run.label} ({run.name}); log: {run_dir / 'run.log'}")
             time.sleep(0.5)

@@ -388,7 +388,7 @@ def run_workers(tune_file: str, overrides: list[str], out: Path, storage_url: st
     threads = max(1, (os.cpu_count() or 1) // workers)
     context = multiprocessing.get_context("spawn")
     processes = [
-        context.Process(target=_worker_process, args=(tune_file, list(overrides), str(out), storage_url, k, threads, str(logs / f"worker-{k}.log")), daemon=True)
+        context.Process(target=_worker_process, args=(tune_file, list(overrides), str(out), storage_url, k, threads, str(logs / f"worker-{k}.log")))
         for k in range(workers)
     ]
     for process in processes:
