@@ -279,7 +279,8 @@ class _LlamaDecoder:
         self.layers, self.embed, self.norm, self.rotary = base.layers, base.embed_tokens, base.norm, base.rotary_emb
         self.lm_head = model.lm_head
         attention = self.layers[0].self_attn
-        self.num_heads, self.head_dim, self.scaling = model.config.num_attention_heads, attention.head_dim, attention.scaling
+        self.num_heads, self.head_dim = model.config.num_attention_heads, attention.head_dim
+        self.scaling = getattr(attention, "scaling", self.head_dim**-0.5)  # an attribute since transformers 4.48
         weight = self.embed.weight
         shape = (len(self.layers), num_rows, self.num_heads, max_length, self.head_dim)
         self.keys = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
@@ -299,6 +300,7 @@ class _LlamaDecoder:
             config._attn_implementation != "sdpa"
             or config.num_key_value_heads != config.num_attention_heads
             or getattr(config, "pretraining_tp", 1) != 1
+            or not hasattr(base, "rotary_emb")  # transformers before 4.45 keeps it in each layer
             or type(model.lm_head) is not nn.Linear
             or type(base.embed_tokens) is not nn.Embedding
             or type(base.norm) is not llama.LlamaRMSNorm
