@@ -215,6 +215,7 @@ def _run(config, name: str, run_dir: Path, out: Path, group, pipeline, split: st
         metrics.update(context.budget.metrics())
         final_train = {k: v for row in history.rows() for k, v in row.items() if k.startswith("train/")}
         metrics.update(final_train)
+        loggers[0].observers = []  # they watch training; these are the results
         for logger in loggers:
             logger.log_metrics(metrics, step=getattr(module, "global_step", 0))
         if wandb_logger is not None:
