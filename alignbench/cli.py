@@ -82,12 +82,11 @@ def cmd_run(args) -> None:
 
 def cmd_quickstart(args) -> None:
     from alignbench.experiment import load_experiment
-    from alignbench.pipeline import Pipeline
-    from alignbench.runner import run_one
+    from alignbench.runner import run_one, stage_pipeline
 
     started = time.perf_counter()
     config = load_experiment(args.experiment, args.overrides)
-    pipeline = Pipeline(config, Path(args.out))
+    pipeline = stage_pipeline(config, Path(args.out))  # shared stages on one device, also under DDP
     for seed in config.seeds:
         for method in config.methods:
             run_one(config, Path(args.out), method=method, seed=seed, pipeline=pipeline)
