@@ -64,10 +64,10 @@ def _group_colours(runs: Sequence[Run], groups: Sequence[Group]) -> dict[str, tu
     return colours
 
 
-def _legend(ax, **kwargs) -> None:
-    """A legend inside the axes where it is short, outside on the right where it is long."""
+def _legend(ax, outside: bool = False, **kwargs) -> None:
+    """A legend inside the axes where it is short, outside on the right where it is long (or asked)."""
     entries = len(ax.get_legend_handles_labels()[1])
-    if entries > 4:
+    if outside or entries > 4:
         ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.02, 1.0), **kwargs)
     else:
         ax.legend(frameon=False, loc="best", **kwargs)
@@ -396,7 +396,7 @@ def draw_iterations(runs: list[Run]) -> Drawn:
     ax.set_ylabel("Gold helpfulness (validation prompts)")
     bars = describe_intervals(intervals).replace("test prompts", "validation prompts")
     _note(ax, bars)
-    _legend(ax)
+    _legend(ax, outside=True)  # the paths fill the corner where the SFT star sits
     _despine(ax)
     what = " and ".join(sorted({"rounds (R1, R2, ...)" if k == "round" else "periodic checkpoints (training step)" for k in kinds}))
     caption = (f"Helpfulness against harmlessness, gold scores on the validation prompts, across {what} "
@@ -458,10 +458,12 @@ def draw_overoptimization(runs: list[Run]) -> Drawn:
                 for xi, n, g in zip(x, ns, gold):
                     ax.annotate(f"n={n}", (xi, g), textcoords="offset points", xytext=(2, -7), fontsize=4.5, color="0.3")
             else:
-                values = entry[2]
+                steps, values = entry[1], entry[2]
                 x = [math.sqrt(max(v["val/kl"], 0.0)) for v in values]
                 gold = [v["val/gold_reward"] for v in values]
                 proxy = [v["val/proxy_reward"] for v in values]
+                for i in (0, len(steps) - 1):  # the path runs in training order: name its ends
+                    ax.annotate(f"step {steps[i]:g}", (x[i], gold[i]), textcoords="offset points", xytext=(2, -7), fontsize=4.5, color="0.3")
             ax.plot(x, gold, color=colour, marker=marker_of(index), linestyle="-", label=f"{curve.label}: gold")
             ax.plot(x, proxy, color=colour, marker=marker_of(index), linestyle="--", markerfacecolor="white", label=f"{curve.label}: proxy (RM)")
         ax.set_xlabel("√KL(π ‖ π_SFT)  (√nats)")
@@ -472,7 +474,7 @@ def draw_overoptimization(runs: list[Run]) -> Drawn:
         if kind == "best_of_n":
             caption.append("best-of-n at each n against √KL with KL = log n − (n−1)/n (analytic), test prompts")
         else:
-            caption.append("periodic validation checkpoints over training, KL estimated on the policy's samples")
+            caption.append("periodic validation checkpoints over training, in step order (first and last labelled), KL estimated on the policy's samples")
     text = ("Over-optimisation (Gao et al. 2022): gold reward (solid) and the proxy reward model's score (dashed) against √KL, for "
             + "; and for ".join(caption) + ". Points are means over seeds; the gap between proxy and gold is the reward model's over-optimisation.")
     return Drawn("overoptimization", "Gold and proxy reward vs √KL", fig, text)
