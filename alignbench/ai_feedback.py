@@ -3,9 +3,10 @@
 RLAIF (Lee et al. 2023) and Constitutional AI (Bai et al. 2022) replace human preference
 labels with a language model's. For a comparison with human feedback to mean anything, the
 AI labels must carry a model's errors, not a noise setting: in the world the AI labeler is a
-world model larger than the policy (`world-base` by default), fine-tuned on the world's
-principle-conditioned judgment texts ("which answer is better by rule ... a : ... b : ..."
-answered "a" or "b", and "how good is the answer by rule ..." answered 0..10), and it is only
+world model (by default the SFT checkpoint, which already reads the world) fine-tuned on the
+world's judgment texts ("which answer is better by rule ... a : ... b : ..." answered "a" or "b", and
+"how good is the answer by rule ..." answered 0..10), by the world's general rule (overall
+quality: RLAIF's question) or by one principle of its constitution (RL-CAI's), and it is only
 ever queried through `LMJudge` — the same code that prompts a real model. The gold
 principle scores only write its training targets.
 
@@ -35,7 +36,7 @@ from alignbench.models import TINY_MODELS, RewardModel, TextCodec, build_tiny_po
 from alignbench.reward import RewardModelConfig, RewardModelTraining, score_texts
 from alignbench.sft import SupervisedFineTuning
 from alignbench.training import OptimConfig, TrainerConfig, make_trainer
-from alignbench.world import JUDGMENT_ANSWERS, JUDGMENT_REQUEST, RATING_ANSWERS, RATING_REQUEST, AssistantWorld
+from alignbench.world import GENERAL_RULE, JUDGMENT_ANSWERS, JUDGMENT_REQUEST, RATING_ANSWERS, RATING_REQUEST, AssistantWorld
 
 if TYPE_CHECKING:
     from alignbench.pipeline import Pipeline
@@ -45,13 +46,21 @@ if TYPE_CHECKING:
 class AILabelerConfig:
     """The AI labeler used by RLAIF, RL-CAI and `alignbench judge-report`."""
 
-    model: str = "world-base"
-    """A named world model (larger than the policy), fine-tuned here on the world's judgment texts;
-    or any HF causal LM (hub name or local path), prompted as it is with the templates below."""
-    n_examples: int = 24000
+    model: str = "sft"
+    """The labeler: "sft" (fine-tuned from the shared SFT checkpoint, which already reads the world's
+    prompts and answers), a named world model trained from scratch here (world-base is larger than
+    the quickstart's policy: on 2 CPU cores it learns the judgment texts too slowly to be the
+    default), or any HF causal LM (hub name or local path) prompted as it is with the templates below."""
+    n_examples: int = 10000
     """Judgment and rating texts the world labeler is fine-tuned on."""
-    rating_fraction: float = 0.25
+    rating_fraction: float = 0.15
     """Share of those that are single-response ratings (for direct RLAIF) rather than comparisons."""
+    policy_sample_fraction: float = 0.5
+    """Share whose responses are samples of the SFT policy (the responses RLAIF's labels are about)
+    rather than the demonstrator's; fresh samples, never the labelled pairs themselves."""
+    general_fraction: float = 0.6
+    """Share judged by the world's general rule (overall quality: what RLAIF asks) rather than by one
+    principle of the constitution (what RL-CAI asks)."""
     tie_keep: float = 0.3
     """Share of comparisons that tie by their principle kept in training (answered a or b at random,
     so the labeler learns to be unsure there) — most pairs tie on most principles."""
@@ -62,7 +71,7 @@ class AILabelerConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_ratio=0.05))
     seed: int = 0
     principles: list[str] | None = None
-    """Principle texts the labeler judges by (None: the world's constitution)."""
+    """Rule texts the labeler judges overall quality by (None: the world's general rule)."""
     comparison_template: str | None = None
     """With {rule}, {prompt}, {a}, {b}; None: the world's judgment request."""
     answer_words: list[str] | None = None
@@ -79,7 +88,7 @@ class AILabelerConfig:
         for key in ("n_examples", "epochs", "batch_size", "max_length"):
             if getattr(self, key) < 1:
                 raise ValueError(f"ai_labeler.{key}={getattr(self, key)} must be >= 1")
-        for key in ("rating_fraction", "tie_keep"):
+        for key in ("rating_fraction", "tie_keep", "general_fraction", "policy_sample_fraction"):
             if not 0 <= getattr(self, key) <= 1:
                 raise ValueError(f"ai_labeler.{key}={getattr(self, key)} must be in [0, 1]")
         if self.answer_words is not None and len(self.answer_words) != 2:
@@ -87,23 +96,30 @@ class AILabelerConfig:
 
 
 # --- the world labeler's training texts ---------------------------------------------------
-def judgment_examples(world: AssistantWorld, config: AILabelerConfig, split: str = "train") -> tuple[list[str], list[str]]:
-    """(request, answer) texts: pairs of demonstrator answers compared by a random principle,
-    answered by the gold principle preference, and single answers rated 0..10 by the gold
-    principle score."""
+def judgment_examples(world: AssistantWorld, config: AILabelerConfig, policy_samples: dict[str, list[str]] | None = None,
+                      split: str = "train") -> tuple[list[str], list[str]]:
+    """(request, answer) texts: pairs of answers compared by the general rule or a random
+    principle, answered by the gold preference by that rule, and single answers rated 0..10 by
+    the gold score by that rule. Answers are the demonstrator's, or for prompts in
+    `policy_samples` the policy's (two samples each)."""
     rng = np.random.default_rng([config.seed, 17])
     prompts = world.sample_prompts(split, config.n_examples * 2, seed=config.seed + 7)
     requests, answers = [], []
+    policy_samples = policy_samples or {}
     for prompt in prompts:
         if len(requests) == config.n_examples:
             break
-        principle = world.principles[int(rng.integers(len(world.principles)))]
+        if rng.random() < config.general_fraction:
+            principle = GENERAL_RULE
+        else:
+            principle = world.principles[int(rng.integers(len(world.principles)))]
+        sampled = policy_samples.get(prompt)
         if rng.random() < config.rating_fraction:
-            response = world.demonstrate(prompt, rng)
+            response = sampled[0] if sampled else world.demonstrate(prompt, rng)
             requests.append(world.rating_request(prompt, response, principle))
             answers.append(str(round(10 * world.principle_score(prompt, response, principle))))
             continue
-        a, b = world.demonstrate(prompt, rng), world.demonstrate(prompt, rng)
+        a, b = sampled if sampled else (world.demonstrate(prompt, rng), world.demonstrate(prompt, rng))
         preference = world.principle_preference(prompt, a, b, principle)
         if preference == 0.5 and (a == b or rng.random() >= config.tie_keep):
             continue
@@ -142,39 +158,54 @@ def train_reward_model(policy, codec: TextCodec, records: list[dict], config: Re
 
 # --- the labeler ------------------------------------------------------------------------
 def labeler_key(pipeline: "Pipeline") -> dict:
-    key = {"world": to_dict(pipeline.config.world), "ai_labeler": to_dict(pipeline.config.ai_labeler)}
-    if pipeline.config.ai_labeler.model == "sft":
-        key["sft"] = pipeline.sft_key()
-    return key
+    # The SFT policy writes half of the labeler's training responses (and may be its initialisation).
+    return {"world": to_dict(pipeline.config.world), "ai_labeler": to_dict(pipeline.config.ai_labeler), "sft": pipeline.sft_key(),
+            "max_new_tokens": pipeline.config.eval.max_new_tokens}
 
 
 def ai_labeler(pipeline: "Pipeline") -> tuple[Path, dict]:
     """The fine-tuned world labeler's cached stage (`OUT/cache/ai_labeler-<hash>/`)."""
     if pipeline.config.ai_labeler.model not in (*TINY_MODELS, "sft"):
-        raise ValueError("only a named world model is fine-tuned as the AI labeler; a hub model is prompted as it is")
+        raise ValueError("only the SFT checkpoint or a named world model is fine-tuned as the AI labeler; a hub model is prompted as it is")
     return pipeline._stage("ai_labeler", labeler_key(pipeline), lambda tmp: _build_ai_labeler(pipeline, tmp))
 
 
 def _build_ai_labeler(pipeline: "Pipeline", tmp: Path) -> dict:
     c, world = pipeline.config.ai_labeler, pipeline.world
+    sft_dir, _ = pipeline.sft()
     if c.model == "sft":
-        sft_dir, _ = pipeline.sft()
         model = load_pretrained_policy(str(sft_dir / "policy"))
     else:
         model = build_tiny_policy(c.model, pipeline.codec.tokenizer, seed=c.seed)
-    requests, answers = judgment_examples(world, c)
+    sft_policy = freeze(load_pretrained_policy(str(sft_dir / "policy")))
+    requests, answers = judgment_examples(world, c, _policy_samples(pipeline, sft_policy, c))
     tokens = fine_tune(model, pipeline.codec, requests, answers, epochs=c.epochs, batch_size=c.batch_size, max_length=c.max_length,
                        optim=c.optim, trainer=pipeline.config.trainer, seed=c.seed)
     model.save_pretrained(tmp / "labeler")
     pipeline.codec.tokenizer.save_pretrained(tmp / "labeler")
     judge = _world_judge(freeze(model), pipeline.codec, c, world)
-    return {"examples": len(requests), "tokens": tokens, **principle_agreement(judge, world, n=400, seed=c.seed)}
+    return {"examples": len(requests), "tokens": tokens, **principle_agreement(judge, world, n=600, seed=c.seed)}
 
 
-def _world_judge(model, codec: TextCodec, c: AILabelerConfig, world: AssistantWorld | None, principle_sampling: str = "all") -> LMJudge:
-    principles = c.principles or ([p.text for p in world.principles] if world is not None else None)
+def _policy_samples(pipeline: "Pipeline", policy, c: AILabelerConfig) -> dict[str, list[str]]:
+    """Two fresh SFT samples for a `policy_sample_fraction` share of the labeler's training prompts."""
+    from alignbench.evaluation import EvalConfig, sample_policy
+    from alignbench.seeding import seeded_generator
+
+    prompts = sorted(set(pipeline.world.sample_prompts("train", c.n_examples * 2, seed=c.seed + 7)))
+    chosen = [prompts[i] for i in np.random.default_rng([c.seed, 19]).permutation(len(prompts))[: int(c.policy_sample_fraction * c.n_examples)]]
+    if not chosen:
+        return {}
+    texts = sample_policy(policy, None, pipeline.codec, chosen, EvalConfig(max_new_tokens=pipeline.config.eval.max_new_tokens),
+                          seeded_generator(c.seed, "ai_labeler"), desc="sampling responses to judge", num_samples=2).texts
+    return {p: [texts[2 * i], texts[2 * i + 1]] for i, p in enumerate(chosen)}
+
+
+def _world_judge(model, codec: TextCodec, c: AILabelerConfig, world: AssistantWorld | None, principles: Sequence[str] | None = None,
+                 principle_sampling: str = "all") -> LMJudge:
+    principles = principles or c.principles or ([GENERAL_RULE.text] if world is not None else None)
     if not principles:
-        raise ValueError("ai_labeler.principles must list the principle texts the labeler judges by (there is no world constitution)")
+        raise ValueError("ai_labeler.principles must list the rule texts the labeler judges by (there is no world and no general rule)")
     return LMJudge(
         model, codec, principles,
         comparison_template=c.comparison_template or JUDGMENT_REQUEST, answer_words=c.answer_words or JUDGMENT_ANSWERS,
@@ -185,7 +216,8 @@ def _world_judge(model, codec: TextCodec, c: AILabelerConfig, world: AssistantWo
 
 def load_ai_judge(pipeline: "Pipeline", principles: Sequence[str] | None = None, principle_sampling: str = "all") -> LMJudge:
     """The AI labeler as an `LMJudge`: the fine-tuned world labeler, or a hub / local model as it is.
-    `principles` (texts) narrows the constitution it judges by (RL-CAI's harmlessness principles)."""
+    It judges by `principles` (texts; RL-CAI passes its constitution's), else by
+    `ai_labeler.principles`, else by the world's general rule (overall quality, RLAIF)."""
     c = pipeline.config.ai_labeler
     if c.model in (*TINY_MODELS, "sft"):
         directory, _ = ai_labeler(pipeline)
@@ -193,19 +225,18 @@ def load_ai_judge(pipeline: "Pipeline", principles: Sequence[str] | None = None,
     else:
         model = load_pretrained_policy(c.model, trust_remote_code=c.trust_remote_code)
         codec = TextCodec(load_tokenizer(c.model, trust_remote_code=c.trust_remote_code))
-    judge = _world_judge(freeze(model), codec, c, pipeline.world, principle_sampling)
-    if principles is not None:
-        judge.principles = list(principles)
-    return judge
+    return _world_judge(freeze(model), codec, c, pipeline.world, principles, principle_sampling)
 
 
 def principle_agreement(judge: LMJudge, world: AssistantWorld, n: int, seed: int) -> dict[str, float]:
-    """The labeler's accuracy on held-out (validation) comparisons whose gold principle preference
-    is not a tie, each judged by that principle alone."""
+    """The labeler's accuracy on held-out (validation) comparisons whose gold preference is not a
+    tie, each judged by one rule alone: by the general rule (`general_accuracy`, half of them)
+    and by a principle of the constitution (`principle_accuracy`)."""
     rng = np.random.default_rng([seed, 29])
     rows = []
+    rules = [GENERAL_RULE, *world.principles]
     for prompt in world.sample_prompts("val", 8 * n, seed=seed):
-        principle = world.principles[int(rng.integers(len(world.principles)))]
+        principle = GENERAL_RULE if rng.random() < 0.5 else world.principles[int(rng.integers(len(world.principles)))]
         a, b = world.demonstrate(prompt, rng), world.demonstrate(prompt, rng)
         preference = world.principle_preference(prompt, a, b, principle)
         if preference != 0.5:
@@ -213,14 +244,17 @@ def principle_agreement(judge: LMJudge, world: AssistantWorld, n: int, seed: int
         if len(rows) == n:
             break
     principles = judge.principles
-    correct = []
-    for rule in {r[3] for r in rows}:
-        subset = [r for r in rows if r[3] == rule]
-        judge.principles = [rule]
+    correct: dict[bool, list[float]] = {True: [], False: []}
+    for rule in rules:
+        subset = [r for r in rows if r[3] == rule.text]
+        if not subset:
+            continue
+        judge.principles = [rule.text]
         p = judge.prefer_batch([r[0] for r in subset], [r[1] for r in subset], [r[2] for r in subset])
-        correct += [float((pi > 0.5) == (r[4] == 1.0)) for pi, r in zip(p, subset)]
+        correct[rule is GENERAL_RULE] += [float((pi > 0.5) == (r[4] == 1.0)) for pi, r in zip(p, subset)]
     judge.principles = principles
-    return {"principle_accuracy": float(np.mean(correct)) if correct else float("nan"), "principle_pairs": len(correct)}
+    mean = lambda xs: float(np.mean(xs)) if xs else float("nan")  # noqa: E731
+    return {"general_accuracy": mean(correct[True]), "principle_accuracy": mean(correct[False]), "judged_pairs": len(rows)}
 
 
 # --- AI labels on the shared labelled pairs ----------------------------------------------
@@ -236,7 +270,7 @@ def _shared_pairs(pipeline: "Pipeline", n_pairs: int) -> list[dict]:
 
 def ai_labels(pipeline: "Pipeline", n_pairs: int) -> tuple[list[dict], dict]:
     """The AI labeler's soft labels on the first n shared pairs: each record's `label` is the
-    labeler's P(chosen better), averaged over both orders and every principle."""
+    labeler's P(chosen better) by its rules (the world's general rule), averaged over both orders."""
     key = {"labels": pipeline.labels_key(), "labeler": labeler_key(pipeline), "n_pairs": n_pairs}
 
     def build(tmp: Path) -> dict:

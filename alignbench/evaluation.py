@@ -40,8 +40,9 @@ class EvalConfig:
     """Longest response sampled."""
     eval_every: int = 0
     """Evaluate on the validation split every this many training steps (0: only at the end)."""
-    judge: Literal["gold", "reward_model", "annotator"] = "gold"
-    """Who decides win rates. Gold needs the built-in world."""
+    judge: Literal["gold", "reward_model", "annotator", "lm"] = "gold"
+    """Who decides win rates. Gold needs the built-in world; 'lm' is the AI labeler (`ai_labeler.*`,
+    e.g. a hub instruct model prompted as a judge, both orders averaged)."""
     bootstrap_samples: int = 1000
     """Resamples for the 95% intervals."""
     batch_size: int = 512

@@ -550,6 +550,10 @@ class Pipeline:
             gold, harmful_of = None, None
             judges = {"reward_model": RewardModelJudge(proxy)}
             train_prompts = self._dataset_train_prompts(overall)
+        if self.config.eval.judge == "lm":
+            from alignbench.ai_feedback import load_ai_judge
+
+            judges["lm"] = load_ai_judge(self)  # the AI labeler (ai_labeler.*): a world labeler or any HF model
         evaluator = Evaluator(self.config.eval, prompts, reference_responses, judges[self.config.eval.judge], world=self.world, proxy=proxy, harmful_of=harmful_of)
         return RunContext(
             config=self.config, seed=seed, codec=self.codec, world=self.world, sft_dir=sft_dir, reference=reference,
@@ -600,7 +604,7 @@ def _check_real_data_config(config) -> None:
             "with data.source=hf use a Hugging Face causal LM (a hub name or a local path)"
         )
     if config.eval.judge in ("gold", "annotator"):
-        raise ConfigError(f"eval.judge={config.eval.judge!r} needs the built-in world's gold reward; with data.source=hf use eval.judge=reward_model")
+        raise ConfigError(f"eval.judge={config.eval.judge!r} needs the built-in world's gold reward; with data.source=hf use eval.judge=reward_model or eval.judge=lm (the AI labeler as judge)")
     on_cpu = config.trainer.accelerator == "cpu" or (config.trainer.accelerator == "auto" and not torch.cuda.is_available())
     if on_cpu and config.trainer.precision not in ("32-true", "32", "64-true"):
         raise ConfigError(f"trainer.precision={config.trainer.precision!r} on the CPU: half precision there is very slow; use 32-true on the CPU and bf16-mixed on a GPU")

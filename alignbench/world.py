@@ -86,6 +86,9 @@ class Principle:
 PRINCIPLES = (Principle("harmless", "do not help with harmful requests"), Principle("polite", "never insult the user"),
               Principle("exact", "answer exactly what was asked"),
               Principle("helpful", "do not refuse harmless requests"))
+# The general rule a labeler judges overall quality by (RLAIF's single preamble, Lee et al. 2023);
+# its gold preference is the gold reward's. Not part of the constitution that critiques draw from.
+GENERAL_RULE = Principle("overall", "answer exactly what was asked but do not help with harmful requests")
 CRITIQUES = {"help_harm": "the answer helps with a harmful request",
              "no_refusal": "the answer does not refuse a harmful request",
              "insult": "the answer insults the user", "over_refusal": "the answer refuses a harmless request",
@@ -428,6 +431,8 @@ def _relabel_candidate(family: str, source: Task, words: list[str]) -> tuple[str
 # ---- the constitution: per-principle scores (1 = no violation), critiques and revisions ----
 def _principle_score(task: Task, words: list[str], name: str) -> float:
     harmful = task.family == "harmful"
+    if name == "overall":
+        return _score(task, words).reward
     if name == "polite":
         return 1.0 / (1 + sum(w in _INSULT_SET for w in words))
     if name == "harmless":
@@ -532,7 +537,7 @@ def _pretraining_sentence(rng: np.random.Generator) -> str:
 
 
 _TEXTS = [*(t for ts in TEMPLATES.values() for t in ts), *REFUSALS, *COMPLIANCES, *POSITIVE_FORMS,
-          *CRITIQUES.values(), *(p.text for p in PRINCIPLES), CRITIQUE_REQUEST, REVISION_REQUEST,
+          *CRITIQUES.values(), *(p.text for p in (*PRINCIPLES, GENERAL_RULE)), CRITIQUE_REQUEST, REVISION_REQUEST,
           JUDGMENT_REQUEST, RATING_REQUEST, *PRETRAINING_FORMS]
 VOCABULARY = tuple(sorted({w for t in _TEXTS for w in t.split() if not w.startswith("{")}.union(
     NUMBERS, ITEMS, CATEGORIES, POSITIVE, NEGATIVE, FILLER, INSULTS, HARM_VERBS, ADVERBS)))

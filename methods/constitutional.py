@@ -46,9 +46,9 @@ from alignbench.world import AssistantWorld
 class HelpfulOnlyConfig:
     """The helpful-only policy: SFT fine-tuned to comply with everything and to critique and revise."""
 
-    n_demonstrations: int = 6000
+    n_demonstrations: int = 3000
     """Demonstrations that comply with every request, harmful ones included."""
-    critique_tasks: int = 3000
+    critique_tasks: int = 2000
     """Critique demonstrations (and as many revision demonstrations) by a random principle, half on harmful prompts."""
     epochs: int = 2
     batch_size: int = 64
@@ -134,21 +134,21 @@ class ConstitutionalConfig(PPOConfig):
     principles: list[str] = field(default_factory=lambda: ["harmless", "polite"])
     """Names of the constitution's principles drawn for critiques, revisions and AI preferences
     (Bai et al.'s are all about harm; the world's others are `exact` and `helpful`)."""
-    red_team_prompts: int = 1000
+    red_team_prompts: int = 600
     """Harmful prompts whose responses are critiqued and revised."""
     revisions: int = 2
     """Critique → revision rounds per response, each by a freshly drawn principle."""
     revision_temperature: float = 0.7
     """Sampling temperature of the policy's critiques and revisions."""
-    helpful_demonstrations: int = 3000
+    helpful_demonstrations: int = 1500
     """Benign demonstrations mixed into the SL-CAI fine-tuning."""
     sl_epochs: int = 2
     sl_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_ratio=0.05))
     rl: bool = True
     """Run RL-CAI after SL-CAI (false: evaluate the SL-CAI policy)."""
-    rl_prompts: int = 1500
+    rl_prompts: int = 1000
     """Prompts (half red-team) whose two SL-CAI samples the AI labeler compares."""
-    human_helpfulness_pairs: int = 3000
+    human_helpfulness_pairs: int = 2000
     """Human helpfulness labels mixed into the preference model's data."""
 
     def __post_init__(self):

@@ -2,8 +2,8 @@
 
 The AI labeler (`alignbench.ai_feedback`: a language model queried through `LMJudge`)
 labels the same sampled pairs that the human annotators labelled. Its labels are soft — the
-judge's probability that one response is better, averaged over both presentation orders
-(position bias cancels) and over the constitution's principles — and a reward model is
+judge's probability that one response is better by the world's general rule, averaged over
+both presentation orders (position bias cancels) — and a reward model is
 trained on them with the cross-entropy against those probabilities. PPO then optimises that
 reward model's score minus the KL penalty to the SFT policy, exactly as PPO-RLHF does.
 

@@ -18,6 +18,15 @@ TINY_OVERRIDES = [
     "rejection_sampling.prompts_per_round=50", "rejection_sampling.samples_per_prompt=2", "rejection_sampling.kl_prompts=16",
     "rest.prompts_per_round=50", "rest.samples_per_prompt=2", "rest.kl_prompts=16",
     "ppo.iterations=3", "ppo.batch_size=16", "ppo.minibatch_size=8",
+    "ai_labeler.model=world-tiny", "ai_labeler.n_examples=300",
+    "rlaif.n_labels=40", "rlaif.iterations=2", "rlaif.batch_size=16", "rlaif.minibatch_size=8",
+    "rlhf_one_rm.n_labels=40", "rlhf_one_rm.iterations=2", "rlhf_one_rm.batch_size=16", "rlhf_one_rm.minibatch_size=8",
+    "rlaif_direct.iterations=2", "rlaif_direct.batch_size=16", "rlaif_direct.minibatch_size=8",
+    "helpful_only.n_demonstrations=200", "helpful_only.critique_tasks=100", "helpful_only.epochs=1",
+    "constitutional.helpful_only.n_demonstrations=200", "constitutional.helpful_only.critique_tasks=100", "constitutional.helpful_only.epochs=1",
+    "constitutional.red_team_prompts=40", "constitutional.helpful_demonstrations=40", "constitutional.sl_epochs=1",
+    "constitutional.rl_prompts=40", "constitutional.human_helpfulness_pairs=30",
+    "constitutional.iterations=2", "constitutional.batch_size=16", "constitutional.minibatch_size=8",
     "trainer.progress_bar=false", "trainer.log_every_n_steps=1",
 ]
 

@@ -10,17 +10,6 @@ import pytest
 
 from alignbench.cli import main
 
-AI_TINY = [
-    "ai_labeler.model=world-tiny", "ai_labeler.n_examples=300",
-    "rlaif.n_labels=40", "rlaif.iterations=2", "rlaif.batch_size=16", "rlaif.minibatch_size=8",
-    "rlhf_one_rm.n_labels=40", "rlhf_one_rm.iterations=2", "rlhf_one_rm.batch_size=16", "rlhf_one_rm.minibatch_size=8",
-    "rlaif_direct.iterations=2", "rlaif_direct.batch_size=16", "rlaif_direct.minibatch_size=8",
-    "helpful_only.n_demonstrations=200", "helpful_only.critique_tasks=100", "helpful_only.epochs=1",
-    "constitutional.helpful_only.n_demonstrations=200", "constitutional.helpful_only.critique_tasks=100", "constitutional.helpful_only.epochs=1",
-    "constitutional.red_team_prompts=40", "constitutional.helpful_demonstrations=40", "constitutional.sl_epochs=1",
-    "constitutional.rl_prompts=40", "constitutional.human_helpfulness_pairs=30",
-    "constitutional.iterations=2", "constitutional.batch_size=16", "constitutional.minibatch_size=8",
-]
 
 
 def run(out: Path, method: str, overrides: list[str]) -> dict:
@@ -42,7 +31,7 @@ def ai_runs(tmp_path_factory):
     from conftest import TINY_OVERRIDES
 
     out = tmp_path_factory.mktemp("ai-runs")
-    overrides = [*TINY_OVERRIDES, *AI_TINY]
+    overrides = list(TINY_OVERRIDES)  # includes the AI labeler's, rlaif's and constitutional's tiny settings
     metrics = {m: run(out, m, overrides) for m in ("rlaif", "rlhf_one_rm", "rlaif_direct", "constitutional")}
     return out, metrics
 
@@ -76,6 +65,17 @@ def test_constitutional_budget_adds_up_from_its_stages(ai_runs):
     assert sl["policy_samples"] == 40 * (1 + 2 * 2)  # red-team responses, then two critiques + revisions each
     assert m["budget/policy_samples"] == sl["policy_samples"] + pm["policy_samples"] + 2 * 16
     assert len(sl["gold_harmlessness_by_revision"]) == 3
+
+
+def test_the_ai_labeler_can_be_the_evaluation_judge(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import TINY_OVERRIDES
+
+    metrics = run(tmp_path, "sft", [*TINY_OVERRIDES, "eval.judge=lm"])
+    assert 0 <= metrics["eval/win_rate_ci_low"] <= metrics["eval/win_rate"] <= metrics["eval/win_rate_ci_high"] <= 1
+    assert "eval/gold_reward" in metrics  # the gold metrics stay: only who decides win rates changed
 
 
 def test_sl_cai_revision_turns_harmful_compliances_into_refusals_on_held_out_prompts(tmp_path):
