@@ -364,7 +364,7 @@ def _strip_prefix(row: dict, prefix: str) -> dict:
 def draw_iterations(runs: list[Run]) -> Drawn:
     groups = group_runs(runs)
     plt, colours = _plt(), _group_colours(runs, groups)
-    fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.8), layout="constrained")
+    fig, ax = plt.subplots(figsize=(COLUMN_WIDTH + 1.4, 2.8), layout="constrained")  # room for the legend beside it
     drawn, intervals, kinds = 0, [], set()
     for index, group in enumerate(groups):
         per_run = [_iterations(r) for r in group.runs]
