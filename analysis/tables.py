@@ -60,7 +60,7 @@ def _fmt(value) -> str:
             return "–"
         if float(value).is_integer() or abs(value) >= 1000:
             return f"{value:,.0f}"
-        return f"{value:.3f}"
+        return _three(value)
     return str(value)
 
 
