@@ -466,7 +466,7 @@ class Pipeline:
 
     def reference_samples(self, seed: int) -> tuple[Path, dict]:
         c = self.config.eval
-        key = {"sft": self.sft_key(), "eval": {k: v for k, v in to_dict(c).items() if k not in ("eval_every", "judge", "bootstrap_samples", "batch_size")}, "seed": seed}
+        key = {"sft": self.sft_key(), "eval": {k: v for k, v in to_dict(c).items() if k not in ("eval_every", "judge", "bootstrap_samples", "batch_size", "temperatures")}, "seed": seed}
         if self.world is None:
             key["prompts"] = self._eval_prompts_key()
         return self._stage("reference_samples", key, lambda tmp: self._build_reference_samples(tmp, seed))

@@ -43,6 +43,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import ParallelStrategy
 
+from alignbench.evaluation import evaluate_at_temperatures
 from alignbench.experiment import for_run, method_config, run_config_dict, run_name
 from alignbench.pipeline import Pipeline, RunContext, log
 from alignbench.registry import get_method
@@ -213,6 +214,8 @@ def _run(config, name: str, run_dir: Path, out: Path, group, pipeline, split: st
         metrics, records = context.evaluator.evaluate(responses, split=split, prefix="eval" if split == "test" else split)
         metrics.update(context.rm_metrics)
         metrics.update(context.budget.metrics())
+        if split == "test" and config.eval.temperatures:  # after the budget: these samples are evaluation's
+            metrics.update(evaluate_at_temperatures(module, context, config.seed))
         final_train = {k: v for row in history.rows() for k, v in row.items() if k.startswith("train/")}
         metrics.update(final_train)
         loggers[0].observers = []  # they watch training; these are the results
