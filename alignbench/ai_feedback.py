@@ -29,14 +29,33 @@ import numpy as np
 import torch
 from datasets import Dataset
 
-from alignbench.config import to_dict
-from alignbench.data import DemonstrationDataModule, PreferenceDataModule, preference_rows
+from alignbench.config import ConfigError, to_dict
+from alignbench.data import (
+    DemonstrationDataModule,
+    PreferenceDataModule,
+    preference_rows,
+)
 from alignbench.judges import LMJudge
-from alignbench.models import TINY_MODELS, RewardModel, TextCodec, build_tiny_policy, freeze, load_pretrained_policy, load_tokenizer
+from alignbench.models import (
+    TINY_MODELS,
+    RewardModel,
+    TextCodec,
+    build_tiny_policy,
+    freeze,
+    load_pretrained_policy,
+    load_tokenizer,
+)
 from alignbench.reward import RewardModelConfig, RewardModelTraining, score_texts
 from alignbench.sft import SupervisedFineTuning
 from alignbench.training import OptimConfig, TrainerConfig, make_trainer
-from alignbench.world import GENERAL_RULE, JUDGMENT_ANSWERS, JUDGMENT_REQUEST, RATING_ANSWERS, RATING_REQUEST, AssistantWorld
+from alignbench.world import (
+    GENERAL_RULE,
+    JUDGMENT_ANSWERS,
+    JUDGMENT_REQUEST,
+    RATING_ANSWERS,
+    RATING_REQUEST,
+    AssistantWorld,
+)
 
 if TYPE_CHECKING:
     from alignbench.pipeline import Pipeline
@@ -166,7 +185,7 @@ def labeler_key(pipeline: "Pipeline") -> dict:
 def ai_labeler(pipeline: "Pipeline") -> tuple[Path, dict]:
     """The fine-tuned world labeler's cached stage (`OUT/cache/ai_labeler-<hash>/`)."""
     if pipeline.config.ai_labeler.model not in (*TINY_MODELS, "sft"):
-        raise ValueError("only the SFT checkpoint or a named world model is fine-tuned as the AI labeler; a hub model is prompted as it is")
+        raise ConfigError("only the SFT checkpoint or a named world model is fine-tuned as the AI labeler; a hub model is prompted as it is")
     return pipeline._stage("ai_labeler", labeler_key(pipeline), lambda tmp: _build_ai_labeler(pipeline, tmp))
 
 
@@ -205,7 +224,7 @@ def _world_judge(model, codec: TextCodec, c: AILabelerConfig, world: AssistantWo
                  principle_sampling: str = "all") -> LMJudge:
     principles = principles or c.principles or ([GENERAL_RULE.text] if world is not None else None)
     if not principles:
-        raise ValueError("ai_labeler.principles must list the rule texts the labeler judges by (there is no world and no general rule)")
+        raise ConfigError("ai_labeler.principles must list the rule texts the labeler judges by (there is no world and no general rule)")
     return LMJudge(
         model, codec, principles,
         comparison_template=c.comparison_template or JUDGMENT_REQUEST, answer_words=c.answer_words or JUDGMENT_ANSWERS,
@@ -264,7 +283,7 @@ def _shared_pairs(pipeline: "Pipeline", n_pairs: int) -> list[dict]:
     with open(labels_dir / "overall.jsonl") as f:
         records = [json.loads(line) for line in f if line.strip()]
     if n_pairs > len(records):
-        raise ValueError(f"n_labels={n_pairs} is more than the {len(records)} labelled pairs; raise labels.n_prompts or lower n_labels")
+        raise ConfigError(f"n_labels={n_pairs} is more than the {len(records)} labelled pairs; raise labels.n_prompts or lower n_labels")
     return records[:n_pairs] if n_pairs else records
 
 

@@ -77,6 +77,7 @@ def judge_rows(pipeline, n_pairs: int) -> list[JudgeRow]:
     import numpy as np
 
     from alignbench.ai_feedback import load_ai_judge
+    from alignbench.config import ConfigError
     from alignbench.annotator import SimulatedAnnotator, annotator_profile
     from alignbench.judges import AnnotatorJudge, GoldJudge, RewardModelJudge
     from alignbench.models import RewardModel
@@ -84,10 +85,10 @@ def judge_rows(pipeline, n_pairs: int) -> list[JudgeRow]:
 
     world = pipeline.world
     if world is None:
-        raise ValueError("judge-report measures judges against the built-in world's gold reward; it needs data.source=world")
+        raise ConfigError("judge-report measures judges against the built-in world's gold reward; it needs data.source=world")
     prompts, a, b = holdout_pairs(pipeline, n_pairs)
     if not prompts:
-        raise ValueError("the labels stage has no held-out pairs; raise labels.n_prompts or reward_model.holdout_fraction")
+        raise ConfigError("the labels stage has no held-out pairs; raise labels.n_prompts or reward_model.holdout_fraction")
     gold_a = np.array([world.gold(p, y).reward for p, y in zip(prompts, a)])
     gold_b = np.array([world.gold(p, y).reward for p, y in zip(prompts, b)])
     rm_dir, _ = pipeline.reward_models()

@@ -29,12 +29,18 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-
-from alignbench.ai_feedback import labeler_key, fine_tune, holdout_accuracy, load_ai_judge, train_reward_model
-from alignbench.config import to_dict
-from alignbench.evaluation import EvalConfig, PolicyResponses, sample_policy
 from alignbench.methods.base import AlignmentMethod
 from alignbench.methods.ppo import PPO, PPOConfig
+
+from alignbench.ai_feedback import (
+    fine_tune,
+    holdout_accuracy,
+    labeler_key,
+    load_ai_judge,
+    train_reward_model,
+)
+from alignbench.config import ConfigError, to_dict
+from alignbench.evaluation import EvalConfig, PolicyResponses, sample_policy
 from alignbench.models import RewardModel, freeze, load_pretrained_policy
 from alignbench.reward import ProxyReward
 from alignbench.seeding import seeded_generator
@@ -77,7 +83,7 @@ def red_team_prompts(world: AssistantWorld, n: int, seed: int) -> list[str]:
 
 def _require_world(context, method: str) -> AssistantWorld:
     if context.world is None or context.pipeline is None:
-        raise ValueError(f"{method} needs the built-in world's red-team prompts and constitution texts; it does not run on a dataset yet")
+        raise ConfigError(f"{method} needs the built-in world's red-team prompts and constitution texts; it does not run on a dataset yet")
     return context.world
 
 

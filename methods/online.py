@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from alignbench.config import ConfigError
 from alignbench.data import PromptDataModule
 from alignbench.generation import sample
 from alignbench.logprobs import PackedBatch, sequence_logprobs
@@ -179,7 +180,7 @@ class OnlineRLMethod(AlignmentMethod):
     def __init__(self, config: OnlineConfig, context):
         if config.reward == "gold":
             if context.gold_judge is None:
-                raise ValueError("reward=gold needs a world with a gold reward; use reward=proxy or reward=helpfulness")
+                raise ConfigError("reward=gold needs a world with a gold reward; use reward=proxy or reward=helpfulness")
             self.feedback = "gold"  # the oracle spends no reward-model labels
         super().__init__(config, context)
         self.automatic_optimization = False

@@ -25,9 +25,10 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal, Sequence
 
 import numpy as np
+from alignbench.methods.ppo import PPO, PPOConfig
 
 from alignbench.ai_feedback import load_ai_judge, pair_reward_model
-from alignbench.methods.ppo import PPO, PPOConfig
+from alignbench.config import ConfigError
 from alignbench.reward import ProxyReward
 
 
@@ -53,7 +54,7 @@ class RLAIF(PPO):
 
     def __init__(self, config: RLAIFConfig, context):
         if context.pipeline is None:
-            raise ValueError(f"{self.name} builds a reward model through the run's pipeline; run it with `alignbench run`")
+            raise ConfigError(f"{self.name} builds a reward model through the run's pipeline; run it with `alignbench run`")
         reward_model, summary = pair_reward_model(context.pipeline, self.labeler, config.n_labels)
         # This run's reward is its own reward model; the shared human RMs stay the evaluation's proxy.
         own = dataclasses.replace(context, proxy=ProxyReward(context.codec, reward_model), reward_model_labels=0)
@@ -92,7 +93,7 @@ class RLAIFDirect(PPO):
 
     def __init__(self, config: RLAIFDirectConfig, context):
         if context.pipeline is None:
-            raise ValueError("rlaif_direct loads the AI labeler through the run's pipeline; run it with `alignbench run`")
+            raise ConfigError("rlaif_direct loads the AI labeler through the run's pipeline; run it with `alignbench run`")
         super().__init__(config, dataclasses.replace(context, reward_model_labels=0))
         self.judge = load_ai_judge(context.pipeline)
         context.rm_metrics.clear()  # no reward model is trained or used

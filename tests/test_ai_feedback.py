@@ -78,6 +78,16 @@ def test_the_ai_labeler_can_be_the_evaluation_judge(tmp_path):
     assert "eval/gold_reward" in metrics  # the gold metrics stay: only who decides win rates changed
 
 
+def test_a_label_budget_beyond_the_labelled_pairs_is_a_user_error(tmp_path, capsys):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import TINY_OVERRIDES
+
+    assert main(["run", "quickstart", "method=rlaif", *TINY_OVERRIDES, "rlaif.n_labels=100000", f"--out={tmp_path}"]) == 2
+    assert "n_labels=100000 is more than the" in capsys.readouterr().err
+
+
 def test_sl_cai_revision_turns_harmful_compliances_into_refusals_on_held_out_prompts(tmp_path):
     """The helpful-only policy, trained on the world's critique and revision tasks, is prompted to
     critique and revise held-out compliances by the harmlessness principle: most become refusals."""
