@@ -252,8 +252,8 @@ class Constitutional(PPO):
         self.budget.policy_samples += sl_summary["policy_samples"] + pm_summary.get("policy_samples", 0)
         self.budget.ai_labels += pm_summary.get("ai_labels", 0)
         self.budget.human_labels += pm_summary.get("human_labels", 0)
-        context.rm_metrics.clear()  # rm/* describe the preference model this run trained on
-        context.rm_metrics.update({k: v for k, v in pm_summary.items() if k.startswith("rm/")})
+        if "rm/accuracy" in pm_summary:  # the preference model this run optimises
+            context.rm_metrics["rm/optimised_accuracy"] = pm_summary["rm/accuracy"]
 
     @staticmethod
     def _preference_model(pipeline, world: AssistantWorld, c: ConstitutionalConfig, sl_dir: Path, seed: int) -> tuple[RewardModel, dict]:

@@ -14,8 +14,9 @@ reward model's score minus the KL penalty to the SFT policy, exactly as PPO-RLHF
                   (0..10) and the expected rating, scaled to [0, 1], is the reward
 
 Budgets: AI labels count in `budget/ai_labels` (for d-RLAIF, one per rollout rated), human
-labels in `budget/human_labels`; `rm/accuracy` is the accuracy against gold of the reward
-model this run trains on.
+labels in `budget/human_labels`; `rm/optimised_accuracy` is the held-out accuracy against gold
+of the reward model this run optimises (`rm/*` otherwise describe the shared reward models,
+which give every run's `eval/proxy_reward`).
 """
 
 from __future__ import annotations
@@ -63,8 +64,8 @@ class RLAIF(PPO):
             self.budget.ai_labels += summary["labels"]
         else:
             self.budget.human_labels += summary["labels"]
-        context.rm_metrics.clear()  # rm/* describe the reward model this run trained on
-        context.rm_metrics.update({k: v for k, v in summary.items() if k.startswith("rm/")})
+        if "rm/accuracy" in summary:  # rm/* stay the shared RMs' (the evaluation's proxy); this run's own:
+            context.rm_metrics["rm/optimised_accuracy"] = summary["rm/accuracy"]
 
 
 class RLHFOneRM(RLAIF):
@@ -96,7 +97,6 @@ class RLAIFDirect(PPO):
             raise ConfigError("rlaif_direct loads the AI labeler through the run's pipeline; run it with `alignbench run`")
         super().__init__(config, dataclasses.replace(context, reward_model_labels=0))
         self.judge = load_ai_judge(context.pipeline)
-        context.rm_metrics.clear()  # no reward model is trained or used
 
     def on_fit_start(self) -> None:
         super().on_fit_start()

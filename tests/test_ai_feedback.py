@@ -42,7 +42,8 @@ def test_rlaif_spends_ai_labels_and_its_control_the_same_number_of_human_labels(
     assert metrics["rlhf_one_rm"]["budget/human_labels"] == 40 and metrics["rlhf_one_rm"]["budget/ai_labels"] == 0
     assert stage_summary(out, "ai_labels")["ai_labels"] == 40
     for method in ("rlaif", "rlhf_one_rm"):
-        assert 0 <= metrics[method]["rm/accuracy"] <= 1  # the reward model this run trained on
+        assert 0 <= metrics[method]["rm/optimised_accuracy"] <= 1  # the reward model this run trained on
+        assert "rm/helpfulness_accuracy" in metrics[method]  # the shared RMs behind eval/proxy_reward
         assert metrics[method]["budget/policy_samples"] >= 2 * 16  # two PPO iterations of 16 rollouts
     # the soft labels are the judge's order-averaged probabilities
     labels = [json.loads(line)["label"] for line in next((out / "cache").glob("ai_labels-*/pairs.jsonl")).open()]
@@ -53,7 +54,7 @@ def test_direct_rlaif_spends_one_ai_label_per_rollout_and_no_human_label(ai_runs
     _, metrics = ai_runs
     assert metrics["rlaif_direct"]["budget/ai_labels"] == 2 * 16
     assert metrics["rlaif_direct"]["budget/human_labels"] == 0
-    assert not any(k.startswith("rm/") for k in metrics["rlaif_direct"])
+    assert "rm/optimised_accuracy" not in metrics["rlaif_direct"]  # no reward model is optimised
 
 
 def test_constitutional_budget_adds_up_from_its_stages(ai_runs):
