@@ -340,16 +340,9 @@ def pair_reward_model(pipeline: "Pipeline", labeler: Literal["ai", "human"], n_p
 
 def holdout_accuracy(pipeline: "Pipeline", model: RewardModel) -> dict[str, float]:
     """`rm/accuracy`: agreement with the gold reward on the held-out labelled prompts' pairs whose gold rewards differ."""
-    labels_dir, _ = pipeline.labels()
-    with open(labels_dir / "holdout.jsonl") as f:
-        holdout = [json.loads(line) for line in f if line.strip()]
-    prompts, firsts, seconds = [], [], []
-    for row in holdout:
-        for i, a in enumerate(row["responses"]):
-            for b in row["responses"][i + 1 :]:
-                prompts.append(row["prompt"])
-                firsts.append(a)
-                seconds.append(b)
+    from alignbench.pipeline import holdout_pairs, read_holdout
+
+    prompts, firsts, seconds = holdout_pairs(read_holdout(pipeline))
     gold_a = np.array([pipeline.world.gold(p, y).reward for p, y in zip(prompts, firsts)])
     gold_b = np.array([pipeline.world.gold(p, y).reward for p, y in zip(prompts, seconds)])
     score_a = score_texts(model, pipeline.codec, prompts, firsts).numpy()

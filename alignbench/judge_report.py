@@ -44,16 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def holdout_pairs(pipeline, n: int) -> tuple[list[str], list[str], list[str]]:
     """Up to n pairs of distinct SFT samples to the held-out labelled prompts."""
-    labels_dir, _ = pipeline.labels()
-    prompts, firsts, seconds = [], [], []
-    with open(labels_dir / "holdout.jsonl") as f:
-        for line in f:
-            row = json.loads(line)
-            for i, a in enumerate(row["responses"]):
-                for b in row["responses"][i + 1 :]:
-                    prompts.append(row["prompt"])
-                    firsts.append(a)
-                    seconds.append(b)
+    from alignbench.pipeline import holdout_pairs, read_holdout
+
+    prompts, firsts, seconds = holdout_pairs(read_holdout(pipeline))
     return prompts[:n], firsts[:n], seconds[:n]
 
 

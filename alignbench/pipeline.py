@@ -424,13 +424,7 @@ class Pipeline:
 
     def _reward_accuracy(self, models: dict[str, RewardModel], holdout: list[dict]) -> dict[str, float]:
         """Held-out accuracy against gold, on pairs whose gold scores differ (`rm/*`)."""
-        prompts, responses = [], []
-        for row in holdout:
-            for a in range(len(row["responses"])):
-                for b in range(a + 1, len(row["responses"])):
-                    prompts.append(row["prompt"])
-                    responses.append((row["responses"][a], row["responses"][b]))
-        firsts, seconds = [a for a, _ in responses], [b for _, b in responses]
+        prompts, firsts, seconds = holdout_pairs(holdout)
         gold_a = [self.world.gold(p, y) for p, y in zip(prompts, firsts)]
         gold_b = [self.world.gold(p, y) for p, y in zip(prompts, seconds)]
         proxy = ProxyReward(self.codec, models["helpfulness"], models.get("safety"))
@@ -625,6 +619,25 @@ def _check_real_data_config(config) -> None:
     for key, value in lengths:
         if value <= config.data.max_prompt_tokens:
             raise ConfigError(f"{key}={value} must be larger than data.max_prompt_tokens={config.data.max_prompt_tokens}, so that the longest prompt kept leaves room for a response")
+
+
+def holdout_pairs(holdout: list[dict]) -> tuple[list[str], list[str], list[str]]:
+    """Every pair of distinct responses of the held-out labelled prompts (`holdout.jsonl` rows):
+    prompts, first responses, second responses."""
+    prompts, firsts, seconds = [], [], []
+    for row in holdout:
+        for i, a in enumerate(row["responses"]):
+            for b in row["responses"][i + 1 :]:
+                prompts.append(row["prompt"])
+                firsts.append(a)
+                seconds.append(b)
+    return prompts, firsts, seconds
+
+
+def read_holdout(pipeline: "Pipeline") -> list[dict]:
+    """The labels stage's held-out prompts and their sampled responses."""
+    labels_dir, _ = pipeline.labels()
+    return _read_jsonl(labels_dir / "holdout.jsonl")
 
 
 def _read_jsonl(path: Path) -> list[dict]:
