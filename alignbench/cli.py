@@ -67,10 +67,18 @@ def _print_results(directory: Path, fmt: str) -> None:
 
 
 def cmd_run(args) -> None:
-    from alignbench.experiment import load_experiment
+    from alignbench.experiment import for_run, load_experiment, run_name
     from alignbench.runner import run_one
 
     config = load_experiment(args.experiment, args.overrides)
+    if args.expect_run_name and run_name(for_run(config)) != args.expect_run_name:
+        # A sweep names each run before starting its process; the names differ when alignbench
+        # or the experiment file changed since. Running anyway would finish a run the sweep does
+        # not know, and the sweep's rerun would add a second row for it.
+        raise ConfigError(
+            f"this run resolves to {run_name(for_run(config))}, but the sweep that started it expects "
+            f"{args.expect_run_name}: alignbench or the experiment file changed while the sweep ran; rerun the sweep"
+        )
     result = run_one(config, Path(args.out))
     metrics = result["metrics"]
     keys = [k for k in metrics if k.startswith("eval/") and not k.endswith(("_ci_low", "_ci_high"))]
@@ -131,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("run", cmd_run, "one run: one method, one seed (dotted key=value or --key=value overrides)")
     p.add_argument("experiment", help="a shipped experiment name (quickstart) or a YAML path")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method=dpo dpo.beta=0.2")
+    p.add_argument("--expect-run-name", default=None, help=argparse.SUPPRESS)  # set by `alignbench sweep`
     p = add("results", cmd_results, "the results table of an experiment directory")
     p.add_argument("directory")
     p.add_argument("--format", choices=["md", "csv", "latex"], default="md")

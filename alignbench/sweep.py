@@ -243,7 +243,7 @@ def run_sweep(experiment: str, overrides: list[str], out: Path, workers: int = 1
                 with open(run_dir / "run.log", "a") as handle:
                     handle.write(f"--- attempt {status[run.name]['attempts']} ---\n")
                     handle.flush()
-                    command = [sys.executable, "-m", "alignbench", "run", path, *overrides, *run.argv, "--out", str(out)]
+                    command = [sys.executable, "-m", "alignbench", "run", path, *overrides, *run.argv, "--out", str(out), "--expect-run-name", run.name]
                     process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=_run_environment(workers, slot, run.config.trainer.distributed))
                 running[process] = (run, slot, time.perf_counter())
                 log(f"started {run.label} ({run.name}); log: {run_dir / 'run.log'}")
@@ -255,8 +255,6 @@ def run_sweep(experiment: str, overrides: list[str], out: Path, workers: int = 1
                 if process.returncode == 0:
                     entry["status"] = "finished"
                     log(f"finished {run.label} in {time.perf_counter() - began:.0f}s ({len(todo) - len(pending) - len(running)} of {len(todo)} done)")
-                    if not (folder / run.name / "metrics.json").exists():  # not retried: it would do the same
-                        log(f"warning: {run.label} finished but not as {run.name}: its config resolves differently now (was alignbench changed while the sweep ran?); see {folder / run.name / 'run.log'}")
                     continue
                 log_path = folder / run.name / "run.log"
                 if entry["attempts"] <= spec.max_retries:

@@ -178,3 +178,19 @@ def test_a_failed_run_is_retried_then_reported_and_a_finished_run_is_skipped(tmp
     assert runs["sft"]["attempts"] == 0 and runs["sft"]["status"] == "finished"  # skipped: not started again
     assert runs["dpo"]["attempts"] == 1 and runs["dpo"]["status"] == "failed"
     assert "2 runs, 1 finished, 1 to run" in capsys.readouterr().out
+
+
+def test_a_sweep_run_whose_config_resolves_differently_refuses_to_start(tmp_path, capsys):
+    """`alignbench sweep` passes each worker the run name it expects; a worker whose config now
+    resolves to another name (alignbench or the file changed mid-sweep) must not run, or the
+    sweep's rerun would add a second row for the same method and seed."""
+    from alignbench.cli import main
+    from tests.conftest import TINY_OVERRIDES
+
+    path = _write(tmp_path / "one.yaml", {"name": "one", "methods": ["sft"], "seeds": [0], "tracking": {"wandb": "disabled"}})
+    out = tmp_path / "runs"
+    code = main(["run", str(path), "method=sft", "seed=0", *TINY_OVERRIDES, "--out", str(out), "--expect-run-name", "sft-seed0-00000000"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "expects sft-seed0-00000000" in err and "rerun the sweep" in err
+    assert not out.exists() or not list(out.rglob("metrics.json"))
