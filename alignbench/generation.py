@@ -281,11 +281,6 @@ class _LlamaDecoder:
         attention = self.layers[0].self_attn
         self.num_heads, self.head_dim = model.config.num_attention_heads, attention.head_dim
         self.scaling = getattr(attention, "scaling", self.head_dim**-0.5)  # an attribute since transformers 4.48
-        # Fewer, larger matmuls: a tiny model's decoding step costs about as much in per-operation
-        # overhead as in arithmetic, so each layer's q, k and v come from one projection, and
-        # SwiGLU's gate and up from another.
-        self.qkv = [_stacked(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj) for layer in self.layers]
-        self.gate_up = [_stacked(layer.mlp.gate_proj, layer.mlp.up_proj) for layer in self.layers]
         weight = self.embed.weight
         shape = (len(self.layers), num_rows, self.num_heads, max_length, self.head_dim)
         self.keys = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
@@ -328,6 +323,7 @@ class _LlamaDecoder:
         """As :meth:`_TransformersDecoder.__call__`."""
         rows, new = input_ids.shape
         start, end = self.length, self.length + new
+        split = (rows, new, self.num_heads, self.head_dim)
         hidden = self.embed(input_ids)
         cos, sin = self.rotary(hidden, position_ids)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
@@ -342,18 +338,19 @@ class _LlamaDecoder:
             bias = torch.zeros(key_mask.shape, dtype=hidden.dtype, device=hidden.device).masked_fill_(~key_mask, float("-inf"))
             key_mask = bias.expand(rows, self.num_heads, 1, width).reshape(rows * self.num_heads, 1, width)
         for index, layer in enumerate(self.layers):
+            attention, mlp = layer.self_attn, layer.mlp
             residual = hidden
             hidden = _rms_norm(layer.input_layernorm, hidden)
-            query, key, value = F.linear(hidden, *self.qkv[index]).view(rows, new, 3, self.num_heads, self.head_dim).transpose(1, 3).unbind(2)
+            query = attention.q_proj(hidden).view(split).transpose(1, 2)
+            key = attention.k_proj(hidden).view(split).transpose(1, 2)
+            self.values[index, :, :, start:end] = attention.v_proj(hidden).view(split).transpose(1, 2)
             query = (query * cos) + (_rotate_half(query) * sin)
             self.keys[index, :, :, start:end] = (key * cos) + (_rotate_half(key) * sin)
-            self.values[index, :, :, start:end] = value
             output = self._attention(query, self.keys[index], self.values[index], key_mask)
-            hidden = residual + layer.self_attn.o_proj(output.transpose(1, 2).reshape(rows, new, -1))
+            hidden = residual + attention.o_proj(output.transpose(1, 2).reshape(rows, new, -1))
             residual = hidden
             hidden = _rms_norm(layer.post_attention_layernorm, hidden)
-            gate, up = F.linear(hidden, *self.gate_up[index]).chunk(2, dim=-1)
-            hidden = residual + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+            hidden = residual + mlp.down_proj(mlp.act_fn(mlp.gate_proj(hidden)) * mlp.up_proj(hidden))
         self.length = end
         # RMSNorm and the head act on each position alone: only the last one is needed.
         return self.lm_head(_rms_norm(self.norm, hidden[:, -1:]))[:, -1]
@@ -387,12 +384,6 @@ def _rms_norm(norm: nn.Module, hidden: Tensor) -> Tensor:
     variance = hidden.pow(2).mean(-1, keepdim=True)
     hidden = hidden * torch.rsqrt(variance + norm.variance_epsilon)
     return norm.weight * (hidden if dtype == torch.float32 else hidden.to(dtype))
-
-
-def _stacked(*linears: nn.Linear) -> tuple[Tensor, Tensor | None]:
-    """Weight and bias of one linear layer computing ``linears`` side by side."""
-    bias = None if linears[0].bias is None else torch.cat([linear.bias for linear in linears])
-    return torch.cat([linear.weight for linear in linears]), bias
 
 
 def _rotate_half(x: Tensor) -> Tensor:
