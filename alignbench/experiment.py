@@ -129,7 +129,8 @@ def shipped_experiments() -> dict[str, Path]:
 def find_experiment(name_or_path: str) -> Path:
     """A YAML path, or a bare name of a shipped experiment (`quickstart`)."""
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    # A folder of that name (`--out .` writes OUT/<experiment>/) does not hide the shipped experiment.
+    if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
             raise ConfigError(f"experiment file not found: {name_or_path}")
         return path

@@ -81,3 +81,14 @@ def test_key_value_and_dash_dash_forms_resolve_identically():
 def test_console_script_runs_from_another_directory(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "alignbench", "methods"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 0 and "dpo" in proc.stdout
+
+
+def test_a_folder_named_like_a_shipped_experiment_does_not_hide_it(tmp_path, monkeypatch):
+    """`--out .` writes ./quickstart/; `alignbench run quickstart` from there still means the shipped file."""
+    from alignbench.experiment import find_experiment, shipped_experiments
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "quickstart").mkdir()
+    assert find_experiment("quickstart") == shipped_experiments()["quickstart"]
+    (tmp_path / "mine.yaml").write_text("name: mine\n")
+    assert find_experiment("mine.yaml").resolve() == (tmp_path / "mine.yaml").resolve()
