@@ -87,7 +87,7 @@ class PeriodicEvaluation(Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         step = trainer.global_step
         if self.every and step % self.every == 0:
-            metrics = module.validate(step)
+            metrics = module.validate()
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
 

@@ -107,10 +107,13 @@ class AlignmentMethod(L.LightningModule):
         ctx = self.context
         return ctx.proxy.score(list(prompts), list(responses), [ctx.harmful_of(p) for p in prompts]).numpy()
 
-    def validate(self, step: int) -> dict[str, float]:
+    def validate(self) -> dict[str, float]:
         """`val/*` metrics of the current policy on the validation split."""
         ctx = self.context
-        responses = self.respond(ctx.evaluator.prompts["val"], seeded_generator(ctx.seed, "val", step))
+        # The same random numbers at every evaluation (common random numbers): the samples of two
+        # checkpoints differ only where the policies do, so the change between evaluations is
+        # measured with far less noise than two independent 256-prompt samples would give.
+        responses = self.respond(ctx.evaluator.prompts["val"], seeded_generator(ctx.seed, "val"))
         return ctx.evaluator.evaluate(responses, split="val", prefix="val")[0]
 
     def configure_optimizers(self):
@@ -233,7 +236,7 @@ class SampleAndTuneMethod(AlignmentMethod):
             fit(self.round_datamodule(examples), self.config.epochs)
         else:  # e.g. nothing a barely trained policy wrote can be relabeled: nothing to learn from
             log(f"round {round_number} of {self.name} kept no training examples; the policy is unchanged")
-        fit.log({"round": round_number, "train/examples": len(examples), **self.validate(fit.step_offset)})
+        fit.log({"round": round_number, "train/examples": len(examples), **self.validate()})
 
     def training_step(self, batch, batch_idx: int):
         loss, _ = response_nll(self.policy, batch.batch)

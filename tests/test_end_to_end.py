@@ -156,3 +156,18 @@ def test_rounds_are_logged_with_their_round(quickstart_dir):
     rs = _runs(quickstart_dir)["rejection_sampling"]
     rs_rows = [json.loads(line) for line in (quickstart_dir / "quickstart" / rs["run_name"] / "history.jsonl").read_text().splitlines()]
     assert [row["train/examples"] for row in rs_rows if "round" in row] == [50, 100, 150]  # winners of all rounds kept
+
+
+def test_validations_draw_the_same_random_numbers_so_only_policy_changes_move_them(quickstart_dir):
+    """Common random numbers: every periodic validation samples with the same generator, so two
+    validations of the same policy agree exactly and a change between checkpoints is the
+    policies' difference, not two independent draws."""
+    from alignbench.experiment import for_run, load_experiment, method_config
+    from alignbench.pipeline import Pipeline
+    from alignbench.registry import get_method
+    from tests.conftest import TINY_OVERRIDES
+
+    config = for_run(load_experiment("quickstart", [*TINY_OVERRIDES, "eval.eval_every=4"]), "dpo", 0)
+    module = get_method("dpo")(method_config(config), Pipeline(config, quickstart_dir).context(0))
+    first, second = module.validate(), module.validate()
+    assert first["val/gold_reward"] == second["val/gold_reward"] and first == second
