@@ -187,6 +187,9 @@ class RoundsConfig(MethodConfig):
     """Policy samples per prompt and round."""
     temperature: float = 1.0
     """Sampling temperature of the rounds."""
+    init: Literal["continue", "sft"] = "continue"
+    """Each round after the first fine-tunes the latest policy ("continue") or starts again from
+    the SFT policy ("sft"; the samples still come from the latest policy)."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -226,9 +229,16 @@ class SampleAndTuneMethod(AlignmentMethod):
 
     def train_policy(self, fit) -> None:
         for r in range(self.config.rounds):
-            self.tune(fit, r + 1, self.examples(r, *self.grow(r)))
+            prompts, responses = self.grow(r)
+            if self.config.init == "sft" and r > 0:
+                self.restart_from_sft()
+            self.tune(fit, r + 1, self.examples(r, prompts, responses))
             if fit.stopped_by_kl_budget:
                 break
+
+    def restart_from_sft(self) -> None:
+        """Reset the policy's weights to the SFT policy's (the next fit starts a fresh optimiser)."""
+        self.policy.load_state_dict(self.context.load_policy().state_dict())
 
     def tune(self, fit, round_number: int, examples: list[dict]) -> None:
         """Fine-tune on one round's examples, then evaluate and log the round."""

@@ -39,8 +39,10 @@ class RejectionSamplingConfig(RoundsConfig):
     """Train each round on the winners of all rounds so far (Llama 2's fix for forgetting)."""
     batch_size: int = 32
     """Winners per step."""
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_ratio=0.05))
-    """Optimiser."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1.5e-4, warmup_ratio=0.05))
+    """Optimiser. Each round trains on every earlier round's winners again: on the quickstart, 3e-4
+    reached KL 0.97 and its third round lost gold reward on the validation split; 1.5e-4 rose every
+    round and ended at KL 0.63 with the same win rate."""
 
     def __post_init__(self):
         super().__post_init__()

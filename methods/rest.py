@@ -60,7 +60,7 @@ class ReST(SampleAndTuneMethod):
         for g in range(c.rounds):
             prompts, responses = self.grow(g)  # Grow samples from the latest policy...
             if c.init == "sft" and g > 0:  # ...and Improve fine-tunes from the SFT initialisation
-                self.policy.load_state_dict(self.context.load_policy().state_dict())
+                self.restart_from_sft()
             flat_prompts = [p for p, ys in zip(prompts, responses) for _ in ys]
             flat = [y for ys in responses for y in ys]
             scores = self.reward_scores(flat_prompts, flat)
