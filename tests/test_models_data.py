@@ -122,3 +122,17 @@ def test_dpo_fit_on_a_tiny_model_learns_the_preference_and_generalises(world, co
     assert sum(losses[-5:]) / 5 < 0.3
     assert accuracy(test) > 0.95
     assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+
+
+def test_score_texts_scores_each_text_as_alone_whatever_its_duplicates_and_batch(codec):
+    """score_texts scores each distinct (prompt, response) once, in length-sorted batches, and
+    returns the scores in the input order: each equals that text scored on its own."""
+    from alignbench.reward import score_texts
+
+    rm = RewardModel.from_policy(build_tiny_policy("world-tiny", codec.tokenizer, seed=1)).eval()
+    prompts = ["count from 4 to 9", "sort 3 1 2", "count from 4 to 9", "repeat cat 3 times", "sort 3 1 2"]
+    responses = ["4 5 6 7 8 9", "1 2 3", "4 5 6 7 8 9", "cat", "3 2 1"]
+    batched = score_texts(rm, codec, prompts, responses, batch_size=2)
+    alone = torch.stack([score_texts(rm, codec, [p], [y])[0] for p, y in zip(prompts, responses)])
+    assert torch.allclose(batched, alone, atol=1e-5)
+    assert batched[0] == batched[2] and batched[1] != batched[4]
