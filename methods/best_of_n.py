@@ -43,12 +43,8 @@ class BestOfN(AlignmentMethod):
         n, ctx = self.config.n, self.context
         candidates = sample_policy(self.policy, None, ctx.codec, prompts, ctx.eval_config, generator, desc=desc, num_samples=n)
         self.budget.policy_samples += len(candidates.texts)
-        repeated = [p for p in prompts for _ in range(n)]
-        # A tiny policy repeats itself: score each distinct (prompt, response) once.
-        distinct = {pair: i for i, pair in enumerate(dict.fromkeys(zip(repeated, candidates.texts)))}
-        scores = self.select_scores([p for p, _ in distinct], [y for _, y in distinct])
-        scores = scores[[distinct[pair] for pair in zip(repeated, candidates.texts)]]
-        best = scores.reshape(len(prompts), n).argmax(axis=1)
+        scores = self.select_scores([p for p in prompts for _ in range(n)], candidates.texts)  # score_texts scores repeats once
+        best = np.asarray(scores).reshape(len(prompts), n).argmax(axis=1)
         chosen = np.arange(len(prompts)) * n + best
         return PolicyResponses(
             [candidates.response_ids[i] for i in chosen], [candidates.texts[i] for i in chosen], analytic_kl=best_of_n_kl(n)
