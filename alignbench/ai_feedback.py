@@ -115,6 +115,11 @@ class AILabelerConfig:
 
 
 # --- the world labeler's training texts ---------------------------------------------------
+def labeler_prompts(world: AssistantWorld, config: AILabelerConfig, split: str = "train") -> list[str]:
+    """The prompts the labeler's training texts are drawn from (and its policy samples answer)."""
+    return world.sample_prompts(split, config.n_examples * 2, seed=config.seed + 7)
+
+
 def judgment_examples(world: AssistantWorld, config: AILabelerConfig, policy_samples: dict[str, list[str]] | None = None,
                       split: str = "train") -> tuple[list[str], list[str]]:
     """(request, answer) texts: pairs of answers compared by the general rule or a random
@@ -122,7 +127,7 @@ def judgment_examples(world: AssistantWorld, config: AILabelerConfig, policy_sam
     the gold score by that rule. Answers are the demonstrator's, or for prompts in
     `policy_samples` the policy's (two samples each)."""
     rng = np.random.default_rng([config.seed, 17])
-    prompts = world.sample_prompts(split, config.n_examples * 2, seed=config.seed + 7)
+    prompts = labeler_prompts(world, config, split)
     requests, answers = [], []
     policy_samples = policy_samples or {}
     for prompt in prompts:
@@ -211,7 +216,7 @@ def _policy_samples(pipeline: "Pipeline", policy, c: AILabelerConfig) -> dict[st
     from alignbench.evaluation import EvalConfig, sample_policy
     from alignbench.seeding import seeded_generator
 
-    prompts = sorted(set(pipeline.world.sample_prompts("train", c.n_examples * 2, seed=c.seed + 7)))
+    prompts = sorted(set(labeler_prompts(pipeline.world, c)))
     chosen = [prompts[i] for i in np.random.default_rng([c.seed, 19]).permutation(len(prompts))[: int(c.policy_sample_fraction * c.n_examples)]]
     if not chosen:
         return {}
@@ -272,7 +277,7 @@ def principle_agreement(judge: LMJudge, world: AssistantWorld, n: int, seed: int
         p = judge.prefer_batch([r[0] for r in subset], [r[1] for r in subset], [r[2] for r in subset])
         correct[rule is GENERAL_RULE] += [float((pi > 0.5) == (r[4] == 1.0)) for pi, r in zip(p, subset)]
     judge.principles = principles
-    mean = lambda xs: float(np.mean(xs)) if xs else float("nan")  # noqa: E731
+    mean = lambda xs: float(np.mean(xs)) if xs else float("nan")
     return {"general_accuracy": mean(correct[True]), "principle_accuracy": mean(correct[False]), "judged_pairs": len(rows)}
 
 

@@ -71,12 +71,13 @@ def cmd_run(args) -> None:
     from alignbench.runner import run_one
 
     config = load_experiment(args.experiment, args.overrides)
-    if args.expect_run_name and run_name(for_run(config)) != args.expect_run_name:
+    name = run_name(for_run(config))
+    if args.expect_run_name and name != args.expect_run_name:
         # A sweep names each run before starting its process; the names differ when alignbench
         # or the experiment file changed since. Running anyway would finish a run the sweep does
         # not know, and the sweep's rerun would add a second row for it.
         raise ConfigError(
-            f"this run resolves to {run_name(for_run(config))}, but the sweep that started it expects "
+            f"this run resolves to {name}, but the sweep that started it expects "
             f"{args.expect_run_name}: alignbench or the experiment file changed while the sweep ran; rerun the sweep"
         )
     result = run_one(config, Path(args.out))
