@@ -169,9 +169,9 @@ def train_reward_model(policy, codec: TextCodec, records: list[dict], config: Re
     """A reward model (the policy's backbone + a scalar head) trained with the ranking loss on pair
     records ({prompt, chosen, rejected, margin?, label?}), its scores centred on the labelled responses."""
     data = PreferenceDataModule(preference_rows(records, allow_empty_responses=True), codec, config.batch_size, config.max_length, seed=seed)
-    model = RewardModel.from_policy(policy)
+    torch.manual_seed(seed)  # before the head's initialisation: not whatever ran before in this process
+    model = RewardModel.from_policy(policy, likelihood=config.likelihood)
     total = len(data.train_dataloader()) * config.epochs
-    torch.manual_seed(seed)
     make_trainer(trainer, max_steps=total, max_epochs=config.epochs, grad_clip=config.optim.grad_clip).fit(RewardModelTraining(model, config, total), datamodule=data)
     model.eval()
     prompts = [r["prompt"] for r in records for _ in (0, 1)]

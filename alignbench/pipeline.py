@@ -40,7 +40,7 @@ from alignbench.models import (
     load_pretrained_policy, load_tokenizer, merge_lora, prepare_for_training, weights_dtype,
 )
 from alignbench.reward import ProxyReward, RewardModelTraining, fit_calibration, score_texts
-from alignbench.seeding import seeded_generator
+from alignbench.seeding import preserved_global_random_state, seeded_generator
 from alignbench.sft import SupervisedFineTuning
 from alignbench.training import Budget, make_trainer
 from alignbench.world import AssistantWorld
@@ -79,7 +79,8 @@ def cached_stage(out: Path, stage: str, key: dict, build: Callable[[Path], dict]
         tmp.mkdir(parents=True)
         log(f"building {stage} stage -> {directory}")
         started = time.perf_counter()
-        summary = build(tmp)
+        with preserved_global_random_state():  # built here or read from the cache, the caller's random stream is the same
+            summary = build(tmp)
         summary["seconds"] = round(time.perf_counter() - started, 1)
         (tmp / "key.json").write_text(json.dumps(key, indent=2))
         (tmp / "stage.json").write_text(json.dumps(summary, indent=2))
@@ -375,9 +376,9 @@ class Pipeline:
                 if "margin_level" in r:  # the world's annotators give Llama 2's margin levels
                     r["margin"] = LLAMA2_MARGIN_SMALL[r["margin_level"]]
             data = PreferenceDataModule(preference_rows(records, allow_empty_responses=True), self.codec, c.batch_size, c.max_length, seed=self.config.labels.seed)
+            torch.manual_seed(self.config.labels.seed)  # before the head's initialisation: not whatever ran before in this process
             model = self._new_reward_model(policy, sft_dir)
             total = len(data.train_dataloader()) * c.epochs
-            torch.manual_seed(self.config.labels.seed)
             make_trainer(self.config.trainer, max_steps=total, max_epochs=c.epochs, grad_clip=c.optim.grad_clip).fit(RewardModelTraining(model, c, total), datamodule=data)
             model.backbone = merge_lora(model.backbone)
             model.eval()
@@ -418,8 +419,10 @@ class Pipeline:
             classifier.config.pad_token_id = self.codec.pad_token_id  # transformers pools its own forward at the last non-pad token
             model = RewardModel.from_sequence_classifier(classifier)
         else:
-            model = RewardModel.from_policy(policy)
+            model = RewardModel.from_policy(policy, likelihood=c.reward_model.likelihood)
         model.backbone = prepare_for_training(model.backbone, c.model.lora, c.model.gradient_checkpointing, seed=c.labels.seed, causal_lm=False)
+        if c.model.lora.enabled and getattr(model, "lm_head", None) is not None:
+            model.lm_head.requires_grad_(False)  # an untied LM head is as large as the embeddings LoRA leaves frozen
         return model
 
     def _reward_accuracy(self, models: dict[str, RewardModel], holdout: list[dict]) -> dict[str, float]:

@@ -26,6 +26,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
         (["run", "missing.yaml"], "experiment file not found: missing.yaml"),
         (["run", "quickstart", "dpo.beta"], "bad override 'dpo.beta'"),
         (["run", "quickstart"], "choose one with method=NAME"),
+        (["run", "quickstart", "method=sft", "reward_model.architecture=sequence_classification"], "set reward_model.likelihood=none"),
     ],
 )
 def test_bad_input_names_the_problem_and_exits_2(args, expected, tmp_path, capsys):

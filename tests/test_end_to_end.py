@@ -110,6 +110,58 @@ def test_rerun_reuses_cached_stages_and_gives_identical_metrics(quickstart_dir, 
         (tmp_path / "first").rename(quickstart_dir / "quickstart")
 
 
+def test_building_a_stage_leaves_the_callers_random_stream_alone(tmp_path):
+    """A stage built inside a run must leave the run's random draws as reading it from the cache would."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from alignbench.pipeline import cached_stage
+
+    def build(tmp: Path) -> dict:
+        torch.manual_seed(99)
+        return {"draws": [float(torch.rand(1)), float(np.random.rand()), random.random()]}
+
+    def draws() -> list[float]:
+        return [float(torch.rand(1)), float(np.random.rand()), random.random()]
+
+    torch.manual_seed(0), np.random.seed(0), random.seed(0)
+    expected = draws()
+    torch.manual_seed(0), np.random.seed(0), random.seed(0)
+    cached_stage(tmp_path, "noisy", {"k": 1}, build)
+    assert draws() == expected
+
+
+def test_reward_models_do_not_depend_on_what_ran_before_in_the_process(quickstart_dir, tmp_path):
+    """The quickstart built its SFT policy and then its reward models in one process; rebuilding
+    only the reward models, from the cached SFT policy and labels and after other random draws,
+    gives the same weights (the head's initialisation is seeded, not left to the global stream)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from alignbench.experiment import load_experiment
+    from alignbench.pipeline import Pipeline
+    from tests.conftest import TINY_OVERRIDES
+
+    config = load_experiment("quickstart", [*TINY_OVERRIDES, "eval.eval_every=4"])
+    built = Pipeline(config, quickstart_dir)
+    for stage in (built.sft()[0], built.labels()[0]):
+        shutil.copytree(stage, tmp_path / "cache" / stage.name)
+    torch.manual_seed(12345)
+    torch.rand(17)
+    rebuilt_dir, _ = Pipeline(config, tmp_path).reward_models()
+    original_dir, _ = built.reward_models()
+    assert rebuilt_dir.name == original_dir.name
+    for axis in ("helpfulness", "safety"):
+        original, rebuilt = load_file(original_dir / axis / "head.safetensors"), load_file(rebuilt_dir / axis / "head.safetensors")
+        assert original.keys() == rebuilt.keys() and "likelihood_weight" in original
+        for name in original:
+            assert torch.equal(original[name], rebuilt[name]), (axis, name)
+
+
 def test_a_finished_run_is_skipped(quickstart_dir, capsys):
     from tests.conftest import TINY_OVERRIDES
 

@@ -58,6 +58,78 @@ def test_reward_model_reads_the_last_real_token_under_either_padding(codec):
     assert torch.allclose(alone, right, atol=1e-5) and torch.allclose(alone, left, atol=1e-5)
 
 
+def _untied_policy(codec, seed: int = 2):
+    """A tiny Llama whose language-model head is its own matrix (most hub models tie it; some do not)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=len(codec.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2, max_position_embeddings=64, pad_token_id=codec.pad_token_id, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("likelihood", ["mean", "sum"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_likelihood_term_is_the_head_plus_w_times_the_policys_response_logprob(codec, likelihood, tied):
+    """At initialisation the reward model's language-model head is the policy's, so its score is
+    the plain head's score plus w times sequence_logprobs of the policy (mean or sum), whichever
+    side the batch is padded on."""
+    from alignbench.logprobs import PackedBatch, pack_sequences
+
+    policy = build_tiny_policy("world-tiny", codec.tokenizer, seed=1).eval() if tied else _untied_policy(codec)
+    plain = RewardModel.from_policy(policy).eval()
+    with_term = RewardModel.from_policy(policy, likelihood=likelihood).eval()
+    with_term.head.load_state_dict(plain.head.state_dict())
+    with torch.no_grad():
+        with_term.likelihood_weight.fill_(0.7)
+    prompts, responses = ["count from 4 to 9", "sort 3 1 2", "repeat cat 3 times"], ["4 5 6 7 8 9", "1 2 3", ""]
+    prompt_ids, response_ids = codec.encode_prompts(prompts), codec.encode_responses(responses)
+    left = pack_sequences(prompt_ids, response_ids, codec.pad_token_id)
+    width = left.input_ids.shape[1]
+    rows = [p + r for p, r in zip(prompt_ids, response_ids)]
+    right = PackedBatch(
+        input_ids=torch.tensor([row + [codec.pad_token_id] * (width - len(row)) for row in rows]),
+        attention_mask=torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows]),
+        response_mask=torch.tensor([[False] * len(p) + [True] * len(r) + [False] * (width - len(p) - len(r)) for p, r in zip(prompt_ids, response_ids)]),
+    )
+    with torch.no_grad():
+        expected = plain(left.input_ids, left.attention_mask) + 0.7 * sequence_logprobs(policy, left, average=likelihood == "mean")[1]
+        for batch in (left, right):
+            assert torch.allclose(with_term(batch.input_ids, batch.attention_mask, batch.response_mask), expected, atol=1e-4)
+    with pytest.raises(ValueError, match="response_mask"):
+        with_term(left.input_ids, left.attention_mask)
+
+
+def test_ranking_loss_trains_the_likelihood_weight_and_the_language_model_head(codec):
+    from alignbench.logprobs import pack_sequences
+    from alignbench.reward import ranking_loss
+
+    rm = RewardModel.from_policy(_untied_policy(codec), likelihood="mean").train()
+    batch = pack_sequences(codec.encode_prompts(["sort 3 1 2"] * 2), codec.encode_responses(["1 2 3", "3 2 1"]), codec.pad_token_id)
+    rewards = rm(batch.input_ids, batch.attention_mask, batch.response_mask)
+    loss, _ = ranking_loss(rewards[:1], rewards[1:], torch.tensor([0]), 1)
+    loss.backward()
+    assert rm.likelihood_weight.grad.abs() > 0 and rm.lm_head.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_reward_model_with_a_likelihood_term_saves_and_loads_identically(codec, tmp_path, tied):
+    from alignbench.reward import score_texts
+
+    policy = build_tiny_policy("world-tiny", codec.tokenizer, seed=1) if tied else _untied_policy(codec)
+    rm = RewardModel.from_policy(policy, likelihood="mean").eval()
+    with torch.no_grad():
+        rm.likelihood_weight.fill_(0.4)
+        if not tied:
+            rm.lm_head.weight.add_(0.1)  # trained apart from the policy's head
+    rm.save(tmp_path / "rm")
+    loaded = RewardModel.load(tmp_path / "rm").eval()
+    assert loaded.likelihood == "mean" and float(loaded.likelihood_weight.detach()) == pytest.approx(0.4)
+    assert (loaded.lm_head is None) == tied
+    prompts, responses = ["count from 4 to 9", "sort 3 1 2"], ["4 5 6", "1 2 3"]
+    assert torch.allclose(score_texts(rm, codec, prompts, responses), score_texts(loaded, codec, prompts, responses), atol=1e-5)
+
+
 def test_a_ranking_expands_to_all_pairs_in_one_row_with_each_response_once(codec):
     ranked = ["a1", "a2", "a3", "a4"]
     records = [{"prompt": "p", "chosen": ranked[i], "rejected": ranked[j], "margin": 0.5} for i in range(4) for j in range(i + 1, 4)]

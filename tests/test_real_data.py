@@ -315,7 +315,7 @@ def test_a_sequence_classification_reward_model_loads_in_transformers(real, tmp_
     from alignbench.pipeline import Pipeline
     from alignbench.reward import score_texts
 
-    args = _run_args(real, tmp_path, "method=sft", "reward_model.architecture=sequence_classification")
+    args = _run_args(real, tmp_path, "method=sft", "reward_model.architecture=sequence_classification", "reward_model.likelihood=none")
     rm_dir, summary = Pipeline(load_experiment(args[1], args[4:]), tmp_path).reward_models()
     assert 0 <= summary["rm/helpfulness_accuracy"] <= 1
     classifier = AutoModelForSequenceClassification.from_pretrained(rm_dir / "helpfulness" / "classifier").eval()
