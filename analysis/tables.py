@@ -17,6 +17,9 @@ TABLE_METRICS = (
     "eval/gold_helpfulness", "eval/gold_harmlessness", "eval/proxy_reward", "eval/kl",
     "eval/length", "eval/distinct_2",
     "budget/human_labels", "budget/ai_labels", "budget/policy_samples", "budget/train_tokens", "budget/wall_s",
+    # The shared reward models' held-out accuracy against gold, and that of the reward model a
+    # method optimised where it trained its own (RLAIF's AI-label RM, Constitutional AI's PM).
+    "rm/helpfulness_accuracy", "rm/safety_accuracy", "rm/optimised_accuracy",
 )
 
 

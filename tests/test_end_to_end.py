@@ -81,7 +81,7 @@ def test_results_command_prints_the_same_table(quickstart_dir, capsys):
     out = capsys.readouterr().out
     for method in ("sft", "best_of_n", "dpo"):
         assert method in out
-    assert "eval/win_rate" in out and "budget/wall_s" in out
+    assert "eval/win_rate" in out and "budget/wall_s" in out and "rm/helpfulness_accuracy" in out
     assert main(["results", str(quickstart_dir / "quickstart"), "--format", "csv"]) == 0
     csv = capsys.readouterr().out
     assert csv.splitlines()[0].startswith("method,experiment,seeds,eval/win_rate")
