@@ -61,6 +61,12 @@ def _lock(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+# A stage's key is the config that determines it; when a fix changes what the same config builds,
+# this number goes up so that caches built before the fix are not reused. 2: the safety RM's
+# Platt calibration no longer diverges (`fit_calibration`).
+REWARD_MODELS_BUILD = 2
+
+
 def cached_stage(out: Path, stage: str, key: dict, build: Callable[[Path], dict]) -> tuple[Path, dict]:
     """Return `OUT/cache/<stage>-<hash>/` and its summary, building it first if needed.
 
@@ -188,7 +194,7 @@ class Pipeline:
         return {"sft": self.sft_key(), "labels": to_dict(c.labels), "max_new_tokens": c.eval.max_new_tokens}
 
     def reward_key(self) -> dict:
-        key = {"labels": self.labels_key(), "reward_model": _reward_model_key(self.config.reward_model)}
+        key = {"labels": self.labels_key(), "reward_model": _reward_model_key(self.config.reward_model), "build": REWARD_MODELS_BUILD}
         if self.world is None:
             key["sft"] = self.sft_key()  # the world's labels key holds it already
         return key

@@ -153,23 +153,49 @@ def score_texts(model: RewardModel, codec: TextCodec, prompts: Sequence[str], re
     return scores[where]
 
 
-def fit_calibration(raw_scores: torch.Tensor, labels: torch.Tensor, steps: int = 50) -> tuple[float, float]:
+def fit_calibration(raw_scores: torch.Tensor, labels: torch.Tensor, steps: int = 100, slope_penalty: float = 1e-4) -> tuple[float, float]:
     """Platt scaling: (a, b) maximising the likelihood of binary labels under σ(a·s + b).
 
     A Bradley–Terry reward model is only defined up to a shift, but Llama 2 thresholds
     the safety score (R_s < 0.15). Calibrating on the annotators' per-response safe /
     unsafe labels gives the score that meaning: σ(a·s + b) ≈ P(safe).
+
+    Newton's method on standardised scores, halving each step until the likelihood improves:
+    plain Newton from (1, 0) on raw scores spanning ±15 diverged (a = 4e5 to 6e7, a step
+    function; at 12,000 labelled prompts its threshold called every response unsafe). A small
+    penalty on the slope (`slope_penalty` per label) keeps perfectly separable labels finite.
     """
     x, y = raw_scores.double(), labels.double()
+    centre, spread = x.mean(), x.std().clamp(min=1e-12) if len(x) > 1 else torch.tensor(1.0, dtype=torch.float64)
+    z = (x - centre) / spread
+    penalty = slope_penalty * len(y)
+
+    def objective(params: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(params[0] * z + params[1], y, reduction="sum") + 0.5 * penalty * params[0] ** 2
+
     params = torch.zeros(2, dtype=torch.float64)
-    params[0] = 1.0
-    for _ in range(steps):  # Newton's method on a convex 2-parameter problem
-        p = torch.sigmoid(params[0] * x + params[1])
-        grad = torch.stack([((p - y) * x).sum(), (p - y).sum()])
-        w = (p * (1 - p)).clamp(min=1e-9)
-        hess = torch.stack([torch.stack([(w * x * x).sum(), (w * x).sum()]), torch.stack([(w * x).sum(), w.sum()])])
-        params -= torch.linalg.solve(hess + 1e-6 * torch.eye(2, dtype=torch.float64), grad)
-    return float(params[0]), float(params[1])
+    value = objective(params)
+    for _ in range(steps):
+        p = torch.sigmoid(params[0] * z + params[1])
+        grad = torch.stack([((p - y) * z).sum() + penalty * params[0], (p - y).sum()])
+        w = (p * (1 - p)).clamp(min=1e-12)
+        hess = torch.stack([torch.stack([(w * z * z).sum() + penalty, (w * z).sum()]), torch.stack([(w * z).sum(), w.sum()])])
+        direction = torch.linalg.solve(hess + 1e-9 * torch.eye(2, dtype=torch.float64), grad)
+        size = 1.0
+        while size > 1e-10:
+            candidate = params - size * direction
+            candidate_value = objective(candidate)
+            if candidate_value <= value:
+                break
+            size /= 2
+        else:
+            break  # no step improves: at the optimum
+        converged = float((candidate - params).abs().max()) < 1e-10
+        params, value = candidate, candidate_value
+        if converged:
+            break
+    scale = params[0] / spread
+    return float(scale), float(params[1] - scale * centre)
 
 
 class ProxyReward:

@@ -86,3 +86,16 @@ def test_platt_calibration_recovers_a_known_logistic_map():
     labels = (torch.rand(20000, generator=g, dtype=torch.float64) < torch.sigmoid(1.5 * scores - 0.7)).double()
     a, b = fit_calibration(scores, labels)
     assert abs(a - 1.5) < 0.1 and abs(b + 0.7) < 0.1
+
+
+def test_platt_calibration_stays_finite_and_right_on_poorly_scaled_or_separable_scores():
+    """Plain Newton from (1, 0) diverged on the world's safety scores (a ≈ 1e7); the fit must not."""
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randn(20000, generator=g, dtype=torch.float64) * 6 - 3  # raw RM scores: wide, off-centre
+    labels = (torch.rand(20000, generator=g, dtype=torch.float64) < torch.sigmoid(0.3 * scores + 1.2)).double()
+    a, b = fit_calibration(scores, labels)
+    assert abs(a - 0.3) < 0.03 and abs(b - 1.2) < 0.1
+    separable = torch.tensor([-3.0, -2.0, -1.5, 0.5, 1.0, 4.0], dtype=torch.float64)
+    a, b = fit_calibration(separable, (separable > 0).double())
+    assert 0 < a < 1e3 and abs(b) < 1e3
+    assert torch.equal(torch.sigmoid(a * separable + b) > 0.5, separable > 0)
