@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["PackedBatch", "pack_sequences", "position_ids_from_mask", "token_logprobs", "sequence_logprobs"]
+__all__ = ["PackedBatch", "pack_sequences", "position_ids_from_mask", "token_logprobs", "target_logprobs", "sequence_logprobs"]
 
 
 @dataclass
@@ -143,9 +143,14 @@ def token_logprobs(logits: Tensor, input_ids: Tensor) -> Tensor:
     Returns:
         ``float32 [B, T-1]``; entry ``[b, t-1]`` is ``log p(input_ids[b, t] | input_ids[b, :t])``.
     """
-    logits = logits[:, :-1].float()
-    targets = input_ids[:, 1:].unsqueeze(-1)
-    return logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return target_logprobs(logits[:, :-1], input_ids[:, 1:])
+
+
+def target_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
+    """``float32 [...]``: ``log p(targets)`` under ``logits [..., V]``, as ``logit[target] -
+    logsumexp(logits)`` (see `token_logprobs` for why not ``log_softmax``)."""
+    logits = logits.float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -434,14 +434,15 @@ class RewardModel(nn.Module):
         """[B] float32: log p(response | prompt) under the language-model head, the sum or the mean
         over response tokens. Logits are computed at response positions only (a [tokens, vocab]
         tensor, not [B, T, vocab])."""
+        from alignbench.logprobs import target_logprobs
+
         targets = response_mask[:, 1:].bool()  # position t predicts token t + 1
         rows = targets.nonzero(as_tuple=True)[0]
         states = hidden[:, :-1][targets]
         weight = self.lm_head.weight if self.lm_head is not None else self.backbone.get_input_embeddings().weight
-        logits = nn.functional.linear(states, weight, self.lm_head.bias if self.lm_head is not None else None).float()
-        tokens = input_ids[:, 1:][targets]
-        token_logprobs = logits.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-        total = torch.zeros(input_ids.shape[0], device=hidden.device, dtype=torch.float32).index_add(0, rows, token_logprobs)
+        logits = nn.functional.linear(states, weight, self.lm_head.bias if self.lm_head is not None else None)
+        logprobs = target_logprobs(logits, input_ids[:, 1:][targets])
+        total = torch.zeros(input_ids.shape[0], device=hidden.device, dtype=torch.float32).index_add(0, rows, logprobs)
         if self.likelihood == "mean":
             total = total / targets.sum(dim=1).clamp(min=1)
         return total
