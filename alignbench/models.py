@@ -370,9 +370,9 @@ class RewardModel(nn.Module):
         if likelihood not in LIKELIHOOD_TERMS:
             raise ValueError(f"likelihood={likelihood!r}: expected one of {', '.join(LIKELIHOOD_TERMS)}")
         self.likelihood = likelihood
+        self.lm_head = lm_head if likelihood != "none" else None  # None with a term: tied to the backbone's input embeddings
         if likelihood != "none":
             self.likelihood_weight = nn.Parameter(torch.tensor(1.0))
-            self.lm_head = lm_head  # None: tied to the backbone's input embeddings
         self.register_buffer("calibration", torch.tensor([1.0, 0.0]))
         # The whole classifier (whose modules are `backbone` and `head`), kept unregistered so
         # that its parameters are not counted twice; deepcopy keeps the sharing.

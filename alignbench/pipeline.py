@@ -427,7 +427,7 @@ class Pipeline:
         else:
             model = RewardModel.from_policy(policy, likelihood=c.reward_model.likelihood)
         model.backbone = prepare_for_training(model.backbone, c.model.lora, c.model.gradient_checkpointing, seed=c.labels.seed, causal_lm=False)
-        if c.model.lora.enabled and getattr(model, "lm_head", None) is not None:
+        if c.model.lora.enabled and model.lm_head is not None:
             model.lm_head.requires_grad_(False)  # an untied LM head is as large as the embeddings LoRA leaves frozen
         return model
 
