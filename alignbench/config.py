@@ -41,6 +41,24 @@ class _Loader(yaml.SafeLoader):
     """
 
 
+def _construct_mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    # PyYAML keeps the last of two equal keys, so "lr: 1e-4" written twice in a section would
+    # silently run with the second value; a config with a repeated key is refused instead.
+    seen: dict[Any, Any] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if isinstance(key, typing.Hashable) and key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first on line {seen[key].start_mark.line + 1}); each key may appear once per section",
+                key_node.start_mark,
+            )
+        if isinstance(key, typing.Hashable):
+            seen[key] = key_node
+    return loader.construct_mapping(node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping_without_duplicates)
+
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
@@ -60,6 +78,8 @@ def load_yaml(path: str | Path) -> dict:
             data = yaml.load(f, Loader=_Loader)
     except (FileNotFoundError, IsADirectoryError):
         raise ConfigError(f"experiment file not found: {path}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {err.start}: {err.object[err.start:err.start + 1]!r}); save it as UTF-8") from None
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark
         where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -194,6 +214,9 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         }
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)  # "lr: 1" means 1.0
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        # No setting means anything at .inf or .nan: a budget's "none" is null, not .inf.
+        raise ConfigError(f"config key '{key}' must be a finite number, got {_show(value)}")
     if isinstance(tp, type):
         # bool is a subclass of int, but true/false for an integer is almost surely a mistake.
         if isinstance(value, tp) and (tp is bool or not isinstance(value, bool)):

@@ -192,6 +192,34 @@ def test_load_yaml_top_level_must_be_mapping(tmp_path):
     assert load_yaml(empty) == {}
 
 
+def test_load_yaml_refuses_a_key_repeated_in_one_section(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("name: demo\ndpo:\n  beta: 0.1\n  lr: 3\n  beta: 0.2\n")
+    with pytest.raises(ConfigError) as err:
+        load_yaml(path)
+    message = str(err.value)
+    assert str(path) in message and "line 5" in message and "duplicate key 'beta' (first on line 3)" in message
+    # the same key in two different sections is fine
+    path.write_text("dpo:\n  beta: 0.1\ncpl:\n  beta: 0.2\n")
+    assert load_yaml(path) == {"dpo": {"beta": 0.1}, "cpl": {"beta": 0.2}}
+
+
+def test_load_yaml_names_a_file_that_is_not_utf8(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("name: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as err:
+        load_yaml(path)
+    assert str(err.value) == f"{path} is not UTF-8 text (byte 9: b'\\xe9'); save it as UTF-8"
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_non_finite_numbers_are_refused_with_the_key(value):
+    data = apply_overrides({}, parse_overrides([f"dpo.lr={value}"]))
+    with pytest.raises(ConfigError) as err:
+        from_dict(ExperimentConfig, data)
+    assert str(err.value).startswith("config key 'dpo.lr' must be a finite number, got ")
+
+
 # --- overrides -----------------------------------------------------------------------------------
 
 
