@@ -173,6 +173,8 @@ def load_rows(spec: DatasetSpec, where: str):
             builder = _LOCAL_BUILDERS.get(path.suffix)
             if builder is None:
                 raise ConfigError(f"{where}.path={spec.path!r}: cannot read {path.suffix or 'a file without a suffix'}; local files may be {', '.join(_LOCAL_BUILDERS)}")
+            if builder != "parquet":
+                check_utf8(path, where)
             rows = datasets.load_dataset(builder, data_files=str(path), split="train")
         elif path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
             rows = datasets.load_from_disk(str(path))
@@ -189,6 +191,20 @@ def load_rows(spec: DatasetSpec, where: str):
     if spec.limit is not None:
         rows = rows.select(range(min(spec.limit, len(rows))))
     return rows
+
+
+def check_utf8(path: Path, where: str) -> None:
+    """Refuse a text data file with a line that is not UTF-8, naming the line: the json builder
+    reads such a file and fails only later, on the row, with no file or row in its message."""
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ConfigError(
+                    f"{where}.path={str(path)!r}: line {number} is not UTF-8 text (byte {err.start} of the line: "
+                    f"{line[err.start:err.start + 1]!r}); save the file as UTF-8"
+                ) from None
 
 
 class BadValue(Exception):

@@ -192,6 +192,17 @@ def test_a_bad_row_fails_naming_its_row_and_column(real, tmp_path, capsys, bad_r
     assert summary["dropped_rows"] == 1 and summary["rows"] == 25
 
 
+def test_a_row_that_is_not_utf8_fails_naming_its_line(real, tmp_path, capsys):
+    path = _write_jsonl(tmp_path / "latin1.jsonl", _dialogue_rows())
+    lines = path.read_bytes().split(b"\n")
+    lines[2] = lines[2].replace(b"Assistant", "Assist\u00e4nt".encode("latin-1"), 1)
+    path.write_bytes(b"\n".join(lines))
+    assert main(_run_args(real, tmp_path / "runs", f"data.preferences.path={path}", "method=dpo")) == 2
+    err = capsys.readouterr().err
+    assert f"data.preferences.path='{path}': line 3 is not UTF-8 text" in err and "save the file as UTF-8" in err, err
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("metrics.json"))
+
+
 def test_a_missing_column_fails_naming_it(real, tmp_path, capsys):
     path = _write_jsonl(tmp_path / "no_rejected.jsonl", [{"chosen": r["chosen"]} for r in _dialogue_rows()])
     assert main(_run_args(real, tmp_path / "runs", f"data.preferences.path={path}", "method=dpo")) == 2
