@@ -102,8 +102,10 @@ def test_p_values_match_the_intervals():
     # at the edge of the interval the p-value is exactly 1 − level
     edge = student_t_quantile(0.95, 2) * se
     assert replicate_p_value(edge, replicates - 0.1 + edge, n_seeds=3) == pytest.approx(0.05, rel=1e-6)
-    # one seed: twice the smaller tail, never 0
-    assert replicate_p_value(1.0, np.ones(99), n_seeds=1) == pytest.approx(2 / 100)
+    # one seed: the normal distribution's two tails beyond |estimate| / sd(replicates)
+    normal = rng.normal(0.0, 0.01, 20000)
+    assert replicate_p_value(0.0196, normal + 0.0196, n_seeds=1) == pytest.approx(math.erfc(0.0196 / normal.std(ddof=1) / math.sqrt(2)))
+    assert math.erfc(1.959964 / math.sqrt(2)) == pytest.approx(0.05, rel=1e-5)
 
 
 def test_holm_against_hand_values():
