@@ -231,14 +231,17 @@ def draw_paired(runs: list[Run], n_boot: int = 1000) -> Drawn:
         for label in ax.get_xticklabels():
             label.set_ha("right")
     frame = paired_frame(result)
+    shown = frame.copy()  # p-values as text: "< 0.001" rather than a rounded 0
+    for column in ("p", "p_holm"):
+        shown[column] = [("< 0.001" if v < 0.001 else f"{v:.3f}") if np.isfinite(v) else "–" for v in frame[column]]
     seeds = sorted({c.seeds for c in result.comparisons})
     header = (f"Paired comparisons of every pair of policies on the same seeds and test prompts ({'/'.join(map(str, seeds))} seed(s)); "
               f"{result.describe()}; p-values Holm-adjusted over the pairs of each metric. "
               + " ".join(f"Best group by {PAIRED_METRICS[k]} (not told apart from the best at 5%): {', '.join(result.best_group[k])}." for k in metrics))
     caption = ("Significance matrices: the difference row − column in each metric, paired on seeds and prompts, starred where its "
                "Holm-adjusted p-value is below 0.05. " + header)
-    tables = {"paired.md": header + "\n\n" + format_table(frame, "md"), "paired.csv": frame.to_csv(index=False),
-              "paired.tex": "% " + header + "\n" + format_table(frame, "latex")}
+    tables = {"paired.md": header + "\n\n" + format_table(shown, "md"), "paired.csv": frame.to_csv(index=False),
+              "paired.tex": "% " + header + "\n" + format_table(shown, "latex").replace("< 0.001", "$<$ 0.001")}
     return Drawn("paired", "Paired comparisons", fig, caption, tables)
 
 
