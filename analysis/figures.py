@@ -256,11 +256,6 @@ def _by_setting(runs: list[Run], key) -> dict[Any, list[Run]]:
     return dict(sorted(grouped.items(), key=lambda kv: setting_order(kv[0] if isinstance(kv[0], tuple) else (kv[0],))))
 
 
-def _own_keys_varying(runs: list[Run], method: str) -> list[str]:
-    keys = sorted({k for r in runs for k in r.settings if k.startswith(method + ".")})
-    return [k for k in keys if len({r.settings.get(k) for r in runs}) > 1]
-
-
 # --- 3. reward vs KL ---------------------------------------------------------------------------
 def _frontier_seed_band(frontier) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """Each seed's own frontier (from SFT where known), interpolated on a KL grid over the range all
