@@ -609,8 +609,9 @@ def draw_overoptimization(runs: list[Run]) -> Drawn:
             caption.append("best-of-n at each n against √KL with KL = log n − (n−1)/n (analytic), test prompts")
         else:
             caption.append("periodic validation checkpoints over training, in step order (first and last labelled), KL estimated on the policy's samples")
+    seeds = sorted({len(entry[0].runs) for entry in best_of_n + checkpoints})
     text = ("Over-optimisation (Gao et al. 2022): gold reward (solid) and the proxy reward model's score (dashed) against √KL, for "
-            + "; and for ".join(caption) + ". Points are means over seeds; the gap between proxy and gold is the reward model's over-optimisation.")
+            + "; and for ".join(caption) + f". Points are means over {'/'.join(map(str, seeds))} seed(s), without intervals; the gap between proxy and gold is the reward model's over-optimisation.")
     return Drawn("overoptimization", "Gold and proxy reward vs √KL", fig, text)
 
 

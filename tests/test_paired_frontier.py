@@ -76,6 +76,21 @@ def test_seeds_pool_only_where_everything_but_the_seed_agrees(tmp_path):
     assert [(g.label, g.seeds) for g in groups] == [("other: sft", [0]), ("quickstart: sft", [0, 1, 2])]
 
 
+def test_without_per_prompt_values_the_interval_is_the_t_interval_over_seeds(tmp_path):
+    """W&B runs and old runs have no samples.jsonl: the seeds' reported values, t with S−1 dof."""
+    from alignbench.analysis.runs import policy_interval, seed_values
+    from alignbench.analysis.stats import student_t_quantile
+
+    for seed, value in enumerate((0.5, 0.6, 0.7)):
+        write_run(tmp_path, "exp", "sft", seed, np.full(P, value))
+        (tmp_path / "exp" / f"sft-seed{seed}--T1.0" / "samples.jsonl").unlink()
+    runs = load_local_runs(tmp_path / "exp")
+    assert not seed_values(runs, "eval/gold_reward").per_prompt
+    interval = policy_interval(runs, "eval/gold_reward", n_boot=20000)
+    assert interval.over == "seeds" and interval.mean == pytest.approx(0.6)
+    assert interval.half_width == pytest.approx(student_t_quantile(0.95, 2) * 0.1 / math.sqrt(3), rel=0.03)
+
+
 # --- paired comparisons -------------------------------------------------------------------------
 def _three_policies(root: Path) -> dict[str, float]:
     """3 seeds; each seed shifts every policy alike by a large amount (shared stages), so only a

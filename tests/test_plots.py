@@ -207,6 +207,11 @@ def test_head_to_head_matrix_and_ranking_cover_every_policy(runs, draw):
     assert sorted(t.get_text() for t in ranking_ax.get_yticklabels()) == sorted(labels)
     assert "Bradley–Terry strength" in ranking_ax.get_xlabel()
     assert set(drawn.tables) == {"head_to_head.md", "head_to_head.tex", "bradley_terry.md", "bradley_terry.tex"}
+    # each cell of the table carries its two-level interval; the caption says over how many seeds
+    cell = drawn.tables["head_to_head.md"].splitlines()[2].split("|")[3].strip()
+    rate, low, high = (float(x) for x in cell.replace("[", "").replace("]", "").replace(",", "").split())
+    assert low <= rate <= high
+    assert "two-level bootstrap over 2 seeds" in drawn.caption
 
 
 def test_head_to_head_uses_the_gold_judge_of_the_runs_world_with_ties_one_half(tmp_path):
