@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import re
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
@@ -222,11 +223,12 @@ def draw_paired(runs: list[Run], n_boot: int = 1000) -> Drawn:
             star = "*" if c.significant else ""
             diff[i, j], diff[j, i] = c.diff, -c.diff
             text[i, j], text[j, i] = f"{c.diff:+.2f}{star}", f"{-c.diff:+.2f}{star}"
-        limit = np.nanmax(np.abs(diff)) if np.isfinite(diff).any() else 1.0
+        limit = np.nanmax(np.abs(diff)) if np.isfinite(diff).any() else 0.0
+        limit = limit if limit > 1e-9 else 1.0  # all equal: a neutral colour, not noise stretched over the scale
         sns.heatmap(diff, ax=ax, annot=text, fmt="", annot_kws={"fontsize": 4.5}, cmap="vlag", center=0, vmin=-limit, vmax=limit, mask=np.isnan(diff),
                     square=True, linewidths=0.3, xticklabels=names, yticklabels=names, cbar=False)
-        best = ", ".join(result.best_group.get(key, []))
-        ax.set_title(f"{PAIRED_METRICS[key]}: row − column (* Holm p < 0.05)\nbest group: {best}", loc="left", fontsize=5.5)
+        best = textwrap.fill("best group: " + ", ".join(result.best_group.get(key, [])), width=70)
+        ax.set_title(f"{PAIRED_METRICS[key]}: row − column (* Holm p < 0.05)\n{best}", loc="left", fontsize=5.5)
         ax.tick_params(axis="x", rotation=45)
         for label in ax.get_xticklabels():
             label.set_ha("right")
@@ -314,6 +316,8 @@ def draw_reward_vs_kl(runs: list[Run], n_boot: int = 1000) -> Drawn:
     sft = [r for r in runs if r.method == ANCHOR and KL in r.metrics and GOLD in r.metrics]
     if sft:
         ax.scatter([np.mean([r.metrics[KL] for r in sft])], [np.mean([r.metrics[GOLD] for r in sft])], marker="*", s=40, color="black", zorder=4, label="SFT")
+    if fits:
+        ax.plot([], [], color="0.3", linestyle="--", linewidth=0.7, label="Gao et al. fit")
     for target in KL_TARGETS:
         ax.axvline(target, color="0.85", linewidth=0.5, zorder=0, label="_target")
     ax.set_xlabel("KL(π ‖ π_SFT) on test prompts (nats)")

@@ -242,7 +242,7 @@ def test_reward_vs_kl_one_curve_per_swept_method_one_point_per_value(runs, draw)
 
     drawn = draw(draw_reward_vs_kl, runs)
     ax = drawn.figure.axes[0]
-    curves = [label for label in legend_labels(ax) if label != "SFT"]
+    curves = [label for label in legend_labels(ax) if label not in ("SFT", "Gao et al. fit")]
     # DPO's β sweep at world-small and best-of-n over n; DPO at world-tiny has one β only.
     assert curves == ["best_of_n: n", "dpo (model.name=world-small): beta"]
     assert errorbar_points(ax, "best_of_n: n") == 3 and errorbar_points(ax, "dpo (model.name=world-small): beta") == 3
