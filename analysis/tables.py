@@ -75,7 +75,7 @@ def format_table(table: pd.DataFrame, fmt: str = "md") -> str:
     headers = [str(c) for c in table.columns]
     cells = [[_fmt(v) for v in row] for row in table.itertuples(index=False)]
     if fmt == "latex":
-        escape = lambda s: s.replace("_", r"\_")
+        escape = lambda s: s.replace("_", r"\_").replace("†", r"$^\dagger$")
         lines = [r"\begin{tabular}{" + "l" * 2 + "r" * (len(headers) - 2) + "}", r"\toprule", " & ".join(map(escape, headers)) + r" \\", r"\midrule"]
         lines += [" & ".join(map(escape, row)) + r" \\" for row in cells]
         return "\n".join(lines + [r"\bottomrule", r"\end{tabular}"]) + "\n"
