@@ -163,7 +163,7 @@ def matched_kl(frontiers: list[Frontier], targets: tuple[float, ...] = KL_TARGET
             fa, fb = finite[best][0], finite[label][0]
             paired = fa.seeds == fb.seeds and fa.gold.shape[1:] == fb.gold.shape[1:] and fa.per_prompt == fb.per_prompt
             diff = finite[best][2] - finite[label][2]
-            p.append(replicate_p_value(finite[best][1] - finite[label][1], diff, len(fa.seeds)) if paired else math.nan)
+            p.append(replicate_p_value(finite[best][1] - finite[label][1], diff, len(fa.seeds), fa.per_prompt) if paired else math.nan)
         adjusted = dict(zip(others, holm(p)))
         for f in frontiers:
             _, estimate, replicate = values[f.label]

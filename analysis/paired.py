@@ -105,7 +105,7 @@ def paired_comparisons(groups: list[Group], metrics: dict[str, str] = PAIRED_MET
                 reps = replicates(a, seeds, per_prompt) - replicates(b, seeds, per_prompt)
                 interval = replicate_interval(diff, reps, len(seeds), level, per_prompt)
                 intervals.append(interval)
-                found.append(Comparison(a, b, key, diff, interval.low, interval.high, replicate_p_value(diff, reps, len(seeds)), math.nan,
+                found.append(Comparison(a, b, key, diff, interval.low, interval.high, replicate_p_value(diff, reps, len(seeds), per_prompt), math.nan,
                                         len(seeds), va.shape[1] if per_prompt else 0, interval.over))
         for comparison, adjusted in zip(found, holm([c.p for c in found])):
             comparison.p_holm = float(adjusted)

@@ -8,9 +8,13 @@ sampled on them). The per-run intervals written by the evaluator resample prompt
 cover evaluation noise alone. Across seeds the intervals here are a **two-level bootstrap**
 (Davison & Hinkley 1997, §3.8): a replicate draws S seeds with replacement, then, within each
 drawn seed, its P prompts with replacement, and takes the mean. From the B replicates the
-interval is a bootstrap-t one, mean ± t_{S−1} · √(S/(S−1)) · sd(replicates): the √(S/(S−1))
-undoes the bootstrap's shrinkage of a variance over S units, and S−1 degrees of freedom keep the
-coverage right with 3–5 seeds, where percentile intervals of a seed bootstrap are far too short.
+interval is a bootstrap-t one, mean ± t_{S−1} · sd(replicates), with S−1 degrees of freedom:
+with 3–5 seeds, percentile intervals of a seed bootstrap are far too short. It is on the safe
+side: the second level adds the prompts' noise once more to seed means that already carry it,
+which makes up for the first level's (S−1)/S shrinkage of the seeds' variance. Its coverage of a
+nominal 95% runs from about 93% where the seeds' spread is all there is to nearly 100% where the
+prompts' noise is (tests/test_stats.py simulates it). Without per-prompt values (W&B runs, old
+runs) only the seeds are resampled and the sd is scaled by √(S/(S−1)): the t-interval over seeds.
 With one seed it is the percentile bootstrap over prompts (evaluation noise only).
 
 numpy only (no scipy): the Student-t quantile comes from the closed-form t distribution
@@ -155,14 +159,14 @@ def two_level_variance(values: np.ndarray) -> float:
 
 
 def replicate_interval(estimate: float, replicates: np.ndarray, n_seeds: int, level: float = 0.95, per_prompt: bool = True) -> Interval:
-    """The interval from bootstrap replicates (see the module docstring): bootstrap-t with S−1
-    degrees of freedom over S >= 2 seeds, the percentile interval for one seed."""
+    """The interval from bootstrap replicates (see the module docstring): estimate ± t_{S−1} ·
+    se over S >= 2 seeds, the percentile interval for one seed (see `replicate_se`)."""
     finite = np.asarray(replicates, dtype=float)
     finite = finite[np.isfinite(finite)]
     if not np.isfinite(estimate) or len(finite) < 2:
         return Interval(float(estimate), math.nan, math.nan, "none", n_seeds)
     if n_seeds >= 2:
-        half = student_t_quantile(level, n_seeds - 1) * bootstrap_se(finite, n_seeds)
+        half = student_t_quantile(level, n_seeds - 1) * replicate_se(finite, n_seeds, per_prompt)
         return Interval(float(estimate), float(estimate - half), float(estimate + half), "two-level" if per_prompt else "seeds", n_seeds)
     if not per_prompt:
         return Interval(float(estimate), math.nan, math.nan, "none", 1)
@@ -171,22 +175,24 @@ def replicate_interval(estimate: float, replicates: np.ndarray, n_seeds: int, le
     return Interval(float(estimate), float(low), float(high), "prompts", 1)
 
 
-def bootstrap_se(replicates: np.ndarray, n_seeds: int) -> float:
-    """The replicates' standard deviation, times √(S/(S−1)) over S >= 2 resampled seeds."""
+def replicate_se(replicates: np.ndarray, n_seeds: int, per_prompt: bool = True) -> float:
+    """The standard error from replicates: their sd; where only the seeds were resampled (no
+    per-prompt values, S >= 2), times √(S/(S−1)), which undoes the seed bootstrap's shrinkage
+    (with it, a mean's interval is the t-interval over the seeds' values)."""
     sd = float(np.std(replicates, ddof=1))
-    return sd * math.sqrt(n_seeds / (n_seeds - 1)) if n_seeds >= 2 else sd
+    return sd if per_prompt or n_seeds < 2 else sd * math.sqrt(n_seeds / (n_seeds - 1))
 
 
-def replicate_p_value(estimate: float, replicates: np.ndarray, n_seeds: int) -> float:
-    """Two-sided p-value of "the true value is 0", from the t statistic estimate / se with S−1
-    degrees of freedom over S >= 2 seeds (as `replicate_interval`), and from the normal
-    distribution for one seed (se: the replicates' sd). A tail count of the replicates cannot go
+def replicate_p_value(estimate: float, replicates: np.ndarray, n_seeds: int, per_prompt: bool = True) -> float:
+    """Two-sided p-value of "the true value is 0", from the statistic estimate / sd(replicates):
+    Student's t with S−1 degrees of freedom over S >= 2 seeds (as `replicate_interval`), the
+    normal distribution for one seed. A tail count of the replicates cannot go
     below 1/B, which after Holm over dozens of pairs would hide every difference."""
     finite = np.asarray(replicates, dtype=float)
     finite = finite[np.isfinite(finite)]
     if not np.isfinite(estimate) or len(finite) < 2:
         return math.nan
-    se = bootstrap_se(finite, n_seeds)
+    se = replicate_se(finite, n_seeds, per_prompt)
     if se == 0:
         return 1.0 if estimate == 0 else 0.0
     if n_seeds >= 2:

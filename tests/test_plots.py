@@ -181,14 +181,14 @@ def test_win_rate_bars_one_per_policy_with_two_level_intervals(runs, draw):
     assert ax.get_ylabel() == "Win rate vs SFT (gold judge)"
     assert "95% two-level bootstrap over 2 seeds and the test prompts within each (bootstrap-t): training and evaluation noise" in drawn.caption
     # The first bar is the mean of SFT's two seeds; its error bar is the bootstrap-t interval of
-    # the two-level replicates of the per-prompt wins (1 dof, se corrected by √(S/(S−1)) = √2).
+    # the two-level replicates of the per-prompt wins: mean ± t(1 dof) · sd(replicates).
     values = [r.metrics["eval/win_rate"] for r in groups[0].runs]
     assert ax.patches[0].get_height() == pytest.approx(np.mean(values))
     bars = next(c for c in ax.containers if hasattr(c, "has_yerr") and c.has_yerr)
     segments = bars.lines[2][0].get_segments()
     low, high = segments[0][:, 1]
     replicates = two_level_replicates(np.stack([r.per_prompt("eval/win_rate") for r in groups[0].runs]), 1000)
-    half = student_t_quantile(0.95, 1) * replicates.std(ddof=1) * math.sqrt(2)
+    half = student_t_quantile(0.95, 1) * replicates.std(ddof=1)
     assert (high - low) / 2 == pytest.approx(half)
 
 

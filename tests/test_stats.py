@@ -66,13 +66,15 @@ def test_two_level_bootstrap_matches_its_closed_form():
     assert replicates.var() == pytest.approx(two_level_variance(values), rel=0.03)
 
 
-def test_two_level_interval_is_the_t_interval_over_seeds_without_prompt_noise():
-    """Constant within each seed: the bootstrap-t interval is mean ± t_{S−1} s/√S, the classic
-    t-interval over the seed means (up to Monte Carlo error in the replicates' sd)."""
+def test_two_level_interval_against_its_closed_form_without_prompt_noise():
+    """Constant within each seed: the replicates' variance is that of a seed bootstrap,
+    mean_s (m_s − m̄)² / S, so the interval is mean ± t_{S−1} · s · √((S−1)/S) / √S, the
+    t-interval over the seed means shrunk by √((S−1)/S) (up to Monte Carlo error)."""
     means = np.array([0.55, 0.60, 0.62, 0.58, 0.65])
     values = np.repeat(means[:, None], 30, axis=1)
     interval = two_level_interval(values, n_boot=20000)
-    half = student_t_quantile(0.95, 4) * means.std(ddof=1) / math.sqrt(5)
+    half = student_t_quantile(0.95, 4) * means.std(ddof=1) * math.sqrt(4 / 5) / math.sqrt(5)
+    assert half == pytest.approx(student_t_quantile(0.95, 4) * math.sqrt(two_level_variance(values)))
     assert interval.over == "two-level" and interval.n == 5
     assert interval.mean == pytest.approx(means.mean())
     assert interval.half_width == pytest.approx(half, rel=0.03)
@@ -96,7 +98,7 @@ def test_p_values_match_the_intervals():
     replicates = rng.normal(0.1, 0.02, 5000)
     interval = replicate_interval(0.1, replicates, n_seeds=3)
     p = replicate_p_value(0.1, replicates, n_seeds=3)
-    se = replicates.std(ddof=1) * math.sqrt(3 / 2)
+    se = replicates.std(ddof=1)
     assert p == pytest.approx(1 - student_t_central_of(0.1 / se, 2))
     assert (p < 0.05) == (interval.low > 0)
     # at the edge of the interval the p-value is exactly 1 − level
