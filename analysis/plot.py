@@ -107,17 +107,13 @@ def plot_directory(directory: Path, wandb_path: str | None = None, formats: tupl
             print(f"figure {number} ({drawn.title}): {', '.join(str(f) for f in files)}")
             index += [f"## Figure {number}. {drawn.title}", "", f"![{drawn.title}]({drawn.stem}.{formats[0]})", "", drawn.caption, "",
                       "Files: " + ", ".join(f"`{f.name}`" for f in files), ""]
-    for fmt, suffix in (("md", "md"), ("latex", "tex")):
-        table = results_table(runs, n_boot=n_boot, fmt=fmt)
+    table = results_table(runs, n_boot=n_boot)
+    for suffix, text in (("md", f"{table.header}\n\n" + format_table(table.frame, "md") + f"\n{table.notes}\n"),
+                         ("tex", f"% {table.header}\n% {table.notes}\n" + format_table(table.frame, "latex")),
+                         ("csv", table.numbers.to_csv(index=False))):
         path = out / f"results.{suffix}"
-        if fmt == "md":
-            path.write_text(f"{table.header}\n\n" + format_table(table.frame, fmt) + f"\n{table.notes}\n")
-        else:
-            path.write_text(f"% {table.header}\n% {table.notes}\n" + format_table(table.frame, fmt))
+        path.write_text(text)
         written.append(path)
-    path = out / "results.csv"
-    path.write_text(table.numbers.to_csv(index=False))
-    written.append(path)
     print(f"figure 9 (results table): {out / 'results.md'}, {out / 'results.tex'}, {out / 'results.csv'}")
     index += ["## Figure 9. Results table", "", (out / "results.md").read_text(), ""]
     if skipped:

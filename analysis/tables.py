@@ -75,7 +75,7 @@ def format_table(table: pd.DataFrame, fmt: str = "md") -> str:
     headers = [str(c) for c in table.columns]
     cells = [[_fmt(v) for v in row] for row in table.itertuples(index=False)]
     if fmt == "latex":
-        escape = lambda s: s.replace("_", r"\_").replace("†", r"$^\dagger$")
+        escape = lambda s: s.replace("_", r"\_").replace("†", r"$^\dagger$").replace("±", r"$\pm$")
         lines = [r"\begin{tabular}{" + "l" * 2 + "r" * (len(headers) - 2) + "}", r"\toprule", " & ".join(map(escape, headers)) + r" \\", r"\midrule"]
         lines += [" & ".join(map(escape, row)) + r" \\" for row in cells]
         return "\n".join(lines + [r"\bottomrule", r"\end{tabular}"]) + "\n"
@@ -184,7 +184,7 @@ def print_results(directory: Path, fmt: str, n_boot: int = 1000) -> str:
     runs = load_local_runs(directory)
     if not runs:
         raise FileNotFoundError(f"no finished runs (metrics.json) under {directory}")
-    table = results_table(runs, n_boot=n_boot, fmt="latex" if fmt == "latex" else "md")
+    table = results_table(runs, n_boot=n_boot)  # format_table turns ± and † into LaTeX
     if fmt == "csv":
         return table.numbers.to_csv(index=False)
     if fmt == "latex":
