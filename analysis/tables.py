@@ -159,10 +159,9 @@ def results_table(runs, n_boot: int = 1000, fmt: str = "md") -> ResultsTable:
                 if key in PAIRED_METRICS:
                     number[f"{key}_best_group"] = bool(mark)
         for key, name in BUDGET_COLUMNS + OTHER_COLUMNS:
-            values = [m[key] for m in metrics if m.get(key) is not None]
-            if values:
-                row[name] = float(np.mean(values))
-                number[key] = float(np.mean(values))
+            if any(key in m for m in metrics):  # reported, if only as null (an accuracy with no held-out pairs): shown as –
+                values = [m[key] for m in metrics if m.get(key) is not None]
+                row[name] = number[key] = float(np.mean(values)) if values else math.nan
         number["interval"] = "/".join(sorted(kinds - {"none"})) or "none"
         rows.append(row)
         numbers.append(number)
