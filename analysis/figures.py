@@ -332,12 +332,14 @@ def draw_reward_vs_kl(runs: list[Run], n_boot: int = 1000) -> Drawn:
     matched = pd.DataFrame([{"policy": label, **{f"KL {t:g}": next(interval_cell(r.interval) + (" †" if r.best_group else "") for r in rows if r.label == label and r.kl == t) for t in KL_TARGETS}}
                             for label in [f.label for f in frontiers]])
     matched_csv = pd.DataFrame([{"policy": r.label, "kl": r.kl, "gold_reward": r.interval.mean, "ci_low": r.interval.low, "ci_high": r.interval.high,
-                                 "p_holm_vs_best": r.p_holm_vs_best, "best_group": r.best_group, "seeds": r.interval.n} for r in rows])
+                                 "diff_vs_best": r.vs_best.mean if r.vs_best else math.nan, "diff_ci_low": r.vs_best.low if r.vs_best else math.nan,
+                                 "diff_ci_high": r.vs_best.high if r.vs_best else math.nan, "p_holm_vs_best": r.p_holm_vs_best, "best_group": r.best_group,
+                                 "seeds": r.interval.n} for r in rows])
     matched_intervals = [r.interval for r in rows]
     matched_note = (f"Gold reward at matched KL, read off each frontier by linear interpolation between its settings (from SFT at KL 0), "
                     f"never extrapolated (– where the curve does not reach that KL); {describe_intervals(matched_intervals, what='intervals')}; "
                     f"† marks the best group at each KL: the highest and every curve whose paired difference from it is not significant "
-                    f"(Holm-adjusted p >= 0.05 over the comparisons with the best).")
+                    f"(Holm-adjusted p >= 0.05 over the comparisons with the best). reward_vs_kl_matched.csv adds each curve's paired difference from the best at that KL (diff_vs_best, with its interval).")
     fit_rows = [{"policy": fit.label, "form": form_text(fit.form), "alpha": interval_cell(fit.alpha), "beta": interval_cell(fit.beta), "points": fit.points} for fit in fits.values()]
     fit_csv = pd.DataFrame([{"policy": fit.label, "form": form_text(fit.form), "alpha": fit.alpha.mean, "alpha_ci_low": fit.alpha.low, "alpha_ci_high": fit.alpha.high,
                              "beta": fit.beta.mean, "beta_ci_low": fit.beta.low, "beta_ci_high": fit.beta.high, "points": fit.points} for fit in fits.values()])

@@ -137,6 +137,7 @@ class MatchedRow:
     interval: Interval
     p_holm_vs_best: float
     best_group: bool
+    vs_best: Interval | None = None  # this curve minus the best at this KL, paired (None for the best itself or unpaired curves)
 
 
 def matched_kl(frontiers: list[Frontier], targets: tuple[float, ...] = KL_TARGETS, n_boot: int = 1000, level: float = 0.95) -> list[MatchedRow]:
@@ -158,19 +159,21 @@ def matched_kl(frontiers: list[Frontier], targets: tuple[float, ...] = KL_TARGET
         finite = {label: v for label, v in values.items() if np.isfinite(v[1])}
         best = max(finite, key=lambda label: finite[label][1]) if finite else None
         others = [label for label in finite if label != best]
-        p = []
+        p, versus = [], {}
         for label in others:
             fa, fb = finite[best][0], finite[label][0]
             paired = fa.seeds == fb.seeds and fa.gold.shape[1:] == fb.gold.shape[1:] and fa.per_prompt == fb.per_prompt
             diff = finite[best][2] - finite[label][2]
             p.append(replicate_p_value(finite[best][1] - finite[label][1], diff, len(fa.seeds), fa.per_prompt) if paired else math.nan)
+            if paired:
+                versus[label] = replicate_interval(finite[label][1] - finite[best][1], -diff, len(fa.seeds), level, fa.per_prompt)
         adjusted = dict(zip(others, holm(p)))
         for f in frontiers:
             _, estimate, replicate = values[f.label]
             interval = replicate_interval(estimate, replicate, len(f.seeds), level, f.per_prompt)
             p_best = adjusted.get(f.label, math.nan)
             in_group = f.label == best or (np.isfinite(p_best) and p_best >= 0.05)
-            rows.append(MatchedRow(f.label, target, interval, float(p_best), bool(in_group)))
+            rows.append(MatchedRow(f.label, target, interval, float(p_best), bool(in_group), versus.get(f.label)))
     return rows
 
 

@@ -193,7 +193,9 @@ def test_frontier_fits_recover_gao_coefficients_and_interpolate_at_matched_kl(tm
         # and so does KL 0.25
         assert rows[(method, 0.25)].interval.mean == pytest.approx(g02 + (0.25 - 0.2) / 0.4 * (g06 - g02))
     best_at_1 = max(GAO, key=lambda m: rows[(m, 1.0)].interval.mean)
-    assert rows[(best_at_1, 1.0)].best_group
+    other = next(m for m in GAO if m != best_at_1)
+    assert rows[(best_at_1, 1.0)].best_group and rows[(best_at_1, 1.0)].vs_best is None
+    assert rows[(other, 1.0)].vs_best.mean == pytest.approx(rows[(other, 1.0)].interval.mean - rows[(best_at_1, 1.0)].interval.mean)
 
 
 def test_frontier_fits_from_noisy_points_cover_the_truth(tmp_path):
