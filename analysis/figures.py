@@ -211,7 +211,8 @@ def draw_paired(runs: list[Run], n_boot: int = 1000) -> Drawn:
     result = paired_comparisons(groups, n_boot=n_boot)
     metrics = [k for k in PAIRED_METRICS if any(c.metric == k for c in result.comparisons)]
     if not metrics:
-        raise Skipped("needs two or more policies with gold reward or win rate on the same seeds (and prompts)")
+        raise Skipped("needs two or more policies with gold reward or win rate on the same seeds: with one seed, their samples.jsonl "
+                      "(per-prompt values, which only a local directory has); with several, their metrics suffice")
     plt = _plt()
     names = [g.label for g in groups if any(g.label in (c.a, c.b) for c in result.comparisons)]
     m = len(names)
