@@ -52,18 +52,14 @@ def _quiet_environment() -> None:
 
 
 def _print_results(directory: Path, fmt: str) -> None:
-    from alignbench.analysis.tables import format_table, load_runs, results_frame, summary_table
+    """One row per policy: runs grouped by their whole config except the seed (analysis/tables.py)."""
+    from alignbench.analysis.tables import print_results
 
-    runs = load_runs(directory)
-    if not runs:
-        raise ConfigError(f"no finished runs (metrics.json) under {directory}")
-    table = summary_table(results_frame(runs))
-    if fmt == "md":
-        # Metrics as rows and methods as columns: readable in a terminal with many metrics.
-        transposed = table.set_index("method").drop(columns=["experiment"]).T.reset_index().rename(columns={"index": "metric"})
-        print(format_table(transposed, "md"))
-    else:
-        print(format_table(table, fmt), end="")
+    try:
+        text = print_results(directory, fmt)
+    except FileNotFoundError as err:
+        raise ConfigError(str(err)) from None
+    print(text, end="")
 
 
 def cmd_run(args) -> None:

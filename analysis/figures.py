@@ -3,7 +3,8 @@ figure with its caption, or raises `Skipped` saying which runs it needs.
 
 1. win rate vs SFT per policy (bars, 95% intervals)            `draw_win_rates`
 2. head-to-head win-rate matrix and Bradley–Terry ranking       `draw_head_to_head`
-3. gold reward vs KL frontier over a sweep (DPO, Fig. 2 left)   `draw_reward_vs_kl`
+   paired comparisons of every pair, Holm-adjusted (significance matrix) `draw_paired`
+3. gold reward vs KL frontiers, matched-KL table, Gao et al. fits `draw_reward_vs_kl`
 4. win rate vs sampling temperature (DPO, Fig. 2 right)         `draw_temperatures`
 5. win rate and gold reward vs model size (InstructGPT, Fig. 1) `draw_model_sizes`
 6. helpfulness vs harmlessness across iterations (Llama 2)      `draw_iterations`
@@ -16,11 +17,19 @@ from __future__ import annotations
 
 import math
 import re
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from alignbench.analysis.runs import Group, Run, group_runs, method_order, setting_order
+from alignbench.analysis.runs import (
+    Group,
+    Run,
+    group_runs,
+    method_order,
+    policy_interval,
+    setting_order,
+)
 from alignbench.analysis.stats import (
     Interval,
     describe_intervals,
@@ -99,12 +108,12 @@ def _note(ax, text: str) -> None:
 
 
 # --- 1. win rate vs SFT -------------------------------------------------------------------
-def draw_win_rates(runs: list[Run]) -> Drawn:
+def draw_win_rates(runs: list[Run], n_boot: int = 1000) -> Drawn:
     groups = [g for g in group_runs(runs) if all(WIN_RATE in r.metrics for r in g.runs)]
     if not groups:
         raise Skipped(f"no finished run has {WIN_RATE}")
     plt, colours = _plt(), _group_colours(runs, groups)
-    intervals = [metric_interval([r.metrics for r in g.runs], WIN_RATE) for g in groups]
+    intervals = [policy_interval(g.runs, WIN_RATE, n_boot) for g in groups]
     fig, ax = plt.subplots(figsize=(max(COLUMN_WIDTH, 0.32 * len(groups) + 0.8), 2.3), layout="constrained")
     x = np.arange(len(groups))
     ax.bar(x, [i.mean for i in intervals], color=[colours[g.label] for g in groups], width=0.7, label="_bars")
@@ -153,10 +162,14 @@ def draw_head_to_head(runs: list[Run], n_boot: int = 1000) -> Drawn:
         label.set_ha("right")
     units = int((h2h.counts.sum(axis=(1, 2)) > 0).sum())
     judge = "gold judge rebuilt from the runs' world config"
+    low, high = h2h.win_rate_intervals(n_boot=n_boot)
+    cell_intervals = [Interval(0.0, 0.0, 0.0, "two-level" if len(h2h.seeds) > 1 else "prompts", len(h2h.seeds))]
+    noise = describe_intervals(cell_intervals, what="intervals")
     caption = (f"Left: win rate of each row policy against each column policy on the same {units} test prompts "
-               f"({judge}, ties 1/2, pooled over the seeds both ran).")
+               f"({judge}, ties 1/2, pooled over the {len(h2h.seeds)} seed(s) both ran); `head_to_head.md` gives each cell's {noise}.")
+    cells = [[("–" if not np.isfinite(rates[i, j]) else f"{rates[i, j]:.3f} [{low[i, j]:.3f}, {high[i, j]:.3f}]") for j in range(m)] for i in range(m)]
     tables = {
-        "head_to_head": pd.DataFrame(rates, index=names, columns=names).reset_index(names="policy"),
+        "head_to_head": pd.DataFrame(cells, index=names, columns=names).reset_index(names="policy"),
     }
     if ranked:
         anchor = next((n for n in names if n == ANCHOR), None)
@@ -171,10 +184,12 @@ def draw_head_to_head(runs: list[Run], n_boot: int = 1000) -> Drawn:
         ax2.axvline(0, color="0.4", linestyle="--", linewidth=0.8)
         ax2.set_yticks(y, [names[i] for i in order])
         ax2.set_xlabel(f"Bradley–Terry strength (log-odds vs {ranking.anchor})")
-        _note(ax2, f"error bars: 95% bootstrap over {ranking.units} prompts ({ranking.bootstrap} resamples)")
+        bars = describe_intervals([Interval(0.0, 0.0, 0.0, "two-level" if ranking.seeds > 1 else "prompts", ranking.seeds)])
+        _note(ax2, f"{bars.split(':')[0]}: " + ("two-level bootstrap" if ranking.seeds > 1 else "bootstrap over prompts")
+              + f", {ranking.seeds} seed(s) × {ranking.units} prompts ({ranking.bootstrap} resamples)")
         _despine(ax2)
         caption += (f" Right: Bradley–Terry strengths fitted to all comparisons, relative to {ranking.anchor} "
-                    f"(P(i beats j) = σ(θi − θj)); error bars: 95% bootstrap intervals over prompts.")
+                    f"(P(i beats j) = σ(θi − θj)); {bars}.")
         rows = [{"rank": rank + 1, "policy": names[i], "strength": ranking.strength[i], "ci_low": ranking.low[i], "ci_high": ranking.high[i],
                  f"p_beats_{ranking.anchor}": 1 / (1 + math.exp(-ranking.strength[i]))} for rank, i in enumerate(order[::-1])]
         tables["bradley_terry"] = pd.DataFrame(rows)
@@ -182,6 +197,55 @@ def draw_head_to_head(runs: list[Run], n_boot: int = 1000) -> Drawn:
         caption += " Bradley–Terry ranking omitted: some policies were never compared with the others (different prompts or seeds)."
     texts = {f"{name}.{ext}": format_table(frame, fmt) for name, frame in tables.items() for ext, fmt in (("md", "md"), ("tex", "latex"))}
     return Drawn("head_to_head", "Head-to-head win rates and Bradley–Terry ranking", fig, caption, texts)
+
+
+# --- 2b. paired comparisons ---------------------------------------------------------------------
+def draw_paired(runs: list[Run], n_boot: int = 1000) -> Drawn:
+    """Every pair of policies on the same seeds and prompts (analysis/paired.py): a significance
+    matrix per metric, row − column, starred where Holm-adjusted p < 0.05."""
+    import seaborn as sns
+    from alignbench.analysis.paired import PAIRED_METRICS, paired_comparisons, paired_frame
+    from alignbench.analysis.tables import format_table
+
+    groups = group_runs(runs)
+    result = paired_comparisons(groups, n_boot=n_boot)
+    metrics = [k for k in PAIRED_METRICS if any(c.metric == k for c in result.comparisons)]
+    if not metrics:
+        raise Skipped("needs two or more policies with gold reward or win rate on the same seeds: with one seed, their samples.jsonl "
+                      "(per-prompt values, which only a local directory has); with several, their metrics suffice")
+    plt = _plt()
+    names = [g.label for g in groups if any(g.label in (c.a, c.b) for c in result.comparisons)]
+    m = len(names)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(FULL_WIDTH, 0.28 * m + 1.6), squeeze=False, layout="constrained")
+    for ax, key in zip(axes[0], metrics):
+        diff, text = np.full((m, m), np.nan), np.full((m, m), "", dtype=object)
+        for c in (c for c in result.comparisons if c.metric == key):
+            i, j = names.index(c.a), names.index(c.b)
+            star = "*" if c.significant else ""
+            diff[i, j], diff[j, i] = c.diff, -c.diff
+            text[i, j], text[j, i] = f"{c.diff:+.2f}{star}", f"{-c.diff:+.2f}{star}"
+        limit = np.nanmax(np.abs(diff)) if np.isfinite(diff).any() else 0.0
+        limit = limit if limit > 1e-9 else 1.0  # all equal: a neutral colour, not noise stretched over the scale
+        sns.heatmap(diff, ax=ax, annot=text, fmt="", annot_kws={"fontsize": 4.5}, cmap="vlag", center=0, vmin=-limit, vmax=limit, mask=np.isnan(diff),
+                    square=True, linewidths=0.3, xticklabels=names, yticklabels=names, cbar=False)
+        best = textwrap.fill("best group: " + ", ".join(result.best_group.get(key, [])), width=70)
+        ax.set_title(f"{PAIRED_METRICS[key]}: row − column (* Holm p < 0.05)\n{best}", loc="left", fontsize=5.5)
+        ax.tick_params(axis="x", rotation=45)
+        for label in ax.get_xticklabels():
+            label.set_ha("right")
+    frame = paired_frame(result)
+    shown = frame.copy()  # p-values as text: "< 0.001" rather than a rounded 0
+    for column in ("p", "p_holm"):
+        shown[column] = [("< 0.001" if v < 0.001 else f"{v:.3f}") if np.isfinite(v) else "–" for v in frame[column]]
+    seeds = sorted({c.seeds for c in result.comparisons})
+    header = (f"Paired comparisons of every pair of policies on the same seeds and test prompts ({'/'.join(map(str, seeds))} seed(s)); "
+              f"{result.describe()}; p-values Holm-adjusted over the pairs of each metric. "
+              + " ".join(f"Best group by {PAIRED_METRICS[k]} (not told apart from the best at 5%): {', '.join(result.best_group[k])}." for k in metrics))
+    caption = ("Significance matrices: the difference row − column in each metric, paired on seeds and prompts, starred where its "
+               "Holm-adjusted p-value is below 0.05. " + header)
+    tables = {"paired.md": header + "\n\n" + format_table(shown, "md"), "paired.csv": frame.to_csv(index=False),
+              "paired.tex": "% " + header + "\n" + format_table(shown, "latex").replace("< 0.001", "$<$ 0.001")}
+    return Drawn("paired", "Paired comparisons", fig, caption, tables)
 
 
 # --- helpers for sweeps ------------------------------------------------------------------------
@@ -195,47 +259,124 @@ def _by_setting(runs: list[Run], key) -> dict[Any, list[Run]]:
     return dict(sorted(grouped.items(), key=lambda kv: setting_order(kv[0] if isinstance(kv[0], tuple) else (kv[0],))))
 
 
-def _own_keys_varying(runs: list[Run], method: str) -> list[str]:
-    keys = sorted({k for r in runs for k in r.settings if k.startswith(method + ".")})
-    return [k for k in keys if len({r.settings.get(k) for r in runs}) > 1]
-
-
 # --- 3. reward vs KL ---------------------------------------------------------------------------
-def draw_reward_vs_kl(runs: list[Run]) -> Drawn:
-    curves = group_runs(runs, ignore=lambda key, method: key.startswith(method + "."))
-    plt, colours = _plt(), _group_colours(runs, curves)
-    fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.6), layout="constrained")
-    drawn, intervals, swept_keys = 0, [], set()
-    for index, curve in enumerate(curves):
-        swept = _own_keys_varying(curve.runs, curve.method)
-        if not swept:
-            continue
-        points = _by_setting([r for r in curve.runs if KL in r.metrics and GOLD in r.metrics], lambda r, swept=swept: tuple(r.settings.get(k) for k in swept))
-        if len(points) < 2:
-            continue
-        kls = [float(np.mean([r.metrics[KL] for r in rs])) for rs in points.values()]
-        golds = [metric_interval([r.metrics for r in rs], GOLD) for rs in points.values()]
-        name = ", ".join(k.removeprefix(curve.method + ".") for k in swept)
-        swept_keys.update(swept)
-        _errorbar(ax, kls, golds, color=colours[curve.label], marker=marker_of(index), linestyle="-", elinewidth=0.6, label=f"{curve.label}: {name}")
-        for x, interval, values in zip(kls, golds, points):
-            ax.annotate(",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values), (x, interval.mean), textcoords="offset points", xytext=(3, 2), fontsize=4.5, color="0.3")
+def _frontier_seed_band(frontier) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Each seed's own frontier (from SFT where known), interpolated on a KL grid over the range all
+    seeds cover: the grid and the min and max over seeds."""
+    from alignbench.analysis.stats import interpolate_at
+
+    if len(frontier.seeds) < 2:
+        return None
+    kl = frontier.kl  # [K, S]
+    gold = frontier.gold.mean(axis=2)  # [K, S]
+    if frontier.anchor_gold is not None:
+        kl = np.vstack([np.zeros((1, kl.shape[1])), kl])
+        gold = np.vstack([frontier.anchor_gold.mean(axis=1)[None], gold])
+    start, end = kl.min(axis=0).max(), kl.max(axis=0).min()
+    if not end > start:
+        return None
+    grid = np.linspace(start, end, 50)
+    curves = np.stack([[interpolate_at(kl[:, s], gold[:, s], x) for x in grid] for s in range(kl.shape[1])])
+    return grid, curves.min(axis=0), curves.max(axis=0)
+
+
+def draw_reward_vs_kl(runs: list[Run], n_boot: int = 1000) -> Drawn:
+    import pandas as pd
+    from alignbench.analysis.frontier import KL_TARGETS, find_frontiers, form_text, gao_fits, matched_kl
+    from alignbench.analysis.stats import gao_curve
+    from alignbench.analysis.tables import format_table, interval_cell
+
+    frontiers = find_frontiers(runs)
+    if not frontiers:
+        raise Skipped("needs runs of one method at two or more settings of its own section (a sweep such as dpo.beta or ppo.init_kl_coef: experiments/frontier.yaml)")
+    plt = _plt()
+    colours = _group_colours(runs, [f.group for f in frontiers])
+    fits = {fit.label: fit for fit in gao_fits(frontiers, n_boot)}
+    fig, ax = plt.subplots(figsize=(COLUMN_WIDTH + 1.2, 2.8), layout="constrained")
+    intervals = []
+    for index, f in enumerate(frontiers):
+        colour = colours[f.label]
+        kl_points, gold_points = f.kl.mean(axis=1), f.gold.mean(axis=(1, 2))
+        golds = [policy_interval_of_point(f, k, n_boot) for k in range(len(f.settings))]
         intervals += golds
-        drawn += 1
-    if not drawn:
-        raise Skipped("needs runs of one method at two or more settings of its own section (a sweep such as dpo.beta or ppo.init_kl_coef: experiments/paper/reward_vs_kl.yaml)")
+        name = ", ".join(k.removeprefix(f.group.method + ".") for k in f.swept)
+        order = np.argsort(kl_points)
+        _errorbar(ax, kl_points[order], [golds[i] for i in order], color=colour, marker=marker_of(index), linestyle="-", elinewidth=0.6, label=f"{f.label}: {name}")
+        if f.anchor_gold is not None:  # the curve starts at SFT (KL 0)
+            first = order[0]
+            ax.plot([0.0, kl_points[first]], [f.anchor_gold.mean(), gold_points[first]], color=colour, linestyle=":", linewidth=0.8, label="_from_sft")
+        band = _frontier_seed_band(f)
+        if band is not None:
+            ax.fill_between(band[0], band[1], band[2], color=colour, alpha=0.15, linewidth=0, label="_seed_band")
+        fit = fits.get(f.label)
+        if fit is not None and np.isfinite(fit.alpha.mean):
+            grid = np.linspace(0, max(kl_points.max(), 1e-6), 60)
+            ax.plot(grid, f.anchor_gold.mean() + gao_curve(np.sqrt(grid), fit.alpha.mean, fit.beta.mean, fit.form), color=colour, linestyle="--", linewidth=0.7, label="_gao_fit")
+        for x, interval, values in zip(kl_points, golds, f.settings):
+            ax.annotate(",".join(_format_setting(v) for v in values), (x, interval.mean), textcoords="offset points", xytext=(3, 2), fontsize=4.5, color="0.3")
     sft = [r for r in runs if r.method == ANCHOR and KL in r.metrics and GOLD in r.metrics]
     if sft:
         ax.scatter([np.mean([r.metrics[KL] for r in sft])], [np.mean([r.metrics[GOLD] for r in sft])], marker="*", s=40, color="black", zorder=4, label="SFT")
+    if fits:
+        ax.plot([], [], color="0.3", linestyle="--", linewidth=0.7, label="Gao et al. fit")
+    for target in KL_TARGETS:
+        ax.axvline(target, color="0.85", linewidth=0.5, zorder=0, label="_target")
     ax.set_xlabel("KL(π ‖ π_SFT) on test prompts (nats)")
     ax.set_ylabel("Gold reward (test prompts)")
     bars = describe_intervals(intervals)
+    seeds = sorted({len(f.seeds) for f in frontiers})
     _note(ax, bars)
-    _legend(ax)
+    _legend(ax, outside=True)
     _despine(ax)
+    # The matched-KL table: every curve's gold reward at each target, best group marked.
+    rows = matched_kl(frontiers, n_boot=n_boot)
+    matched = pd.DataFrame([{"policy": label, **{f"KL {t:g}": next(interval_cell(r.interval) + (" †" if r.best_group else "") for r in rows if r.label == label and r.kl == t) for t in KL_TARGETS}}
+                            for label in [f.label for f in frontiers]])
+    matched_csv = pd.DataFrame([{"policy": r.label, "kl": r.kl, "gold_reward": r.interval.mean, "ci_low": r.interval.low, "ci_high": r.interval.high,
+                                 "diff_vs_best": r.vs_best.mean if r.vs_best else math.nan, "diff_ci_low": r.vs_best.low if r.vs_best else math.nan,
+                                 "diff_ci_high": r.vs_best.high if r.vs_best else math.nan, "p_holm_vs_best": r.p_holm_vs_best, "best_group": r.best_group,
+                                 "seeds": r.interval.n} for r in rows])
+    matched_intervals = [r.interval for r in rows]
+    matched_note = (f"Gold reward at matched KL, read off each frontier by linear interpolation between its settings (from SFT at KL 0), "
+                    f"never extrapolated (– where the curve does not reach that KL); {describe_intervals(matched_intervals, what='intervals')}; "
+                    f"† marks the best group at each KL: the highest and every curve whose paired difference from it is not significant "
+                    f"(Holm-adjusted p >= 0.05 over the comparisons with the best). reward_vs_kl_matched.csv adds each curve's paired difference from the best at that KL (diff_vs_best, with its interval).")
+    fit_rows = [{"policy": fit.label, "form": form_text(fit.form), "alpha": interval_cell(fit.alpha), "beta": interval_cell(fit.beta), "points": fit.points} for fit in fits.values()]
+    fit_csv = pd.DataFrame([{"policy": fit.label, "form": form_text(fit.form), "alpha": fit.alpha.mean, "alpha_ci_low": fit.alpha.low, "alpha_ci_high": fit.alpha.high,
+                             "beta": fit.beta.mean, "beta_ci_low": fit.beta.low, "beta_ci_high": fit.beta.high, "points": fit.points} for fit in fits.values()])
+    fit_note = ("Gao et al. 2022's functional forms fitted by least squares to each frontier's gain in gold reward over SFT, R = gold − gold_SFT, "
+                "against d = √KL: best-of-n R(d) = d(α − βd), every other method the RL form R(d) = d(α − β log d); "
+                + describe_intervals([i for fit in fits.values() for i in (fit.alpha, fit.beta)], what="intervals") + ".")
+    tables = {
+        "reward_vs_kl_matched.md": matched_note + "\n\n" + format_table(matched, "md"), "reward_vs_kl_matched.tex": "% " + matched_note + "\n" + format_table(matched, "latex"),
+        "reward_vs_kl_matched.csv": matched_csv.to_csv(index=False),
+    }
+    if fit_rows:
+        frame = pd.DataFrame(fit_rows)
+        tables.update({"reward_vs_kl_fits.md": fit_note + "\n\n" + format_table(frame, "md"), "reward_vs_kl_fits.tex": "% " + fit_note + "\n" + format_table(frame, "latex"),
+                       "reward_vs_kl_fits.csv": fit_csv.to_csv(index=False)})
+    swept_keys = sorted({k for f in frontiers for k in f.swept})
     caption = (f"Gold reward against the KL divergence from the SFT policy, one curve per method across a sweep of "
-               f"{', '.join(sorted(swept_keys))} (points labelled with the swept value); {bars}.")
-    return Drawn("reward_vs_kl", "Reward vs KL frontier", fig, caption)
+               f"{', '.join(swept_keys)} (points labelled with the swept value, {'/'.join(map(str, seeds))} seeds each; dotted: from SFT at KL 0); "
+               f"{bars}; shaded: the range of the seeds' own curves; dashed: Gao et al.'s fitted forms (reward_vs_kl_fits.md). "
+               f"reward_vs_kl_matched.md gives each method's gold reward at KL {', '.join(f'{t:g}' for t in KL_TARGETS)} with the best group marked.")
+    return Drawn("reward_vs_kl", "Reward vs KL frontiers", fig, caption, tables)
+
+
+def policy_interval_of_point(frontier, k: int, n_boot: int) -> Interval:
+    """The gold reward of one point of a frontier over its seeds (two-level bootstrap)."""
+    from alignbench.analysis.stats import replicate_interval, two_level_replicates
+
+    values = frontier.gold[k]
+    return replicate_interval(float(values.mean()), two_level_replicates(values, n_boot), values.shape[0], per_prompt=frontier.per_prompt)
+
+
+def _format_setting(value) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple):
+        return "[" + ",".join(_format_setting(v) for v in value) + "]"
+    return str(value)
 
 
 # --- 4. temperature ------------------------------------------------------------------------------
@@ -322,7 +463,7 @@ def draw_model_sizes(runs: list[Run]) -> Drawn:
         for index, curve in enumerate(curves):
             points = _by_setting([r for r in curve.runs if key in r.metrics], lambda r: r.settings.get("model.name"))
             ordered = sorted(points, key=position.get)
-            values = [metric_interval([r.metrics for r in points[n]], key) for n in ordered]
+            values = [policy_interval(points[n], key) for n in ordered]
             _errorbar(ax, [position[n] for n in ordered], values, color=colours[curve.label], marker=marker_of(index), elinewidth=0.6, label=curve.label)
             intervals += values
         if counts is not None:
@@ -475,8 +616,9 @@ def draw_overoptimization(runs: list[Run]) -> Drawn:
             caption.append("best-of-n at each n against √KL with KL = log n − (n−1)/n (analytic), test prompts")
         else:
             caption.append("periodic validation checkpoints over training, in step order (first and last labelled), KL estimated on the policy's samples")
+    seeds = sorted({len(entry[0].runs) for entry in best_of_n + checkpoints})
     text = ("Over-optimisation (Gao et al. 2022): gold reward (solid) and the proxy reward model's score (dashed) against √KL, for "
-            + "; and for ".join(caption) + ". Points are means over seeds; the gap between proxy and gold is the reward model's over-optimisation.")
+            + "; and for ".join(caption) + f". Points are means over {'/'.join(map(str, seeds))} seed(s), without intervals; the gap between proxy and gold is the reward model's over-optimisation.")
     return Drawn("overoptimization", "Gold and proxy reward vs √KL", fig, text)
 
 

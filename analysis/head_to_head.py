@@ -4,7 +4,8 @@ Each run's `samples.jsonl` holds its responses to the experiment's test prompts.
 are compared prompt by prompt with the world's gold judge, rebuilt from the runs' resolved
 `config["world"]` (ties count 1/2), only where both answered the same prompts under the same
 world at the same seed. The comparisons give a win-rate matrix and a Bradley–Terry ranking
-whose intervals come from a bootstrap over prompts.
+whose intervals come from the two-level bootstrap (seeds, then prompts within each seed; one
+seed: prompts only), and per-cell intervals of the matrix from the same draws.
 """
 
 from __future__ import annotations
@@ -22,11 +23,36 @@ from alignbench.analysis.style import Skipped
 @dataclass
 class HeadToHead:
     """outcomes[u, i, j]: wins of policy i over j on comparison unit (prompt) u, summed over the
-    seeds at which both ran, ties 1/2; counts[u, i, j]: how many comparisons that is."""
+    seeds at which both ran, ties 1/2; counts[u, i, j]: how many comparisons that is;
+    seed_outcomes / seed_counts [S, U, M, M]: the same per seed (`seeds`, sorted)."""
 
     names: list[str]
     outcomes: np.ndarray
     counts: np.ndarray
+    seed_outcomes: np.ndarray | None = None
+    seed_counts: np.ndarray | None = None
+    seeds: tuple[int, ...] = (0,)
+
+    def win_rate_intervals(self, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+        """[M, M] low and high of each cell's win rate under the two-level bootstrap (NaN where never met)."""
+        from alignbench.analysis.stats import replicate_interval, two_level_weights
+
+        outcomes = self.seed_outcomes if self.seed_outcomes is not None else self.outcomes[None]
+        counts = self.seed_counts if self.seed_counts is not None else self.counts[None]
+        s, u, m = outcomes.shape[0], outcomes.shape[1], outcomes.shape[2]
+        weights = two_level_weights(s, u, n_boot, seed).reshape(n_boot, s * u)
+        wins = (weights @ outcomes.reshape(s * u, m * m)).reshape(n_boot, m, m)
+        met = (weights @ counts.reshape(s * u, m * m)).reshape(n_boot, m, m)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            replicates = np.where(met > 0, wins / met, np.nan)
+        rates = self.win_rates()
+        low, high = np.full((m, m), np.nan), np.full((m, m), np.nan)
+        for i in range(m):
+            for j in range(m):
+                if np.isfinite(rates[i, j]):
+                    interval = replicate_interval(float(rates[i, j]), replicates[:, i, j], s, level)
+                    low[i, j], high[i, j] = interval.low, interval.high
+        return low, high
 
     def win_rates(self) -> np.ndarray:
         """[M, M]: P(row beats column); NaN where the two never met (and on the diagonal)."""
@@ -47,7 +73,8 @@ class HeadToHead:
         return len(reached) == len(self.names)
 
     def ranking(self, anchor: str | None, n_boot: int = 1000, seed: int = 0) -> Ranking:
-        return bradley_terry_ranking(self.names, self.outcomes, anchor=anchor, n_boot=n_boot, seed=seed)
+        outcomes = self.seed_outcomes if self.seed_outcomes is not None else self.outcomes
+        return bradley_terry_ranking(self.names, outcomes, anchor=anchor, n_boot=n_boot, seed=seed)
 
 
 def _world_judge(world_config: dict):
@@ -91,19 +118,21 @@ def compare_policies(groups: list[Group]) -> HeadToHead:
                 total_units += len(prompts)
             scored.append((index, run, unit_key, scores))
     m = len(groups)
-    outcomes, counts = np.zeros((total_units, m, m)), np.zeros((total_units, m, m))
+    seeds = sorted({run.seed for _, run, _, _ in scored})
+    outcomes, counts = np.zeros((len(seeds), total_units, m, m)), np.zeros((len(seeds), total_units, m, m))
     for a, (ga, run_a, units_a, scores_a) in enumerate(scored):
         for gb, run_b, units_b, scores_b in scored[a + 1 :]:
             if ga == gb or run_a.seed != run_b.seed or units_a != units_b:
                 continue
-            start = unit_sets[units_a]
+            start, s = unit_sets[units_a], seeds.index(run_a.seed)
             rows = slice(start, start + len(scores_a))
             wins = preference_from_scores(scores_a, scores_b)
-            outcomes[rows, ga, gb] += wins
-            outcomes[rows, gb, ga] += 1 - wins
-            counts[rows, ga, gb] += 1
-            counts[rows, gb, ga] += 1
-    present = [i for i in range(m) if counts[:, i, :].sum() > 0]
+            outcomes[s, rows, ga, gb] += wins
+            outcomes[s, rows, gb, ga] += 1 - wins
+            counts[s, rows, ga, gb] += 1
+            counts[s, rows, gb, ga] += 1
+    present = [i for i in range(m) if counts[:, :, i, :].sum() > 0]
     if len(present) < 2:
         raise Skipped("needs samples.jsonl of at least two policies on the same test prompts and seed")
-    return HeadToHead([groups[i].label for i in present], outcomes[:, present][:, :, present], counts[:, present][:, :, present])
+    outcomes, counts = outcomes[:, :, present][:, :, :, present], counts[:, :, present][:, :, :, present]
+    return HeadToHead([groups[i].label for i in present], outcomes.sum(axis=0), counts.sum(axis=0), outcomes, counts, tuple(seeds))

@@ -18,6 +18,7 @@ from alignbench.config import ConfigError
 FIGURES = (
     ("1", "win_rate_vs_sft", "draw_win_rates"),
     ("2", "head_to_head", "draw_head_to_head"),
+    ("2b", "paired", "draw_paired"),
     ("3", "reward_vs_kl", "draw_reward_vs_kl"),
     ("4", "win_rate_vs_temperature", "draw_temperatures"),
     ("5", "win_rate_vs_model_size", "draw_model_sizes"),
@@ -25,6 +26,10 @@ FIGURES = (
     ("7", "overoptimization", "draw_overoptimization"),
     ("8", "training_curves", "draw_training_curves"),
 )
+
+
+# The drawing functions that take the number of bootstrap resamples.
+_BOOTSTRAPPED = ("draw_win_rates", "draw_head_to_head", "draw_paired", "draw_reward_vs_kl")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,19 +57,20 @@ def _check_formats(formats: tuple[str, ...]) -> None:
 def plot_directory(directory: Path, wandb_path: str | None = None, formats: tuple[str, ...] = ("png", "pdf"), n_boot: int = 1000) -> list[Path]:
     """Draw every figure the runs support into `directory/figures/`; returns the files written.
 
-    Figures 1–8 as `formats` (PNG and PDF by default), their tables as Markdown and LaTeX, the
-    results table (figure 9) as `results.md` / `results.tex`, and `index.md` with each figure's
-    caption and the figures skipped, with what they need.
+    Figures 1–8 as `formats` (PNG and PDF by default), their tables as Markdown and LaTeX (the
+    paired comparisons and the matched-KL table also as CSV), the results table (figure 9) as
+    `results.md` / `results.tex` / `results.csv`, and `index.md` with each figure's caption and
+    the figures skipped, with what they need. Intervals over several seeds are two-level
+    bootstraps (seeds, then prompts) with `n_boot` resamples; see analysis/stats.py.
     """
     from alignbench.analysis import figures
     from alignbench.analysis.runs import (
-        group_runs,
         load_local_runs,
         load_wandb_runs,
         single_experiment,
     )
     from alignbench.analysis.style import Skipped, paper_style, save
-    from alignbench.analysis.tables import format_table, results_with_intervals
+    from alignbench.analysis.tables import format_table, results_table
 
     directory = Path(directory)
     if wandb_path is not None:
@@ -86,10 +92,9 @@ def plot_directory(directory: Path, wandb_path: str | None = None, formats: tupl
     skipped = []
     with paper_style():
         _check_formats(formats)
-        options = {"draw_head_to_head": {"n_boot": n_boot}}  # the ranking's bootstrap resamples
         for number, stem, function in FIGURES:
             try:
-                drawn = getattr(figures, function)(runs, **options.get(function, {}))
+                drawn = getattr(figures, function)(runs, **({"n_boot": n_boot} if function in _BOOTSTRAPPED else {}))
             except Skipped as reason:
                 skipped.append((number, stem, str(reason)))
                 print(f"figure {number} ({stem}) skipped: {reason}")
@@ -102,15 +107,15 @@ def plot_directory(directory: Path, wandb_path: str | None = None, formats: tupl
             print(f"figure {number} ({drawn.title}): {', '.join(str(f) for f in files)}")
             index += [f"## Figure {number}. {drawn.title}", "", f"![{drawn.title}]({drawn.stem}.{formats[0]})", "", drawn.caption, "",
                       "Files: " + ", ".join(f"`{f.name}`" for f in files), ""]
-    policies = [(g.label, [r.metrics for r in g.runs]) for g in group_runs(runs)]
-    for fmt, suffix in (("md", "md"), ("latex", "tex")):
+    table = results_table(runs, n_boot=n_boot)
+    for suffix, text in (("md", f"{table.header}\n\n" + format_table(table.frame, "md") + f"\n{table.notes}\n"),
+                         ("tex", f"% {table.header}\n% {table.notes}\n" + format_table(table.frame, "latex")),
+                         ("csv", table.numbers.to_csv(index=False))):
         path = out / f"results.{suffix}"
-        path.write_text(format_table(results_with_intervals(policies, fmt), fmt))
+        path.write_text(text)
         written.append(path)
-    print(f"figure 9 (results table): {out / 'results.md'}, {out / 'results.tex'}")
-    table_caption = ("Quality metrics: mean ± half-width of the 95% t-interval over seeds where there are several; "
-                     "for one seed, the value and its 95% bootstrap interval over test prompts [low, high]. Budgets: means over seeds.")
-    index += ["## Figure 9. Results table", "", (out / "results.md").read_text(), table_caption, ""]
+    print(f"figure 9 (results table): {out / 'results.md'}, {out / 'results.tex'}, {out / 'results.csv'}")
+    index += ["## Figure 9. Results table", "", (out / "results.md").read_text(), ""]
     if skipped:
         index += ["## Skipped", ""] + [f"- Figure {number} (`{stem}`): {reason}" for number, stem, reason in skipped] + [""]
     (out / "index.md").write_text("\n".join(index))

@@ -8,6 +8,7 @@ method whose flattened configs differ in some keys (other than the seed) are dif
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -16,14 +17,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from alignbench.analysis.tables import find_run_dirs
 
 from alignbench.config import ConfigError
 
-# Keys that say how a run was executed or tracked, or which run of a sweep it is: never a
-# setting that tells two policies apart.
-_NOT_A_SETTING = ("name", "method", "methods", "seed", "seeds", "tracking", "trainer")
+# Runs are pooled over seeds only where their whole resolved config agrees except these: the seed
+# itself, which run of a sweep it is (the experiment's name is kept apart as `Run.experiment`), how
+# it was tracked, and trainer settings that only say how progress is shown or saved. Every other
+# key, trainer.threads, precision and device included (they change the numbers), tells policies apart.
+_NOT_A_SETTING = ("name", "method", "methods", "seed", "seeds", "tracking")
+_NOT_A_SETTING_KEYS = ("trainer.progress_bar", "trainer.log_every_n_steps", "trainer.checkpoint_every")
 BASELINES = ("sft", "best_of_n", "best_of_n_gold")
+
+# The samples.jsonl column that holds each evaluation metric per test prompt (written by
+# alignbench/evaluation.py's Evaluator: `win` against the SFT reference's sample, 1/2 for a tie).
+PER_PROMPT = {
+    "eval/win_rate": "win", "eval/gold_reward": "gold_reward", "eval/gold_helpfulness": "gold_helpfulness",
+    "eval/gold_harmlessness": "gold_harmlessness", "eval/proxy_reward": "proxy_reward", "eval/kl": "kl",
+}
 
 
 @dataclass
@@ -44,6 +56,32 @@ class Run:
     def setting(self, key: str, default: Any = None) -> Any:
         return self.settings.get(key, default)
 
+    def samples(self) -> list[dict]:
+        """The rows of samples.jsonl (one per test prompt), read once; [] where there is none."""
+        if not hasattr(self, "_samples"):
+            self._samples = _read_jsonl(self.samples_path) if self.samples_path is not None else []
+        return self._samples
+
+    def per_prompt(self, key: str) -> np.ndarray | None:
+        """The metric `key` (e.g. eval/gold_reward) on each test prompt, from samples.jsonl; None where
+        the run has no such column or the column's mean is not the run's reported value (a KL given
+        in closed form, such as best-of-n's, has no per-prompt values)."""
+        column, rows = PER_PROMPT.get(key), self.samples()
+        if column is None or not rows or any(column not in row for row in rows):
+            return None
+        values = np.array([row[column] for row in rows], dtype=float)
+        reported = self.metrics.get(key)
+        if reported is None or not np.isfinite(values).all() or abs(values.mean() - reported) > 1e-6 * max(1.0, abs(reported)):
+            return None
+        return values
+
+    def prompts_digest(self) -> str | None:
+        """A digest of the test prompts in samples.jsonl, in order (paired comparisons need equal ones)."""
+        rows = self.samples()
+        if not rows:
+            return None
+        return hashlib.sha256("\n".join(row.get("prompt", "") for row in rows).encode()).hexdigest()[:16]
+
 
 def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
     """Dotted keys to hashable leaves (lists become tuples)."""
@@ -58,7 +96,7 @@ def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def _settings(config: dict) -> dict[str, Any]:
-    return {k: v for k, v in flatten(config).items() if k.split(".")[0] not in _NOT_A_SETTING}
+    return {k: v for k, v in flatten(config).items() if k.split(".")[0] not in _NOT_A_SETTING and k not in _NOT_A_SETTING_KEYS}
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -149,6 +187,7 @@ class Group:
     label: str
     runs: list[Run]
     differing: dict[str, Any]  # the settings that tell this group apart from its method's others
+    experiment: str = ""
 
     @property
     def seeds(self) -> list[int]:
@@ -156,24 +195,74 @@ class Group:
 
 
 def group_runs(runs: list[Run], ignore: Callable[[str, str], bool] = lambda key, method: False) -> list[Group]:
-    """Group each method's runs by their settings, leaving out keys where `ignore(key, method)`.
+    """Group each method's runs by their settings, leaving out keys where `ignore(key, method)`:
+    with nothing ignored, the runs of a group differ in their seed only (issue 21).
 
-    The label is the method, plus the settings that differ between its groups (`dpo (beta=0.5)`).
-    Groups come in method order, then in the order of their differing values.
+    The label is the method, plus the settings that differ between its groups (`dpo (beta=0.5)`),
+    and the experiment's name first where the runs come from several (`quickstart: dpo`).
+    Groups come in experiment order, method order, then in the order of their differing values.
     """
     groups: list[Group] = []
-    for method in method_order(r.method for r in runs):
-        mine = [r for r in runs if r.method == method]
-        keys = sorted({k for r in mine for k in r.settings if not ignore(k, method)})
-        varying = [k for k in keys if len({_hashable(r.settings.get(k)) for r in mine}) > 1]
-        by_setting: dict[tuple, list[Run]] = {}
-        for r in mine:
-            by_setting.setdefault(tuple(_hashable(r.settings.get(k)) for k in varying), []).append(r)
-        for values in sorted(by_setting, key=setting_order):
-            differing = dict(zip(varying, values))
-            label = method if not varying else f"{method} (" + ", ".join(f"{_short_key(k, method)}={_format_value(v)}" for k, v in differing.items()) + ")"
-            groups.append(Group(method, label, sorted(by_setting[values], key=lambda r: r.seed), differing))
+    experiments = sorted({r.experiment for r in runs})
+    for experiment in experiments:
+        prefix = f"{experiment}: " if len(experiments) > 1 else ""
+        for method in method_order(r.method for r in runs if r.experiment == experiment):
+            mine = [r for r in runs if r.method == method and r.experiment == experiment]
+            keys = sorted({k for r in mine for k in r.settings if not ignore(k, method)})
+            varying = [k for k in keys if len({_hashable(r.settings.get(k)) for r in mine}) > 1]
+            by_setting: dict[tuple, list[Run]] = {}
+            for r in mine:
+                by_setting.setdefault(tuple(_hashable(r.settings.get(k)) for k in varying), []).append(r)
+            for values in sorted(by_setting, key=setting_order):
+                differing = dict(zip(varying, values))
+                label = method if not varying else f"{method} (" + ", ".join(f"{_short_key(k, method)}={_format_value(v)}" for k, v in differing.items()) + ")"
+                groups.append(Group(method, prefix + label, sorted(by_setting[values], key=lambda r: r.seed), differing, experiment))
     return groups
+
+
+# --- values per seed and per prompt, and their intervals ------------------------------------------
+@dataclass
+class SeedValues:
+    """One metric of one policy: values [S, P] per seed (sorted) and per test prompt, or [S, 1]
+    (the runs' reported values) where per-prompt values are missing (W&B runs, old runs, a KL in
+    closed form)."""
+
+    seeds: list[int]
+    values: np.ndarray
+    per_prompt: bool
+    prompts: list[str | None]  # each seed's prompt digest (None without samples)
+
+    def subset(self, seeds: list[int]) -> SeedValues:
+        rows = [self.seeds.index(s) for s in seeds]
+        return SeedValues(list(seeds), self.values[rows], self.per_prompt, [self.prompts[i] for i in rows])
+
+
+def seed_values(runs: list[Run], key: str) -> SeedValues | None:
+    """`key` of runs that differ only in seed, as SeedValues; None where no run reports it."""
+    runs = sorted((r for r in runs if r.metrics.get(key) is not None and np.isfinite(r.metrics[key])), key=lambda r: r.seed)
+    if not runs:
+        return None
+    per_prompt = [r.per_prompt(key) for r in runs]
+    if all(v is not None for v in per_prompt) and len({len(v) for v in per_prompt}) == 1:
+        return SeedValues([r.seed for r in runs], np.stack(per_prompt), True, [r.prompts_digest() for r in runs])
+    return SeedValues([r.seed for r in runs], np.array([[float(r.metrics[key])] for r in runs]), False, [r.prompts_digest() for r in runs])
+
+
+def policy_interval(runs: list[Run], key: str, n_boot: int = 1000, level: float = 0.95):
+    """Mean of `key` over the runs (seeds of one policy) with its 95% interval: the two-level
+    bootstrap over seeds and prompts where every seed has per-prompt values; the t-interval over
+    the seeds' reported values where some do not (every seed's value carries its own evaluation
+    noise, so it covers the same two sources); for one seed, the bootstrap over its prompts, or
+    the interval the run recorded (evaluation noise only)."""
+    from alignbench.analysis.stats import Interval, metric_interval, replicate_interval, two_level_replicates
+
+    values = seed_values(runs, key)
+    if values is None:
+        return Interval(math.nan, math.nan, math.nan, "none", 0)
+    if not values.per_prompt and len(values.seeds) == 1:
+        return metric_interval([r.metrics for r in runs if r.metrics.get(key) is not None], key)
+    estimate = float(values.values.mean())
+    return replicate_interval(estimate, two_level_replicates(values.values, n_boot), len(values.seeds), level, values.per_prompt)
 
 
 def _hashable(value: Any) -> Any:

@@ -1,4 +1,21 @@
-"""The statistics behind the figures: intervals over seeds and the Bradley–Terry ranking.
+"""The statistics behind the figures: intervals over seeds and prompts, paired comparisons with
+Holm's adjustment, KL-matched frontiers, Gao et al.'s fits and the Bradley–Terry ranking.
+
+What an interval covers. A run's number moves with two sources of noise: *training* (its seed:
+the SFT policy, labels and reward models when the seed replicates the whole experiment, and the
+method's own randomness) and *evaluation* (which test prompts were drawn and what the policy
+sampled on them). The per-run intervals written by the evaluator resample prompts only, so they
+cover evaluation noise alone. Across seeds the intervals here are a **two-level bootstrap**
+(Davison & Hinkley 1997, §3.8): a replicate draws S seeds with replacement, then, within each
+drawn seed, its P prompts with replacement, and takes the mean. From the B replicates the
+interval is a bootstrap-t one, mean ± t_{S−1} · sd(replicates), with S−1 degrees of freedom:
+with 3–5 seeds, percentile intervals of a seed bootstrap are far too short. It is on the safe
+side: the second level adds the prompts' noise once more to seed means that already carry it,
+which makes up for the first level's (S−1)/S shrinkage of the seeds' variance. Its coverage of a
+nominal 95% runs from about 93% where the seeds' spread is all there is to nearly 100% where the
+prompts' noise is (tests/test_stats.py simulates it). Without per-prompt values (W&B runs, old
+runs) only the seeds are resampled and the sd is scaled by √(S/(S−1)): the t-interval over seeds.
+With one seed it is the percentile bootstrap over prompts (evaluation noise only).
 
 numpy only (no scipy): the Student-t quantile comes from the closed-form t distribution
 function for integer degrees of freedom (Abramowitz & Stegun 26.7.3-4), which is all that an
@@ -58,7 +75,7 @@ class Interval:
     mean: float
     low: float
     high: float
-    over: str  # "seeds" (t-interval over n seeds), "prompts" (the run's bootstrap) or "none"
+    over: str  # "two-level" (seeds, then prompts), "seeds" (t over seed means), "prompts" (one seed) or "none"
     n: int  # seeds behind the mean
 
     @property
@@ -91,18 +108,160 @@ def metric_interval(metrics: Sequence[dict], key: str) -> Interval:
     return interval
 
 
-def describe_intervals(intervals: Sequence[Interval]) -> str:
-    """What the error bars of a figure are, for its caption."""
-    kinds = {i.over for i in intervals if i.over != "none"}
-    seeds = sorted({i.n for i in intervals if i.over == "seeds"})
-    over_seeds = f"95% t-interval over {'/'.join(map(str, seeds))} seeds"
-    if kinds == {"seeds"}:
-        return f"error bars: {over_seeds}"
-    if kinds == {"prompts"}:
-        return "error bars: 95% bootstrap interval over test prompts (one seed)"
-    if kinds == {"seeds", "prompts"}:
-        return f"error bars: {over_seeds} where there are several, else 95% bootstrap over test prompts"
-    return "no error bars (one seed, no interval recorded)"
+INTERVAL_TEXT = {
+    "two-level": "95% two-level bootstrap over {seeds} seeds and the test prompts within each (bootstrap-t): training and evaluation noise",
+    "seeds": "95% t-interval over the means of {seeds} seeds: training and evaluation noise",
+    "prompts": "95% bootstrap over test prompts of one seed: evaluation noise only",
+}
+
+
+def describe_intervals(intervals: Sequence[Interval], what: str = "error bars") -> str:
+    """What the intervals of a figure or table are (method, seeds, what noise they cover), for its caption."""
+    parts = []
+    for kind in ("two-level", "seeds", "prompts"):
+        seeds = sorted({i.n for i in intervals if i.over == kind})
+        if seeds:
+            parts.append(INTERVAL_TEXT[kind].format(seeds="/".join(map(str, seeds))))
+    if not parts:
+        return f"no {what} (one seed, no interval recorded)"
+    return f"{what}: " + "; ".join(parts)
+
+
+# --- the two-level bootstrap -------------------------------------------------------------------
+def two_level_indices(n_seeds: int, n_prompts: int, n_boot: int = 1000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The draws of a two-level bootstrap: seeds [B, S] with replacement, then for each drawn seed
+    its prompts [B, S, P] with replacement. The same (S, P, B, seed) always gives the same draws,
+    so statistics of several policies on the same seeds and prompts are paired replicate by replicate."""
+    if n_seeds < 1 or n_prompts < 1 or n_boot < 2:
+        raise ValueError(f"a two-level bootstrap needs >= 1 seed, >= 1 prompt and >= 2 replicates, got {n_seeds}, {n_prompts}, {n_boot}")
+    rng = np.random.default_rng([seed, n_seeds, n_prompts])
+    seeds = rng.integers(0, n_seeds, size=(n_boot, n_seeds))
+    prompts = rng.integers(0, n_prompts, size=(n_boot, n_seeds, n_prompts), dtype=np.int32)
+    return seeds, prompts
+
+
+def two_level_replicates(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
+    """Replicate means [..., B] of values [..., S, P] (per seed, per prompt) under the draws of
+    `two_level_indices`: the mean over the S drawn seeds of the mean over each one's P drawn prompts."""
+    values = np.asarray(values, dtype=float)
+    seeds, prompts = two_level_indices(values.shape[-2], values.shape[-1], n_boot, seed)
+    return values[..., seeds[:, :, None], prompts].mean(axis=(-1, -2))
+
+
+def two_level_variance(values: np.ndarray) -> float:
+    """The exact variance of the two-level bootstrap mean of values [S, P] (what the replicates'
+    variance tends to as B grows): with seed means m_s and within-seed variances v_s (ddof 0),
+    Var* = (1/S) · [ mean_s (m_s − m̄)² + mean_s v_s / P ] (the law of total variance for one draw)."""
+    values = np.asarray(values, dtype=float)
+    s, p = values.shape
+    means = values.mean(axis=1)
+    return float((np.mean((means - means.mean()) ** 2) + np.mean(values.var(axis=1)) / p) / s)
+
+
+def replicate_interval(estimate: float, replicates: np.ndarray, n_seeds: int, level: float = 0.95, per_prompt: bool = True) -> Interval:
+    """The interval from bootstrap replicates (see the module docstring): estimate ± t_{S−1} ·
+    se over S >= 2 seeds, the percentile interval for one seed (see `replicate_se`)."""
+    finite = np.asarray(replicates, dtype=float)
+    finite = finite[np.isfinite(finite)]
+    if not np.isfinite(estimate) or len(finite) < 2:
+        return Interval(float(estimate), math.nan, math.nan, "none", n_seeds)
+    if n_seeds >= 2:
+        half = student_t_quantile(level, n_seeds - 1) * replicate_se(finite, n_seeds, per_prompt)
+        return Interval(float(estimate), float(estimate - half), float(estimate + half), "two-level" if per_prompt else "seeds", n_seeds)
+    if not per_prompt:
+        return Interval(float(estimate), math.nan, math.nan, "none", 1)
+    alpha = (1 - level) / 2
+    low, high = np.quantile(finite, [alpha, 1 - alpha])
+    return Interval(float(estimate), float(low), float(high), "prompts", 1)
+
+
+def replicate_se(replicates: np.ndarray, n_seeds: int, per_prompt: bool = True) -> float:
+    """The standard error from replicates: their sd; where only the seeds were resampled (no
+    per-prompt values, S >= 2), times √(S/(S−1)), which undoes the seed bootstrap's shrinkage
+    (with it, a mean's interval is the t-interval over the seeds' values)."""
+    sd = float(np.std(replicates, ddof=1))
+    return sd if per_prompt or n_seeds < 2 else sd * math.sqrt(n_seeds / (n_seeds - 1))
+
+
+def replicate_p_value(estimate: float, replicates: np.ndarray, n_seeds: int, per_prompt: bool = True) -> float:
+    """Two-sided p-value of "the true value is 0", from the statistic estimate / sd(replicates):
+    Student's t with S−1 degrees of freedom over S >= 2 seeds (as `replicate_interval`), the
+    normal distribution for one seed. A tail count of the replicates cannot go
+    below 1/B, which after Holm over dozens of pairs would hide every difference."""
+    finite = np.asarray(replicates, dtype=float)
+    finite = finite[np.isfinite(finite)]
+    if not np.isfinite(estimate) or len(finite) < 2:
+        return math.nan
+    se = replicate_se(finite, n_seeds, per_prompt)
+    if se == 0:
+        return 1.0 if estimate == 0 else 0.0
+    if n_seeds >= 2:
+        return 1.0 - student_t_central(estimate / se, n_seeds - 1)
+    return math.erfc(abs(estimate) / se / math.sqrt(2))
+
+
+def two_level_interval(values: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> Interval:
+    """Mean of values [S, P] and its interval (two-level bootstrap over S >= 2 seeds, prompts for one)."""
+    values = np.asarray(values, dtype=float)
+    return replicate_interval(float(values.mean()), two_level_replicates(values, n_boot, seed), values.shape[0], level)
+
+
+def holm(p_values: Sequence[float]) -> np.ndarray:
+    """Holm's (1979) step-down adjustment: the k-th smallest of m p-values becomes
+    max_{j<=k} min(1, (m − j + 1) p_(j)). NaNs stay NaN and do not count in m."""
+    p = np.asarray(p_values, dtype=float)
+    adjusted = np.full(p.shape, math.nan)
+    finite = np.flatnonzero(np.isfinite(p))
+    m, running = len(finite), 0.0
+    for rank, i in enumerate(finite[np.argsort(p[finite], kind="stable")]):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+# --- KL-matched frontiers and Gao et al.'s functional forms ------------------------------------
+def interpolate_at(kl: np.ndarray, value: np.ndarray, target: float) -> np.ndarray:
+    """The value at KL = target along a frontier [..., K] of (KL, value) points: the points are
+    sorted by KL and joined by straight lines; NaN outside [min KL, max KL] (no extrapolation)."""
+    kl, value = np.asarray(kl, dtype=float), np.asarray(value, dtype=float)
+    order = np.argsort(kl, axis=-1)
+    k, v = np.take_along_axis(kl, order, -1), np.take_along_axis(value, order, -1)
+    i = np.clip((k <= target).sum(axis=-1) - 1, 0, k.shape[-1] - 2)[..., None]
+    k0, k1 = np.take_along_axis(k, i, -1)[..., 0], np.take_along_axis(k, i + 1, -1)[..., 0]
+    v0, v1 = np.take_along_axis(v, i, -1)[..., 0], np.take_along_axis(v, i + 1, -1)[..., 0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        weight = np.where(k1 > k0, (target - k0) / (k1 - k0), 0.0)
+    result = v0 + weight * (v1 - v0)
+    return np.where((target < k[..., 0]) | (target > k[..., -1]), math.nan, result)
+
+
+GAO_FORMS = {
+    "best_of_n": ("R(d) = d(α − βd)", lambda d: -d * d),
+    "rl": ("R(d) = d(α − β log d)", lambda d: -d * np.log(np.where(d > 0, d, 1.0))),
+}
+"""Gao et al. 2022 (eq. 1, 2): the gold reward gained over the initial policy against d = √KL;
+best-of-n's form and the RL form. Both are linear in (α, β), so the fit is least squares."""
+
+
+def fit_gao(d: np.ndarray, gain: np.ndarray, form: str) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares (α, β) of `form` (a key of GAO_FORMS) to points d [..., K] (√KL), gain [..., K]
+    (gold reward minus the initial policy's); a batch of independent fits is allowed. NaN where
+    fewer than two points with d > 0."""
+    d, gain = np.asarray(d, dtype=float), np.asarray(gain, dtype=float)
+    design = np.stack([d, GAO_FORMS[form][1](d)], axis=-1)  # [..., K, 2]
+    gram = np.swapaxes(design, -1, -2) @ design  # [..., 2, 2]
+    rhs = (np.swapaxes(design, -1, -2) @ gain[..., None])[..., 0]
+    ok = np.abs(np.linalg.det(gram)) > 1e-12 * np.maximum(np.trace(gram, axis1=-2, axis2=-1) ** 2, 1e-300)
+    safe = np.where(ok[..., None, None], gram, np.eye(2))
+    coef = np.linalg.solve(safe, rhs[..., None])[..., 0]
+    coef = np.where(ok[..., None], coef, math.nan)
+    return coef[..., 0], coef[..., 1]
+
+
+def gao_curve(d: np.ndarray, alpha: float, beta: float, form: str) -> np.ndarray:
+    """R(d) of a fitted form."""
+    d = np.asarray(d, dtype=float)
+    return alpha * d + beta * GAO_FORMS[form][1](d)
 
 
 # --- Bradley–Terry ------------------------------------------------------------------------
@@ -142,29 +301,45 @@ class Ranking:
     anchor: str
     units: int  # comparison units resampled (prompts)
     bootstrap: int
+    seeds: int = 1  # seeds resampled at the first level (1: prompts only)
+
+
+def two_level_weights(n_seeds: int, n_units: int, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
+    """Weights [B, S, U] of a two-level bootstrap as counts: how often each (seed, prompt) appears
+    in a replicate that draws S seeds with replacement and then U prompts within each drawn seed."""
+    rng = np.random.default_rng([seed, n_seeds, n_units])
+    drawn = rng.integers(0, n_seeds, size=(n_boot, n_seeds))
+    counts = rng.multinomial(n_units, np.full(n_units, 1 / n_units), size=(n_boot, n_seeds)).astype(float)  # [B, draw, U]
+    onehot = (drawn[..., None] == np.arange(n_seeds)).astype(float)  # [B, draw, S]
+    return np.einsum("bks,bku->bsu", onehot, counts)
 
 
 def bradley_terry_ranking(names: Sequence[str], outcomes: np.ndarray, anchor: str | None = None, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> Ranking:
-    """Fit Bradley–Terry to per-prompt outcomes and bootstrap over prompts.
+    """Fit Bradley–Terry to per-prompt outcomes and bootstrap over seeds, then prompts.
 
-    outcomes: [U, M, M] — per prompt u, the wins of i over j summed over the comparisons made on
-    it (one per seed), ties 1/2 to each side. A bootstrap replicate resamples
-    prompts with replacement (multinomial weights) and refits. Strengths are reported relative to
-    `anchor` (default: the mean strength is 0).
+    outcomes: [S, U, M, M] — per seed s and prompt u, the wins of i over j (ties 1/2 to each
+    side); [U, M, M] is one seed. A replicate reweights (seed, prompt) cells by the counts of a
+    two-level bootstrap (`two_level_weights`) and refits; the intervals are those of
+    `replicate_interval` (bootstrap-t over S >= 2 seeds, percentile over prompts for one).
+    Strengths are reported relative to `anchor` (default: the mean strength is 0).
     """
     outcomes = np.asarray(outcomes, float)
-    units, m = outcomes.shape[0], outcomes.shape[1]
+    if outcomes.ndim == 3:
+        outcomes = outcomes[None]
+    n_seeds, units, m = outcomes.shape[0], outcomes.shape[1], outcomes.shape[2]
     names = list(names)
     index = names.index(anchor) if anchor is not None else None
 
     def centred(theta: np.ndarray) -> np.ndarray:
-        return theta - (theta[index] if index is not None else theta.mean())
+        return theta - (theta[..., [index]] if index is not None else theta.mean(axis=-1, keepdims=True))
 
-    strength = centred(fit_bradley_terry(outcomes.sum(axis=0)))
-    rng = np.random.default_rng(seed)
-    weights = rng.multinomial(units, np.full(units, 1 / units), size=n_boot).astype(float)  # [B, U]
-    resampled = weights @ outcomes.reshape(units, m * m)
-    replicates = fit_bradley_terry(resampled.reshape(n_boot, m, m))
-    replicates = replicates - (replicates[:, [index]] if index is not None else replicates.mean(axis=1, keepdims=True))
-    alpha = (1 - level) / 2
-    return Ranking(names, strength, np.quantile(replicates, alpha, axis=0), np.quantile(replicates, 1 - alpha, axis=0), anchor or "mean", units, n_boot)
+    strength = centred(fit_bradley_terry(outcomes.sum(axis=(0, 1))))
+    weights = two_level_weights(n_seeds, units, n_boot, seed).reshape(n_boot, n_seeds * units)
+    resampled = weights @ outcomes.reshape(n_seeds * units, m * m)
+    replicates = centred(fit_bradley_terry(resampled.reshape(n_boot, m, m)))
+    intervals = [replicate_interval(float(strength[i]), replicates[:, i], n_seeds, level) for i in range(m)]
+    low = np.array([i.low for i in intervals])
+    high = np.array([i.high for i in intervals])
+    if index is not None:  # the anchor is 0 by definition
+        low[index] = high[index] = 0.0
+    return Ranking(names, strength, low, high, anchor or "mean", units, n_boot, n_seeds)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +75,7 @@ def format_table(table: pd.DataFrame, fmt: str = "md") -> str:
     headers = [str(c) for c in table.columns]
     cells = [[_fmt(v) for v in row] for row in table.itertuples(index=False)]
     if fmt == "latex":
-        escape = lambda s: s.replace("_", r"\_")
+        escape = lambda s: s.replace("_", r"\_").replace("†", r"$^\dagger$").replace("±", r"$\pm$")
         lines = [r"\begin{tabular}{" + "l" * 2 + "r" * (len(headers) - 2) + "}", r"\toprule", " & ".join(map(escape, headers)) + r" \\", r"\midrule"]
         lines += [" & ".join(map(escape, row)) + r" \\" for row in cells]
         return "\n".join(lines + [r"\bottomrule", r"\end{tabular}"]) + "\n"
@@ -97,11 +98,11 @@ BUDGET_COLUMNS = (
 
 
 def interval_cell(interval, fmt: str = "md") -> str:
-    """'0.591 ± 0.020' (over seeds), '0.591 [0.572, 0.608]' (one seed's bootstrap) or '0.591'."""
+    """'0.591 ± 0.020' (over seeds: symmetric), '0.591 [0.572, 0.608]' (one seed's bootstrap) or '0.591'."""
     if math.isnan(interval.mean):
         return "–"
     pm = r"$\pm$" if fmt == "latex" else "±"
-    if interval.over == "seeds":
+    if interval.over in ("seeds", "two-level") and np.isfinite(interval.low):
         return f"{_three(interval.mean)} {pm} {_three(interval.half_width)}"
     if interval.over == "prompts":
         return f"{_three(interval.mean)} [{_three(interval.low)}, {_three(interval.high)}]"
@@ -113,19 +114,86 @@ def _three(value: float) -> str:
     return "0.000" if text == "-0.000" else text
 
 
-def results_with_intervals(policies: list[tuple[str, list[dict]]], fmt: str = "md") -> pd.DataFrame:
-    """One row per policy (label, the metrics of its seeds): quality metrics as mean ± 95% CI, budgets as means."""
-    from alignbench.analysis.stats import metric_interval
+# What eval/kl is (issue 16): written under every results table.
+KL_NOTE = ("eval/kl: the KL between the distributions actually sampled: the policy at the evaluation's (T, top_p) against "
+           "the reference at the same (T, top_p), a Monte Carlo estimate of the sequence KL over the policy's samples; "
+           "best-of-n's is the tie-aware value.")
+BEST_MARK = "†"
 
-    rows = []
-    for label, metrics in policies:
-        row = {"policy": label, "seeds": len(metrics)}
+
+@dataclass
+class ResultsTable:
+    """The results of an experiment directory: one row per policy (runs that differ only in seed)."""
+
+    frame: pd.DataFrame  # display cells ("0.591 ± 0.020 †")
+    numbers: pd.DataFrame  # the same as numbers (mean, _ci_low, _ci_high), for CSV
+    header: str  # seeds, interval method, what the intervals cover, the best groups
+    notes: str
+
+
+def results_table(runs, n_boot: int = 1000, fmt: str = "md") -> ResultsTable:
+    """Group `runs` (analysis.runs.Run) by their whole config except the seed, and give every
+    quality metric as mean ± its interval (two-level bootstrap over seeds and prompts; one seed:
+    prompts only), budgets as means, and mark with † the best group by gold reward and by win rate
+    (analysis/paired.py: not told apart from the best, paired, Holm-adjusted)."""
+    from alignbench.analysis.paired import PAIRED_METRICS, paired_comparisons
+    from alignbench.analysis.runs import group_runs, policy_interval
+    from alignbench.analysis.stats import describe_intervals
+
+    groups = group_runs(runs)
+    paired = paired_comparisons(groups, n_boot=n_boot)
+    rows, numbers, intervals = [], [], []
+    for g in groups:
+        metrics = [r.metrics for r in g.runs]
+        row = {"policy": g.label, "seeds": len(g.runs)}
+        number = {"policy": g.label, "experiment": g.experiment, "method": g.method, "seeds": len(g.runs)}
+        kinds = set()
         for key, name in RESULT_COLUMNS:
             if any(key in m for m in metrics):
-                row[name] = interval_cell(metric_interval([m for m in metrics if key in m], key), fmt)
-        for key, name in BUDGET_COLUMNS:
-            values = [m[key] for m in metrics if m.get(key) is not None]
-            if values:
-                row[name] = float(np.mean(values))
+                interval = policy_interval(g.runs, key, n_boot)
+                intervals.append(interval)
+                kinds.add(interval.over)
+                mark = f" {BEST_MARK}" if key in paired.best_group and g.label in paired.best_group[key] else ""
+                row[name] = interval_cell(interval, fmt) + mark
+                number.update({key: interval.mean, f"{key}_ci_low": interval.low, f"{key}_ci_high": interval.high})
+                if key in PAIRED_METRICS:
+                    number[f"{key}_best_group"] = bool(mark)
+        for key, name in BUDGET_COLUMNS + OTHER_COLUMNS:
+            if any(key in m for m in metrics):  # reported, if only as null (an accuracy with no held-out pairs): shown as –
+                values = [m[key] for m in metrics if m.get(key) is not None]
+                row[name] = number[key] = float(np.mean(values)) if values else math.nan
+        number["interval"] = "/".join(sorted(kinds - {"none"})) or "none"
         rows.append(row)
-    return pd.DataFrame(rows)
+        numbers.append(number)
+    seeds = sorted({len(g.runs) for g in groups})
+    experiments = sorted({g.experiment for g in groups})
+    header = (f"{', '.join(experiments)}: {len(groups)} policies (runs grouped by their whole config except the seed), "
+              f"{'/'.join(map(str, seeds))} seed(s) each; quality metrics: mean ± half-width of its 95% interval over several seeds, "
+              f"mean [low, high] for one seed; " + describe_intervals(intervals, what="intervals") + "; budgets: means over seeds.")
+    best = " ".join(f"{BEST_MARK} best group by {PAIRED_METRICS[k]}: {', '.join(v)} (not told apart from the best: paired bootstrap of the differences over seeds and prompts, Holm-adjusted p >= 0.05; figures/paired.md)."
+                    for k, v in paired.best_group.items())
+    notes = (best + " " if best else "") + KL_NOTE
+    return ResultsTable(pd.DataFrame(rows), pd.DataFrame(numbers), header, notes)
+
+
+def print_results(directory: Path, fmt: str, n_boot: int = 1000) -> str:
+    """`alignbench results DIR`: the results table of every run under DIR, as text."""
+    from alignbench.analysis.runs import load_local_runs
+
+    runs = load_local_runs(directory)
+    if not runs:
+        raise FileNotFoundError(f"no finished runs (metrics.json) under {directory}")
+    table = results_table(runs, n_boot=n_boot)  # format_table turns ± and † into LaTeX
+    if fmt == "csv":
+        return table.numbers.to_csv(index=False)
+    if fmt == "latex":
+        return f"% {table.header}\n% {table.notes}\n" + format_table(table.frame, "latex")
+    # Metrics as rows and policies as columns: readable in a terminal with many metrics.
+    frame = table.frame.set_index("policy").T.reset_index().rename(columns={"index": "metric"})
+    return f"{table.header}\n\n" + format_table(frame, "md") + f"\n{table.notes}\n"
+
+
+# Further per-policy means shown in the results (the reward models' held-out accuracy).
+OTHER_COLUMNS = (
+    ("rm/helpfulness_accuracy", "rm/helpfulness_accuracy"), ("rm/safety_accuracy", "rm/safety_accuracy"), ("rm/optimised_accuracy", "rm/optimised_accuracy"),
+)

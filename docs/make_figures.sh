@@ -7,8 +7,8 @@ out="${1:-runs}"
 cd "$(dirname "$0")/.."
 alignbench quickstart --out "$out"
 alignbench plot "$out/quickstart" --formats png,pdf
-for figure in win_rate_vs_sft head_to_head helpfulness_vs_harmlessness training_curves; do
+for figure in win_rate_vs_sft head_to_head paired helpfulness_vs_harmlessness training_curves; do
     cp "$out/quickstart/figures/$figure.png" docs/figures/
 done
-cp "$out/quickstart/figures/results.md" "$out/quickstart/figures/bradley_terry.md" docs/figures/
+cp "$out/quickstart/figures/results.md" "$out/quickstart/figures/bradley_terry.md" "$out/quickstart/figures/paired.md" docs/figures/
 echo "docs/figures/ regenerated from $out/quickstart"

@@ -37,3 +37,15 @@ def test_ranking_intervals_cover_the_true_strengths_relative_to_the_anchor():
     # a tie on every prompt is equal strength
     ties = np.full((500, 2, 2), 0.5) * (1 - np.eye(2))
     np.testing.assert_allclose(bradley_terry_ranking(["a", "b"], ties, anchor="a", n_boot=50).strength, [0, 0], atol=1e-6)
+
+
+def test_ranking_over_seeds_widens_with_the_seeds_disagreement():
+    """Two seeds that disagree about which policy is better ([S, U, M, M] outcomes): the two-level
+    interval (seeds, then prompts) is wider than one that pools their prompts as if one seed."""
+    theta = np.array([0.0, 0.6])
+    by_seed = np.stack([synthetic_outcomes(theta, 500, seed=2), synthetic_outcomes(-theta, 500, seed=3), synthetic_outcomes(theta, 500, seed=4)])
+    two_level = bradley_terry_ranking(["a", "b"], by_seed, anchor="a", n_boot=300)
+    pooled = bradley_terry_ranking(["a", "b"], by_seed.reshape(1500, 2, 2), anchor="a", n_boot=300)
+    assert two_level.seeds == 3 and pooled.seeds == 1
+    np.testing.assert_allclose(two_level.strength, pooled.strength)
+    assert two_level.high[1] - two_level.low[1] > 3 * (pooled.high[1] - pooled.low[1])

@@ -81,10 +81,11 @@ def test_results_command_prints_the_same_table(quickstart_dir, capsys):
     out = capsys.readouterr().out
     for method in ("sft", "best_of_n", "dpo"):
         assert method in out
-    assert "eval/win_rate" in out and "budget/wall_s" in out and "rm/helpfulness_accuracy" in out
+    assert "win rate vs SFT" in out and "wall s" in out and "rm/helpfulness_accuracy" in out
+    assert "seed(s) each" in out and "eval/kl: the KL between the distributions actually sampled" in out
     assert main(["results", str(quickstart_dir / "quickstart"), "--format", "csv"]) == 0
     csv = capsys.readouterr().out
-    assert csv.splitlines()[0].startswith("method,experiment,seeds,eval/win_rate")
+    assert csv.splitlines()[0].startswith("policy,experiment,method,seeds,eval/win_rate,eval/win_rate_ci_low,eval/win_rate_ci_high")
 
 
 def test_rerun_reuses_cached_stages_and_gives_identical_metrics(quickstart_dir, tmp_path, capsys):

@@ -31,8 +31,17 @@ def agg_backend(isolated_environment, monkeypatch, tmp_path):
 
 
 # --- the fixture: a results directory written by hand -------------------------------------------
-def _write_run(root: Path, method: str, seed: int, settings: dict, metrics: dict, history: list[dict], responses: list[str], prompts: list[str]) -> None:
+def _write_run(root: Path, method: str, seed: int, settings: dict, metrics: dict, history: list[dict], responses: list[str], prompts: list[str], wins: np.ndarray | None = None) -> None:
+    """One run's files. With `wins` (per prompt, vs SFT), samples.jsonl holds them and the world's
+    gold reward of each response, and eval/win_rate and eval/gold_reward are their means (as the
+    evaluator writes them); without, every prompt is a tie and the metrics are left as given."""
     world = AssistantWorld()
+    gold = [world.gold(p, y).reward for p, y in zip(prompts, responses)]
+    if wins is not None:
+        metrics = dict(metrics)
+        for key, values in (("eval/win_rate", wins), ("eval/gold_reward", gold)):
+            metrics[key] = float(np.mean(values))
+            metrics[f"{key}_ci_low"], metrics[f"{key}_ci_high"] = metrics[key] - 0.03, metrics[key] + 0.03
     config = {
         "name": EXPERIMENT, "method": method, "seed": seed, "methods": ["sft", "best_of_n", "dpo", "ppo", "rejection_sampling"], "seeds": list(SEEDS),
         "world": to_dict(WorldConfig()), "model": {"name": settings.pop("model.name", "world-small")},
@@ -44,7 +53,8 @@ def _write_run(root: Path, method: str, seed: int, settings: dict, metrics: dict
     run_dir.mkdir(parents=True)
     (run_dir / "metrics.json").write_text(json.dumps({"experiment": EXPERIMENT, "run_name": name, "method": method, "seed": seed, "config": config, "metrics": metrics, "versions": {}}))
     (run_dir / "history.jsonl").write_text("".join(json.dumps(row) + "\n" for row in history))
-    samples = [{"prompt": p, "response": y, "reference": "", "win": 0.5, "gold_reward": world.gold(p, y).reward} for p, y in zip(prompts, responses)]
+    wins = np.full(len(prompts), 0.5) if wins is None else wins
+    samples = [{"prompt": p, "response": y, "reference": "", "win": float(w), "gold_reward": g} for p, y, w, g in zip(prompts, responses, wins, gold)]
     (run_dir / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
 
 
@@ -102,7 +112,8 @@ def write_fixture(root: Path) -> Path:
             # A response is the ideal answer with a probability that rises with the policy's quality.
             right = rng.random(N_PROMPTS) < 0.4 + 0.5 * quality
             responses = [y if ok else "" for y, ok in zip(ideal, right)]
-            _write_run(root, method, seed, dict(settings), metrics, history, responses, prompts)
+            wins = (rng.random(N_PROMPTS) < 0.5 + 0.3 * quality).astype(float)
+            _write_run(root, method, seed, dict(settings), metrics, history, responses, prompts, wins)
     return root / EXPERIMENT
 
 
@@ -158,9 +169,9 @@ def test_runs_are_grouped_into_policies_by_their_differing_settings(runs):
 
 
 # --- figure 1 ---------------------------------------------------------------------------------
-def test_win_rate_bars_one_per_policy_with_t_intervals_over_seeds(runs, draw):
+def test_win_rate_bars_one_per_policy_with_two_level_intervals(runs, draw):
     from alignbench.analysis.figures import draw_win_rates
-    from alignbench.analysis.stats import student_t_quantile
+    from alignbench.analysis.stats import student_t_quantile, two_level_replicates
 
     drawn = draw(draw_win_rates, runs)
     ax = drawn.figure.axes[0]
@@ -168,14 +179,16 @@ def test_win_rate_bars_one_per_policy_with_t_intervals_over_seeds(runs, draw):
     assert len(ax.patches) == len(groups) == 11
     assert [t.get_text() for t in ax.get_xticklabels()] == [g.label for g in groups]
     assert ax.get_ylabel() == "Win rate vs SFT (gold judge)"
-    assert "95% t-interval over 2 seeds" in drawn.caption
-    # The first bar is the mean of SFT's two seeds; its error bar is the t-interval (1 dof).
+    assert "95% two-level bootstrap over 2 seeds and the test prompts within each (bootstrap-t): training and evaluation noise" in drawn.caption
+    # The first bar is the mean of SFT's two seeds; its error bar is the bootstrap-t interval of
+    # the two-level replicates of the per-prompt wins: mean ± t(1 dof) · sd(replicates).
     values = [r.metrics["eval/win_rate"] for r in groups[0].runs]
     assert ax.patches[0].get_height() == pytest.approx(np.mean(values))
     bars = next(c for c in ax.containers if hasattr(c, "has_yerr") and c.has_yerr)
     segments = bars.lines[2][0].get_segments()
     low, high = segments[0][:, 1]
-    half = student_t_quantile(0.95, 1) * np.std(values, ddof=1) / math.sqrt(2)
+    replicates = two_level_replicates(np.stack([r.per_prompt("eval/win_rate") for r in groups[0].runs]), 1000)
+    half = student_t_quantile(0.95, 1) * replicates.std(ddof=1)
     assert (high - low) / 2 == pytest.approx(half)
 
 
@@ -194,6 +207,11 @@ def test_head_to_head_matrix_and_ranking_cover_every_policy(runs, draw):
     assert sorted(t.get_text() for t in ranking_ax.get_yticklabels()) == sorted(labels)
     assert "Bradley–Terry strength" in ranking_ax.get_xlabel()
     assert set(drawn.tables) == {"head_to_head.md", "head_to_head.tex", "bradley_terry.md", "bradley_terry.tex"}
+    # each cell of the table carries its two-level interval; the caption says over how many seeds
+    cell = drawn.tables["head_to_head.md"].splitlines()[2].split("|")[3].strip()
+    rate, low, high = (float(x) for x in cell.replace("[", "").replace("]", "").replace(",", "").split())
+    assert low <= rate <= high
+    assert "two-level bootstrap over 2 seeds" in drawn.caption
 
 
 def test_head_to_head_uses_the_gold_judge_of_the_runs_world_with_ties_one_half(tmp_path):
@@ -224,7 +242,7 @@ def test_reward_vs_kl_one_curve_per_swept_method_one_point_per_value(runs, draw)
 
     drawn = draw(draw_reward_vs_kl, runs)
     ax = drawn.figure.axes[0]
-    curves = [label for label in legend_labels(ax) if label != "SFT"]
+    curves = [label for label in legend_labels(ax) if label not in ("SFT", "Gao et al. fit")]
     # DPO's β sweep at world-small and best-of-n over n; DPO at world-tiny has one β only.
     assert curves == ["best_of_n: n", "dpo (model.name=world-small): beta"]
     assert errorbar_points(ax, "best_of_n: n") == 3 and errorbar_points(ax, "dpo (model.name=world-small): beta") == 3
