@@ -5,6 +5,31 @@ reference per prompt (the reference's samples are drawn once per seed and reused
 every method). Metrics: win rate against the reference (ties count 1/2) with a 95%
 bootstrap interval over prompts, gold reward and each gold axis with intervals, proxy
 (RM) reward, sequence-level KL(π‖π_ref), length and distinct-2.
+
+**What `eval/kl` is.** The KL between the two distributions actually sampled: the policy
+at the evaluation's temperature T and top_p against the reference (SFT) policy at the same
+T and top_p,
+
+    KL(π_{T,p} ‖ π_ref,{T,p}) = E_{y ~ π_{T,p}} [ log π_{T,p}(y|x) − log π_ref,{T,p}(y|x) ],
+
+where π_{T,p}(y|x) = Π_t π_{T,p}(y_t | x, y_<t) and π_{T,p}(·|ctx) is softmax(logits / T)
+restricted to its top-p nucleus and renormalised (`alignbench.logprobs.sampling_logprobs`,
+the distribution `alignbench.generation.sample` draws from). It is estimated by the mean,
+over the test prompts, of log π_{T,p}(y|x) − log π_ref,{T,p}(y|x) on one policy sample per
+prompt, both terms in nats and summed over the response's tokens. At T = 1 and top_p = 1 this
+is the plain sequence-level KL(π ‖ π_ref). `eval/T<t>/kl` is the same at temperature t.
+
+- Greedy decoding (T = 0) is a point mass on the argmax sequence, and top_p < 1 cuts the
+  reference's support: where the policy samples a token outside the reference's nucleus (or,
+  at T = 0, a sequence other than the reference's greedy one), log π_ref,{T,p} = −∞ and the
+  KL is infinite, as it is mathematically. `eval/kl` is then `inf` (JSON has no infinity, so
+  `metrics.json` stores it as null), and `eval/kl_outside_support`, reported whenever T = 0
+  or top_p < 1, gives the fraction of samples outside the reference's support (0 when the KL
+  is finite). No cap is applied.
+- Best-of-n (and `best_of_n_gold`) draws its candidates from the reference at (T, top_p) and
+  reports its own KL to that distribution, with ties (see `alignbench.methods.best_of_n`).
+- A method's `train/kl` (the KL budget's estimate) and `val/kl` use the same definition at the
+  evaluation's settings.
 """
 
 from __future__ import annotations
@@ -70,8 +95,12 @@ class PolicyResponses:
 
     response_ids: list[list[int]]
     texts: list[str]
-    kl: np.ndarray | None = None  # per-sample log π(y|x) − log π_ref(y|x)
-    analytic_kl: float | None = None  # where the policy's KL is known in closed form (best-of-n)
+    kl: np.ndarray | None = None
+    """One value per prompt whose mean over prompts is the policy's KL to the reference at the
+    sampling settings: log π_{T,p}(y|x) − log π_ref,{T,p}(y|x) for a sampled policy (+inf where y is
+    outside the reference's support), best-of-n's per-prompt KL for best-of-n. None: the reference itself."""
+    sampling_logprobs: np.ndarray | None = None
+    """log π_{T,p}(y|x) of each response under the distribution it was sampled from (where sampled)."""
 
 
 def bootstrap_ci(values: Sequence[float], n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
@@ -100,33 +129,43 @@ def distinct_n(texts: Sequence[str], n: int = 2) -> float:
 
 
 def best_of_n_kl(n: int) -> float:
-    """Analytic KL of best-of-n sampling to the base policy: log n − (n−1)/n (Stiennon 2020)."""
+    """KL of best-of-n sampling to the base policy when no two candidates ever tie: log n − (n−1)/n
+    (Stiennon 2020). An upper bound; ties (repeated responses, equal rewards) lower the KL, and
+    best-of-n's runs report the tie-aware value (`alignbench.methods.best_of_n`)."""
     return float(np.log(n) - (n - 1) / n)
 
 
 @torch.no_grad()
-def reference_logprobs(reference, codec: TextCodec, prompt_ids: list[list[int]], response_ids: list[list[int]], batch_size: int = 512) -> np.ndarray:
+def reference_logprobs(reference, codec: TextCodec, prompt_ids: list[list[int]], response_ids: list[list[int]], batch_size: int = 512, temperature: float = 1.0, top_p: float = 1.0) -> np.ndarray:
+    """log π_ref,{T,p}(y|x) of each response: summed over its tokens, under the reference's distribution
+    at `temperature` and `top_p` (−inf for a response with a token outside the reference's nucleus)."""
     device = next(reference.parameters()).device
     out = []
     for start in range(0, len(prompt_ids), batch_size):
         packed = pack_sequences(prompt_ids[start : start + batch_size], response_ids[start : start + batch_size], codec.pad_token_id).to(device)
-        out.append(sequence_logprobs(reference, packed)[1].cpu())
+        out.append(sequence_logprobs(reference, packed, temperature=temperature, top_p=top_p)[1].cpu())
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 
 def sample_policy(policy, reference, codec: TextCodec, prompts: Sequence[str], config: EvalConfig, generator: torch.Generator, desc: str | bool = False, num_samples: int = 1) -> PolicyResponses:
-    """Sample from a model policy; per-sample KL terms against the reference (None for the reference itself)."""
+    """Sample from a model policy at the config's temperature and top_p; with a reference, the
+    per-sample terms log π_{T,p}(y|x) − log π_ref,{T,p}(y|x) of the KL between the two distributions
+    sampled at those settings (see the module docstring; None for the reference itself)."""
     prompt_ids = codec.encode_prompts(prompts)
     out = sample(
         policy, prompt_ids, max_new_tokens=config.max_new_tokens, eos_token_id=codec.eos_token_id,
         pad_token_id=codec.pad_token_id, temperature=config.temperature, top_p=config.top_p,
         num_samples=num_samples, batch_size=config.batch_size, generator=generator, progress=desc,
     )
+    sampled = np.asarray(out.sampling_logprobs, dtype=np.float64)
     kl = None
     if reference is not None and reference is not policy:
         repeated = [ids for ids in prompt_ids for _ in range(num_samples)]
-        kl = np.asarray(out.logprobs) - reference_logprobs(reference, codec, repeated, out.response_ids, config.batch_size)
-    return PolicyResponses(out.response_ids, codec.decode_responses(out.response_ids), kl)
+        # At T = 1 and top_p = 1 both terms are the plain log-probabilities (the sampler's are then
+        # its temperature-1 log-probs, bit for bit).
+        ref = reference_logprobs(reference, codec, repeated, out.response_ids, config.batch_size, config.temperature, config.top_p)
+        kl = np.asarray(out.sampling_logprobs) - ref
+    return PolicyResponses(out.response_ids, codec.decode_responses(out.response_ids), kl, sampled)
 
 
 METRIC_AXES = ("gold_reward", "gold_helpfulness", "gold_harmlessness")
@@ -168,14 +207,15 @@ class Evaluator:
             metrics[f"{prefix}/proxy_reward"] = float(proxy.mean())
             for record, value in zip(records, proxy):
                 record["proxy_reward"] = float(value)
-        if responses.analytic_kl is not None:
-            metrics[f"{prefix}/kl"] = responses.analytic_kl
-        elif responses.kl is not None:
-            metrics[f"{prefix}/kl"] = float(np.mean(responses.kl))
+        if responses.kl is not None:
+            metrics[f"{prefix}/kl"] = float(np.mean(responses.kl))  # inf where a sample is outside the reference's support
             for record, value in zip(records, responses.kl):
                 record["kl"] = float(value)
         else:
             metrics[f"{prefix}/kl"] = 0.0
+        if self.config.temperature == 0 or self.config.top_p < 1:  # the reference's support is cut
+            outside = np.isposinf(responses.kl) if responses.kl is not None else np.zeros(0)
+            metrics[f"{prefix}/kl_outside_support"] = float(outside.mean()) if len(outside) else 0.0
         metrics[f"{prefix}/length"] = float(np.mean([len(ids) for ids in responses.response_ids]))
         metrics[f"{prefix}/distinct_2"] = distinct_n(responses.texts, 2)
         return metrics, records
@@ -194,8 +234,9 @@ def evaluate_at_temperatures(module, context, seed: int, split: str = "test") ->
     samples; then the method responds at t (`module.respond`, which reads its sampling settings from
     `context.eval_config`) and the usual metrics are computed under the prefix `eval/T<t>`:
     `eval/T<t>/win_rate` (+ `_ci_low`, `_ci_high`), the gold reward and axes with intervals,
-    `proxy_reward`, `kl`, `length` and `distinct_2`. `kl` is the mean of log π(y|x) − log π_ref(y|x)
-    (both at temperature 1) over samples drawn at t, as for the main evaluation.
+    `proxy_reward`, `kl`, `length` and `distinct_2`. `kl` is KL(π_{t,p} ‖ π_ref,{t,p}), the KL between the
+    policy and the reference both sampled at temperature t (and the run's top_p), as the module docstring
+    defines it (with `kl_outside_support` where t = 0 or top_p < 1).
 
     `context` needs `eval_config`, `evaluator`, `reference` and `codec` (a `RunContext` has them).
     """

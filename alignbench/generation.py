@@ -26,7 +26,7 @@ Design notes:
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from alignbench.logprobs import position_ids_from_mask
+from alignbench.logprobs import position_ids_from_mask, sampling_logprobs
 
 __all__ = ["SampleOutput", "sample"]
 
@@ -57,13 +57,19 @@ class SampleOutput:
             generated, nothing after it, no padding.
         logprobs: sum over the generated tokens of ``log pi(token | context)`` under the model's
             own distribution at temperature 1 (unscaled logits, no top-p), whatever temperature
-            and top_p were used to sample; used for KL estimates.
+            and top_p were used to sample.
         finished: whether the sample ended with EOS (otherwise it hit ``max_new_tokens``).
+        sampling_logprobs: sum over the generated tokens of the log-probability under the
+            distribution actually sampled from: tempered, top-p truncated and renormalised (see
+            :func:`alignbench.logprobs.sampling_logprobs`; 0 for greedy decoding). Equal to
+            ``logprobs`` at temperature 1 and top_p 1. The evaluation's KL at any (T, top_p) and
+            best-of-n's KL are computed from these.
     """
 
     response_ids: list[list[int]]
     logprobs: list[float]
     finished: list[bool]
+    sampling_logprobs: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -137,6 +143,7 @@ def sample(
 
     response_ids: list[list[int]] = [[] for _ in rows]
     logprobs = [0.0] * len(rows)
+    sampled_logprobs = [0.0] * len(rows)
     finished = [False] * len(rows)
     was_training = model.training
     model.eval()
@@ -155,11 +162,11 @@ def sample(
                 top_p=top_p,
                 generator=generator,
             )
-            for i, response, logprob, done in zip(batch_rows, *batch):
-                response_ids[i], logprobs[i], finished[i] = response, logprob, done
+            for i, response, logprob, done, sampled_logprob in zip(batch_rows, *batch):
+                response_ids[i], logprobs[i], finished[i], sampled_logprobs[i] = response, logprob, done, sampled_logprob
     finally:
         model.train(was_training)
-    return SampleOutput(response_ids, logprobs, finished)
+    return SampleOutput(response_ids, logprobs, finished, sampled_logprobs)
 
 
 def _sample_batch(
@@ -173,8 +180,8 @@ def _sample_batch(
     temperature: float,
     top_p: float,
     generator: torch.Generator | None,
-) -> tuple[list[list[int]], list[float], list[bool]]:
-    """Decode one left-padded batch; returns (responses, logprob sums, finished) per row."""
+) -> tuple[list[list[int]], list[float], list[bool], list[float]]:
+    """Decode one left-padded batch; returns (responses, logprob sums, finished, sampling logprob sums) per row."""
     device = next(model.parameters()).device
     num_rows, prompt_width = len(prompts), max(len(p) for p in prompts)
 
@@ -192,6 +199,7 @@ def _sample_batch(
     generated = torch.full((num_rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     lengths = torch.zeros(num_rows, dtype=torch.long, device=device)
     logprob_sums = torch.zeros(num_rows, dtype=torch.float32, device=device)
+    sampling_sums = torch.zeros(num_rows, dtype=torch.float32, device=device)
     finished = torch.zeros(num_rows, dtype=torch.bool, device=device)
 
     # The rows still in the batch (R of them): their place in `prompts`, and whether they are done
@@ -202,11 +210,12 @@ def _sample_batch(
     decoder = _LlamaDecoder.of(model, num_rows, prompt_width + max_new_tokens) or _TransformersDecoder(model, keywords)
     for step in range(max_new_tokens):
         logits = decoder(input_ids, position_ids, mask[:, : prompt_width + step]).float()  # [R, V]
-        token, token_logprob = _next_token(logits, temperature, top_p, generator)
+        token, token_logprob, token_sampling_logprob = _next_token(logits, temperature, top_p, generator)
         token = token.masked_fill(done, pad_token_id)
 
         generated[live, step] = token
         logprob_sums[live] += token_logprob.masked_fill(done, 0.0)
+        sampling_sums[live] += token_sampling_logprob.masked_fill(done, 0.0)
         lengths[live] += (~done).long()
         ended = (token == eos_token_id) & ~done
         finished[live] |= ended
@@ -226,7 +235,7 @@ def _sample_batch(
         next_position = next_position + 1
 
     responses = [tokens[:length] for tokens, length in zip(generated.tolist(), lengths.tolist())]
-    return responses, logprob_sums.tolist(), finished.tolist()
+    return responses, logprob_sums.tolist(), finished.tolist(), sampling_sums.tolist()
 
 
 class _TransformersDecoder:
@@ -394,7 +403,7 @@ def _rotate_half(x: Tensor) -> Tensor:
 
 def _next_token(
     logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """Pick the next token of every row.
 
     Args:
@@ -402,7 +411,8 @@ def _next_token(
 
     Returns:
         ``token``: ``LongTensor [R]``; ``logprob``: ``float32 [R]``, its log-probability under the
-        unscaled logits (temperature 1, no top-p).
+        unscaled logits (temperature 1, no top-p); ``sampling_logprob``: ``float32 [R]``, its
+        log-probability under the distribution it was drawn from (temperature and top-p applied).
     """
     logprobs = torch.log_softmax(logits, dim=-1)
     if temperature == 0:
@@ -410,7 +420,9 @@ def _next_token(
     else:
         probs = logprobs.exp() if temperature == 1 else torch.softmax(logits / temperature, dim=-1)
         token = _sample_top_p(probs, top_p, generator)
-    return token, logprobs.gather(-1, token.unsqueeze(-1)).squeeze(-1)
+    logprob = logprobs.gather(-1, token.unsqueeze(-1)).squeeze(-1)
+    sampling_logprob = logprob if temperature == 1 and top_p >= 1 else sampling_logprobs(logits, token, temperature, top_p)
+    return token, logprob, sampling_logprob
 
 
 def _sample_top_p(probs: Tensor, top_p: float, generator: torch.Generator | None) -> Tensor:

@@ -14,7 +14,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["PackedBatch", "pack_sequences", "position_ids_from_mask", "token_logprobs", "target_logprobs", "sequence_logprobs"]
+__all__ = [
+    "PackedBatch", "pack_sequences", "position_ids_from_mask", "token_logprobs", "target_logprobs",
+    "sampling_logprobs", "sequence_logprobs",
+]
 
 
 @dataclass
@@ -153,11 +156,44 @@ def target_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+def sampling_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0, top_p: float = 1.0) -> Tensor:
+    """``float32 [...]``: ``log p_{T,top_p}(targets)``, the log-probability of each target under the
+    distribution that :func:`alignbench.generation.sample` draws from at ``temperature`` and ``top_p``.
+
+    That distribution is ``softmax(logits / T)`` restricted to its top-p nucleus and renormalised
+    there: sorted by probability, a token is kept while the tokens ranked above it hold less than
+    ``top_p`` (the top one always stays), the rule of the sampler. A target outside the nucleus gets
+    ``-inf``. ``temperature == 0`` is greedy decoding, a point mass on the argmax: 0 there, ``-inf``
+    elsewhere. At ``T = 1, top_p = 1`` this is :func:`target_logprobs`.
+
+    Args:
+        logits: ``[..., V]``, unscaled.
+        targets: ``LongTensor [...]``.
+    """
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
+    logits = logits.float()
+    if temperature == 0:
+        hit = logits.argmax(dim=-1) == targets
+        return torch.zeros(hit.shape, device=logits.device).masked_fill(~hit, float("-inf"))
+    if top_p >= 1:
+        return target_logprobs(logits / temperature if temperature != 1 else logits, targets)
+    # The sampler's probabilities, computed as it computes them, so that the nucleus has the same edge.
+    probs = torch.log_softmax(logits, dim=-1).exp() if temperature == 1 else torch.softmax(logits / temperature, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    outside_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+    outside = torch.empty_like(outside_sorted).scatter_(-1, order, outside_sorted)
+    kept = torch.log_softmax(logits / temperature, dim=-1).masked_fill(outside, float("-inf"))
+    return kept.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(kept, dim=-1)
+
+
 def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def sequence_logprobs(model: nn.Module, batch: PackedBatch, *, average: bool = False) -> tuple[Tensor, Tensor]:
+def sequence_logprobs(
+    model: nn.Module, batch: PackedBatch, *, average: bool = False, temperature: float = 1.0, top_p: float = 1.0
+) -> tuple[Tensor, Tensor]:
     """Score the response tokens of ``batch`` under ``model``; gradients flow to the model.
 
     Args:
@@ -167,6 +203,9 @@ def sequence_logprobs(model: nn.Module, batch: PackedBatch, *, average: bool = F
         batch: see :func:`pack_sequences`; moved to the model's device. Position 0 of a row must
             not be a response token (it has no context).
         average: return the mean instead of the sum over response tokens.
+        temperature, top_p: score under the distribution sampled at these settings (see
+            :func:`sampling_logprobs`; a token outside the nucleus scores ``-inf``). The defaults
+            give the model's own distribution.
 
     Returns:
         ``per_token``: ``float32 [B, T]``, ``log p(token | prefix)`` at response positions, 0 elsewhere.
@@ -182,7 +221,11 @@ def sequence_logprobs(model: nn.Module, batch: PackedBatch, *, average: bool = F
     ).logits
     response_mask = batch.response_mask.bool()
     # Left-pad one column so scores line up with the input positions of the tokens they score.
-    scores = nn.functional.pad(token_logprobs(logits, batch.input_ids), (1, 0))
+    if temperature == 1 and top_p >= 1:
+        scores = token_logprobs(logits, batch.input_ids)
+    else:
+        scores = sampling_logprobs(logits[:, :-1], batch.input_ids[:, 1:], temperature, top_p)
+    scores = nn.functional.pad(scores, (1, 0))
     # `where` rather than multiplying by the mask: padding logits never leak in, even as NaN * 0.
     per_token = torch.where(response_mask, scores, torch.zeros_like(scores))
     per_sequence = per_token.sum(dim=-1)

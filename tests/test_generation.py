@@ -119,6 +119,24 @@ def test_logprobs_equal_sequence_logprobs(model: GPT2LMHeadModel, temperature: f
     torch.testing.assert_close(torch.tensor(output.logprobs), expected, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 1.0), (0.7, 0.9), (1.5, 0.6), (0.0, 1.0)])
+def test_sampling_logprobs_are_those_of_the_sampled_distribution(model: GPT2LMHeadModel, temperature: float, top_p: float) -> None:
+    eos = int(first_token_probs(model, PROMPTS[0]).argsort()[-2])
+    output = draw(
+        model, PROMPTS, seed=2, max_new_tokens=10, eos_token_id=eos, temperature=temperature, top_p=top_p,
+        num_samples=4, batch_size=16,
+    )
+    prompts = [p for p in PROMPTS for _ in range(4)]
+    _, expected = sequence_logprobs(model, pack_sequences(prompts, output.response_ids, pad_token_id=PAD), temperature=temperature, top_p=top_p)
+    # Every sampled token lies in the nucleus it was drawn from, scored as the full forward scores it.
+    assert torch.isfinite(expected).all()
+    torch.testing.assert_close(torch.tensor(output.sampling_logprobs), expected, atol=1e-4, rtol=0)
+    if temperature == 1.0 and top_p == 1.0:
+        assert output.sampling_logprobs == output.logprobs
+    if temperature == 0.0:  # greedy: a point mass
+        assert output.sampling_logprobs == [0.0] * len(prompts)
+
+
 def test_same_seed_same_samples(model: GPT2LMHeadModel) -> None:
     def run(seed: int) -> SampleOutput:
         return draw(model, PROMPTS, seed=seed, max_new_tokens=8, eos_token_id=1, num_samples=2, batch_size=4)

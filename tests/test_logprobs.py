@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from transformers import GPT2LMHeadModel
@@ -10,6 +12,7 @@ from alignbench.logprobs import (
     PackedBatch,
     pack_sequences,
     position_ids_from_mask,
+    sampling_logprobs,
     sequence_logprobs,
     token_logprobs,
 )
@@ -98,6 +101,29 @@ def test_sequence_logprobs_matches_rows_run_alone(model: GPT2LMHeadModel, paddin
         got = per_token[row][batch.response_mask[row]]
         torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=0)
         torch.testing.assert_close(per_sequence[row].double(), expected.sum(), atol=1e-5, rtol=0)
+
+
+def test_sampling_logprobs_hand_values() -> None:
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = (probs.log() + 2.0).expand(4, 4)  # row i scores token i; any shift gives the same distribution
+    targets = torch.arange(4)
+    # T = 1, top_p = 1: the model's own distribution.
+    torch.testing.assert_close(sampling_logprobs(logits, targets), probs.log())
+    # top_p = 0.7: tokens 0 and 1 (0.5 < 0.7 before token 1, 0.8 >= 0.7 before token 2), renormalised.
+    expected = torch.tensor([math.log(0.5 / 0.8), math.log(0.3 / 0.8), -math.inf, -math.inf])
+    torch.testing.assert_close(sampling_logprobs(logits, targets, top_p=0.7), expected)
+    # T = 2: probabilities proportional to sqrt(p).
+    tempered = probs.sqrt() / probs.sqrt().sum()
+    torch.testing.assert_close(sampling_logprobs(logits, targets, temperature=2.0), tempered.log())
+    # T = 2 and top_p = 0.5: sqrt weights 0.383, 0.297, ... -> tokens 0 and 1 (0.383 < 0.5, 0.680 >= 0.5).
+    kept = tempered[:2] / tempered[:2].sum()
+    torch.testing.assert_close(
+        sampling_logprobs(logits, targets, temperature=2.0, top_p=0.5), torch.cat([kept.log(), torch.tensor([-math.inf, -math.inf])])
+    )
+    # T = 0: greedy, a point mass on the argmax.
+    torch.testing.assert_close(sampling_logprobs(logits, targets, temperature=0.0), torch.tensor([0.0, -math.inf, -math.inf, -math.inf]))
+    # Batched shapes [B, T, V] -> [B, T].
+    assert sampling_logprobs(logits[0].expand(2, 3, 4), torch.zeros(2, 3, dtype=torch.long), 0.5, 0.9).shape == (2, 3)
 
 
 def test_sequence_logprobs_average(model: GPT2LMHeadModel) -> None:
