@@ -58,6 +58,12 @@ def model_key(model) -> dict:
     return key
 
 
+def precision_key(trainer) -> dict:
+    """The training precision as stage keys hold it: absent at full precision (the keys of every
+    cache built before it entered them), else e.g. {"precision": "bf16-mixed"}."""
+    return {} if trainer.precision in ("32-true", "32") else {"precision": trainer.precision}
+
+
 def reward_model_key(reward_model) -> dict:
     key = to_dict(reward_model)
     if reward_model.architecture == "backbone_head":  # the original architecture: keys as before it was an option
@@ -138,7 +144,7 @@ class WorldSource(DataSource):
 
     def sft_key(self, p) -> dict:
         c = self.config
-        return {"world": to_dict(c.world), "model": model_key(c.model), "sft": to_dict(c.sft)}
+        return {"world": to_dict(c.world), "model": model_key(c.model), "sft": to_dict(c.sft), **precision_key(c.trainer)}
 
     def demonstrations(self, p):
         c = self.config.sft
@@ -285,7 +291,7 @@ class DatasetSource(DataSource):
         c = self.config
         # Demonstrations from the SFT dataset, or the preferred responses of the training pairs.
         source = {"sft": to_dict(c.data.sft)} if c.data.sft is not None else {"preferred_responses": p.labels_key()}
-        return {"data": source, "model": model_key(c.model), "sft": to_dict(c.sft), "weights": str(weights_dtype(c.trainer.precision))}
+        return {"data": source, "model": model_key(c.model), "sft": to_dict(c.sft), "weights": str(weights_dtype(c.trainer.precision)), **precision_key(c.trainer)}
 
     def demonstrations(self, p):
         """The SFT dataset's demonstrations, or the preferred responses of the training pairs

@@ -23,20 +23,20 @@ class Build(NamedTuple):
 SHARED = ("stages/training.py", "sources.py")
 
 BUILD: dict[str, Build] = {
-    "sft": Build(1, ("stages/sft.py", *SHARED), "920a73c100e6eb0c"),
-    "labels": Build(1, ("stages/labels.py", *SHARED), "42116d9723b58ee9"),
+    "sft": Build(1, ("stages/sft.py", *SHARED), "a6c9500477570eb0"),
+    "labels": Build(1, ("stages/labels.py", *SHARED), "7b53e6f83eba3893"),
     # 2: the safety RM's Platt calibration no longer diverges (`fit_calibration`).
-    "reward_models": Build(2, ("stages/reward_models.py", *SHARED), "3fa3062da43da72a"),
-    "reference_samples": Build(1, ("stages/reference_samples.py", *SHARED), "40e7c324a73aa860"),
-    "ai_labeler": Build(1, ("stages/ai_labeler.py", "ai_feedback.py", *SHARED), "e8ff8d59824e3c8c"),
-    "ai_labels": Build(1, ("stages/ai_labels.py", "stages/ai_labeler.py", *SHARED), "485a8e031ddcd29e"),
+    "reward_models": Build(2, ("stages/reward_models.py", *SHARED), "7a199222dad75a73"),
+    "reference_samples": Build(1, ("stages/reference_samples.py", *SHARED), "83ced0cb7a405558"),
+    "ai_labeler": Build(1, ("stages/ai_labeler.py", "ai_feedback.py", *SHARED), "bc121f2a3709739f"),
+    "ai_labels": Build(1, ("stages/ai_labels.py", "stages/ai_labeler.py", *SHARED), "37248fe972d31ed4"),
     # 2: trained by the one `train_reward_model`, which honours reward_model.architecture and LoRA
     # (version 1 always built the backbone + head, without adapters).
-    "pair_reward_model": Build(2, ("stages/pair_reward_model.py", *SHARED), "9bab3a94a59fe4a5"),
-    "helpful_only": Build(1, ("stages/helpful_only.py", *SHARED), "acc5a0f9cc35eb1b"),
-    "sl_cai": Build(1, ("stages/sl_cai.py", "stages/helpful_only.py", *SHARED), "8d1dd581fea89b43"),
+    "pair_reward_model": Build(2, ("stages/pair_reward_model.py", *SHARED), "91a51c38574d89bc"),
+    "helpful_only": Build(1, ("stages/helpful_only.py", *SHARED), "a1a162dd49c77240"),
+    "sl_cai": Build(1, ("stages/sl_cai.py", "stages/helpful_only.py", *SHARED), "78c59d2e818184c0"),
     # 2: as pair_reward_model.
-    "cai_preference_model": Build(2, ("stages/cai_preference_model.py", "stages/pair_reward_model.py", *SHARED), "aee5e37c0b392ed4"),
+    "cai_preference_model": Build(2, ("stages/cai_preference_model.py", "stages/pair_reward_model.py", *SHARED), "681fd8c3e4fa3ec7"),
 }
 
 
