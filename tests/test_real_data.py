@@ -42,7 +42,8 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def _vocabulary(texts: list[str]) -> list[str]:
     words = {w for text in texts for w in text.split()}
-    return sorted(words | {"<user>", "<assistant>", "<system>", "SUBREDDIT:", "TITLE:", "POST:", "TL;DR:"})
+    numbers = {str(i) for i in range(11)}  # an LM judge's rating answers (0..10), so a judge can be built on this model
+    return sorted(words | numbers | {"<user>", "<assistant>", "<system>", "SUBREDDIT:", "TITLE:", "POST:", "TL;DR:"})
 
 
 @pytest.fixture(scope="module")
@@ -375,7 +376,7 @@ def test_rlaif_reward_model_honours_sequence_classification_and_lora(real, tmp_p
     args = _run_args(
         real, out, "method=rlaif", "reward_model.architecture=sequence_classification", "reward_model.likelihood=none",
         "model.lora.enabled=true", "model.lora.r=4", f"ai_labeler.model={real['model']}", "ai_labeler.principles=[good]",
-        "ai_labeler.answer_words=[apple,no]", "rlaif.n_labels=8", "rlaif.iterations=1", "rlaif.batch_size=4", "rlaif.minibatch_size=2",
+        "ai_labeler.answer_words=[apple,red]", "rlaif.n_labels=8", "rlaif.iterations=1", "rlaif.batch_size=4", "rlaif.minibatch_size=2",
         "rlaif.max_length=40", "rlaif.kl_prompts=4", "rlaif.kl_every=0", "rlaif.value_init=policy",
     )
     assert main(args) == 0
