@@ -19,6 +19,7 @@ it depends on (the SFT policy, the labels) through it.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -81,7 +82,7 @@ def make_source(config) -> "DataSource":
     return DatasetSource(config) if config.data.source == "hf" else WorldSource(config)
 
 
-class DataSource:
+class DataSource(ABC):
     """What differs between the world and real datasets; see the module docstring."""
 
     world: AssistantWorld | None = None
@@ -111,19 +112,57 @@ class DataSource:
         return agreement_where_gold_differs(np.asarray(first_better), gold_a, self.gold_scores(prompts, seconds, axis))
 
     # --- per stage: each returns what its stage needs ------------------------------------
-    def sft_key(self, p: "Pipeline") -> dict: ...
-    def demonstrations(self, p: "Pipeline") -> tuple[list[str], list[str], dict]: ...
-    def labels_key(self, p: "Pipeline") -> dict: ...
-    def build_labels(self, p: "Pipeline", tmp: Path) -> dict: ...
-    def reward_key(self, p: "Pipeline") -> dict: ...
-    def reward_axes(self) -> list[str]: ...
-    def calibrate(self, p: "Pipeline", models: dict[str, RewardModel], labels_dir: Path) -> None: ...
-    def reward_accuracy(self, p: "Pipeline", models: dict[str, RewardModel], labels_dir: Path) -> dict: ...
-    def eval_prompts(self, p: "Pipeline") -> dict[str, list[str]]: ...
-    def eval_prompts_key(self, p: "Pipeline") -> dict | None: ...
-    def train_prompts(self, p: "Pipeline", pairs: list[dict]) -> list[str]: ...
-    def sample_train_prompts(self, pool: list[str], n: int, seed: int) -> list[str]: ...
-    def judges(self, proxy) -> dict: ...
+    @abstractmethod
+    def sft_key(self, p: "Pipeline") -> dict:
+        """The SFT stage's key: the demonstrations' origin, the model and sft sections."""
+
+    @abstractmethod
+    def demonstrations(self, p: "Pipeline") -> tuple[list[str], list[str], dict]:
+        """SFT prompts, responses and a summary of where they came from."""
+
+    @abstractmethod
+    def labels_key(self, p: "Pipeline") -> dict:
+        """The labels stage's key."""
+
+    @abstractmethod
+    def build_labels(self, p: "Pipeline", tmp: Path) -> dict:
+        """Write the labels stage's files into `tmp`; return its summary (with `human_labels`)."""
+
+    @abstractmethod
+    def reward_key(self, p: "Pipeline") -> dict:
+        """The reward-models stage's key (its build version is added by the stage)."""
+
+    @abstractmethod
+    def reward_axes(self) -> list[str]:
+        """The reward models to train: `helpfulness`, and `safety` where the labels have it."""
+
+    @abstractmethod
+    def calibrate(self, p: "Pipeline", models: dict[str, RewardModel], labels_dir: Path) -> None:
+        """Set each trained reward model's calibration in place."""
+
+    @abstractmethod
+    def reward_accuracy(self, p: "Pipeline", models: dict[str, RewardModel], labels_dir: Path) -> dict:
+        """The reward models' held-out `rm/*` metrics."""
+
+    @abstractmethod
+    def eval_prompts(self, p: "Pipeline") -> dict[str, list[str]]:
+        """The evaluation prompts: {"test": [...], "val": [...]}."""
+
+    @abstractmethod
+    def eval_prompts_key(self, p: "Pipeline") -> dict | None:
+        """What decides the evaluation prompts beyond the eval section (None: nothing)."""
+
+    @abstractmethod
+    def train_prompts(self, p: "Pipeline", pairs: list[dict]) -> list[str]:
+        """The pool of training prompts for methods that sample (never an evaluation prompt)."""
+
+    @abstractmethod
+    def sample_train_prompts(self, pool: list[str], n: int, seed: int) -> list[str]:
+        """n seeded training prompts (from `pool` where the source has no prompt generator)."""
+
+    @abstractmethod
+    def judges(self, proxy) -> dict:
+        """The evaluation judges by `eval.judge` name (the LM judge is added by the pipeline)."""
 
 
 class WorldSource(DataSource):

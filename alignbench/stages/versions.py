@@ -23,20 +23,20 @@ class Build(NamedTuple):
 SHARED = ("stages/training.py", "sources.py")
 
 BUILD: dict[str, Build] = {
-    "sft": Build(1, ("stages/sft.py", *SHARED), "a6c9500477570eb0"),
-    "labels": Build(1, ("stages/labels.py", *SHARED), "7b53e6f83eba3893"),
+    "sft": Build(1, ("stages/sft.py", *SHARED), "287261eecb4ce72e"),
+    "labels": Build(1, ("stages/labels.py", *SHARED), "18b820714b9a2703"),
     # 2: the safety RM's Platt calibration no longer diverges (`fit_calibration`).
-    "reward_models": Build(2, ("stages/reward_models.py", *SHARED), "7a199222dad75a73"),
-    "reference_samples": Build(1, ("stages/reference_samples.py", *SHARED), "83ced0cb7a405558"),
-    "ai_labeler": Build(1, ("stages/ai_labeler.py", "ai_feedback.py", *SHARED), "bc121f2a3709739f"),
-    "ai_labels": Build(1, ("stages/ai_labels.py", "stages/ai_labeler.py", *SHARED), "37248fe972d31ed4"),
+    "reward_models": Build(2, ("stages/reward_models.py", *SHARED), "d70444007cd964d2"),
+    "reference_samples": Build(1, ("stages/reference_samples.py", *SHARED), "5cf0e337a1d6d7f8"),
+    "ai_labeler": Build(1, ("stages/ai_labeler.py", "ai_feedback.py", *SHARED), "3c264c51a193ce8b"),
+    "ai_labels": Build(1, ("stages/ai_labels.py", "stages/ai_labeler.py", *SHARED), "32a4900115c9c92f"),
     # 2: trained by the one `train_reward_model`, which honours reward_model.architecture and LoRA
     # (version 1 always built the backbone + head, without adapters).
-    "pair_reward_model": Build(2, ("stages/pair_reward_model.py", *SHARED), "91a51c38574d89bc"),
-    "helpful_only": Build(1, ("stages/helpful_only.py", *SHARED), "a1a162dd49c77240"),
-    "sl_cai": Build(1, ("stages/sl_cai.py", "stages/helpful_only.py", *SHARED), "78c59d2e818184c0"),
+    "pair_reward_model": Build(2, ("stages/pair_reward_model.py", *SHARED), "0834bd9ffbf96065"),
+    "helpful_only": Build(1, ("stages/helpful_only.py", *SHARED), "149c13438161d9b9"),
+    "sl_cai": Build(1, ("stages/sl_cai.py", "stages/helpful_only.py", *SHARED), "d70481fb14b63da5"),
     # 2: as pair_reward_model.
-    "cai_preference_model": Build(2, ("stages/cai_preference_model.py", "stages/pair_reward_model.py", *SHARED), "681fd8c3e4fa3ec7"),
+    "cai_preference_model": Build(2, ("stages/cai_preference_model.py", "stages/pair_reward_model.py", *SHARED), "df98cda1d82643eb"),
 }
 
 
