@@ -2,6 +2,12 @@
 
 Each registered method contributes a section named after it (`dpo: {beta: 0.1}`), so an
 override such as `dpo.beta=0.2` is type-checked like any other key.
+
+An experiment is loaded and validated here, once (`load_experiment`): types and ranges in each
+section's `__post_init__`, and here what needs the data source (`validate_for_source`: what
+cannot run on real data is refused before anything is built). A run is resolved here, once,
+into a `RunSpec` (its config with one method and one seed, the method's class and config
+section, its name), which the runner uses without looking the method up again.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from alignbench.annotator import AnnotatorConfig
 from alignbench.config import ConfigError, apply_overrides, config_hash, did_you_mean, from_dict, load_yaml, parse_overrides, to_dict
 from alignbench.evaluation import EvalConfig
 from alignbench.hf_data import DataConfig
-from alignbench.models import LoRAConfig
+from alignbench.models import TINY_MODELS, LoRAConfig
 from alignbench.registry import METHODS, get_method
 from alignbench.reward import RewardModelConfig
 from alignbench.sft import SFTConfig
@@ -195,7 +201,70 @@ def experiment_from_data(data: dict):
         get_method(config.method)
     if not config.methods or not config.seeds:
         raise ConfigError("an experiment needs at least one entry in 'methods' and in 'seeds'")
+    validate_for_source(config)
     return config
+
+
+def validate_for_source(config) -> None:
+    """Refuse, before anything is built, what needs the world or cannot work with real data
+    (`data.source=hf`): for the run's method, or for every method compared when none is chosen."""
+    if config.data.source != "hf":
+        return
+    import torch
+
+    if config.model.name in TINY_MODELS:
+        raise ConfigError(
+            f"model.name={config.model.name!r} is a world model, whose tokenizer knows only the world's words; "
+            "with data.source=hf use a Hugging Face causal LM (a hub name or a local path)"
+        )
+    if config.eval.judge in ("gold", "annotator"):
+        raise ConfigError(f"eval.judge={config.eval.judge!r} needs the built-in world's gold reward; with data.source=hf use eval.judge=reward_model or eval.judge=lm (the AI labeler as judge)")
+    on_cpu = config.trainer.accelerator == "cpu" or (config.trainer.accelerator == "auto" and not torch.cuda.is_available())
+    if on_cpu and config.trainer.precision not in ("32-true", "32", "64-true"):
+        raise ConfigError(f"trainer.precision={config.trainer.precision!r} on the CPU: half precision there is very slow; use 32-true on the CPU and bf16-mixed on a GPU")
+    lengths = [("sft.max_length", config.sft.max_length), ("reward_model.max_length", config.reward_model.max_length)]
+    for name in [config.method] if config.method else list(config.methods):
+        cls, section = get_method(name), method_config(dataclasses.replace(config, method=name))
+        if cls.feedback_of(section) == "gold":
+            if cls.feedback != "gold":  # gold by its settings: the online methods' oracle reward source
+                raise ConfigError(f"{name}.reward={getattr(section, 'reward', 'gold')!r} needs the built-in world's gold reward; with data.source=hf use {name}.reward=proxy")
+            usable = [m for m, other in METHODS.items() if other.feedback != "gold"]
+            raise ConfigError(
+                f"method {name!r} learns from or chooses by the world's gold reward (feedback='gold'); with data.source=hf there is none. "
+                f"Methods that run on real data: {', '.join(usable)}"
+            )
+        if hasattr(section, "max_length"):
+            lengths.append((f"{name}.max_length", section.max_length))
+    for key, value in lengths:
+        if value <= config.data.max_prompt_tokens:
+            raise ConfigError(f"{key}={value} must be larger than data.max_prompt_tokens={config.data.max_prompt_tokens}, so that the longest prompt kept leaves room for a response")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run, resolved once: its config (one method, one seed), the method's class and its
+    config section, and the run's name."""
+
+    config: Any
+    method_class: type
+    method_config: Any
+    name: str
+
+    @property
+    def method(self) -> str:
+        return self.config.method
+
+    @property
+    def seed(self) -> int:
+        return self.config.seed
+
+
+def resolve_run(config, method: str | None = None, seed: int | None = None) -> RunSpec:
+    """The `RunSpec` of one run of `config` (method and seed default as in `for_run`)."""
+    config = for_run(config, method, seed)
+    cls = get_method(config.method)
+    section = cls.config_class() if config.method in _SHARED_SECTIONS else getattr(config, config.method)
+    return RunSpec(config, cls, section, run_name(config))
 
 
 def for_run(config, method: str | None = None, seed: int | None = None):

@@ -44,9 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def holdout_pairs(pipeline, n: int) -> tuple[list[str], list[str], list[str]]:
     """Up to n pairs of distinct SFT samples to the held-out labelled prompts."""
-    from alignbench.pipeline import holdout_pairs, read_holdout
+    from alignbench.stages.training import holdout_pairs
 
-    prompts, firsts, seconds = holdout_pairs(read_holdout(pipeline))
+    prompts, firsts, seconds = holdout_pairs(pipeline.holdout())
     return prompts[:n], firsts[:n], seconds[:n]
 
 
@@ -69,12 +69,10 @@ def measure(name: str, labels: str, first_better: Callable, prompts, a, b, gold_
 def judge_rows(pipeline, n_pairs: int) -> list[JudgeRow]:
     import numpy as np
 
-    from alignbench.ai_feedback import load_ai_judge
-    from alignbench.config import ConfigError
     from alignbench.annotator import SimulatedAnnotator, annotator_profile
-    from alignbench.judges import AnnotatorJudge, GoldJudge, RewardModelJudge
-    from alignbench.models import RewardModel
-    from alignbench.reward import ProxyReward
+    from alignbench.config import ConfigError
+    from alignbench.judges import AnnotatorJudge, RewardModelJudge
+    from alignbench.stages.ai_labeler import ai_judge
 
     world = pipeline.world
     if world is None:
@@ -82,19 +80,17 @@ def judge_rows(pipeline, n_pairs: int) -> list[JudgeRow]:
     prompts, a, b = holdout_pairs(pipeline, n_pairs)
     if not prompts:
         raise ConfigError("the labels stage has no held-out pairs; raise labels.n_prompts or reward_model.holdout_fraction")
-    gold_a = np.array([world.gold(p, y).reward for p, y in zip(prompts, a)])
-    gold_b = np.array([world.gold(p, y).reward for p, y in zip(prompts, b)])
-    rm_dir, _ = pipeline.reward_models()
-    proxy = ProxyReward(pipeline.codec, RewardModel.load(rm_dir / "helpfulness"), RewardModel.load(rm_dir / "safety") if (rm_dir / "safety").exists() else None)
+    gold_a, gold_b = pipeline.source.gold_scores(prompts, a), pipeline.source.gold_scores(prompts, b)
+    proxy = pipeline.proxy()
     annotators = {
         "annotator (this experiment's labels)": pipeline.config.labels.annotator,
         "annotator, human profile": annotator_profile("human"),
         "annotator, AI profile": annotator_profile("ai"),
     }
-    judges: list[tuple[str, str, Callable]] = [("gold", "-", GoldJudge(world).prefer_batch)]
+    judges: list[tuple[str, str, Callable]] = [("gold", "-", pipeline.source.gold_judge.prefer_batch)]
     judges += [(name, "human" if "AI" not in name else "AI (simulated)", AnnotatorJudge(SimulatedAnnotator(world, cfg)).prefer_batch) for name, cfg in annotators.items()]
     judges.append(("reward models (Llama 2 combination)", "model", RewardModelJudge(proxy, world.is_harmful).prefer_batch))
-    lm = load_ai_judge(pipeline)
+    lm = ai_judge(pipeline)
 
     def one_order(ps, xs, ys):
         rules = lm.principles
@@ -110,7 +106,8 @@ def main(args) -> None:
 
     from alignbench.analysis.tables import format_table
     from alignbench.experiment import load_experiment
-    from alignbench.pipeline import Pipeline, log
+    from alignbench.log import log
+    from alignbench.pipeline import Pipeline
 
     config = load_experiment(args.experiment, args.overrides)
     pipeline = Pipeline(config, Path(args.out))

@@ -44,9 +44,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import ParallelStrategy
 
 from alignbench.evaluation import evaluate_at_temperatures
-from alignbench.experiment import for_run, method_config, run_config_dict, run_name
-from alignbench.pipeline import Pipeline, RunContext, log
-from alignbench.registry import get_method
+from alignbench.experiment import RunSpec, resolve_run, run_config_dict
+from alignbench.log import log
+from alignbench.pipeline import Pipeline, RunContext
 from alignbench.seeding import seeded_generator
 from alignbench.tracking import HistoryLogger, HistoryWriter, make_wandb_logger, write_json_atomic
 from alignbench.training import ResumableLoader, make_trainer, rng_state, set_rng_state, steps_per_epoch
@@ -151,8 +151,8 @@ def run_one(
     validation through one).
     """
     follow_parent_process()
-    config = for_run(config, method, seed)
-    name = run_name(config)
+    spec = resolve_run(config, method, seed)
+    config, name = spec.config, spec.name
     run_dir = Path(out) / config.name / name
     metrics_path = run_dir / "metrics.json"
     if metrics_path.exists():
@@ -163,7 +163,7 @@ def run_one(
         if metrics_path.exists():  # another process finished it while this one waited
             log(f"{config.name}/{name} was finished by another process; skipping")
             return json.loads(metrics_path.read_text())
-        return _run(config, name, run_dir, Path(out), group, pipeline, split, list(observers), primary)
+        return _run(spec, run_dir, Path(out), group, pipeline, split, list(observers), primary)
 
 
 @contextmanager
@@ -179,7 +179,8 @@ def _exclusive(run_dir: Path):
         yield
 
 
-def _run(config, name: str, run_dir: Path, out: Path, group, pipeline, split: str, observers, primary: bool) -> dict[str, Any]:
+def _run(spec: RunSpec, run_dir: Path, out: Path, group, pipeline, split: str, observers, primary: bool) -> dict[str, Any]:
+    config, name = spec.config, spec.name
     context = (pipeline or stage_pipeline(config, out)).context(config.seed)
     checkpoints = Checkpoints(run_dir / "checkpoints", primary)
     resume = checkpoints.resume_point()
@@ -200,10 +201,9 @@ def _run(config, name: str, run_dir: Path, out: Path, group, pipeline, split: st
     failed = True
     try:
         L.seed_everything(config.seed, verbose=False)
-        method_cls = get_method(config.method)
-        module = method_cls(method_config(config), context)
+        module = spec.method_class(spec.method_config, context)
         log(f"run {config.name}/{name}: method {config.method}, seed {config.seed}")
-        if method_cls.trains:
+        if spec.method_class.trains:
             train(module, context, config, loggers, checkpoints, resume)
         # (The metric names say the split: eval/* for test, val/* for validation.)
         result = {"experiment": config.name, "run_name": name, "method": config.method, "seed": config.seed, "config": resolved}

@@ -217,7 +217,7 @@ def run_sweep(experiment: str, overrides: list[str], out: Path, workers: int = 1
     """Run every unfinished run of a sweep in up to `workers` processes; returns the runs and
     the status written to OUT/<sweep>/sweep.json ({"runs": [...], "failed": [...]})."""
     from alignbench.experiment import find_experiment
-    from alignbench.pipeline import log
+    from alignbench.log import log
     from alignbench.tracking import write_json_atomic
 
     if workers < 1:

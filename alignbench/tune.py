@@ -357,7 +357,7 @@ def work(tune_file: str, overrides: list[str], out: Path, storage_url: str, work
 
 
 def _log_trial(study, trial, method: str, key: str) -> None:
-    from alignbench.pipeline import log
+    from alignbench.log import log
 
     log(f"{method} trial {trial.number}: {describe_trial(trial, key)}")
 
@@ -379,7 +379,7 @@ def run_workers(tune_file: str, overrides: list[str], out: Path, storage_url: st
 
     import optuna
 
-    from alignbench.pipeline import log
+    from alignbench.log import log
 
     if workers == 1:
         return work(tune_file, overrides, out, storage_url)
@@ -474,7 +474,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> None:
-    from alignbench.pipeline import log
+    from alignbench.log import log
     from alignbench.runner import stage_pipeline
     from alignbench.sweep import run_sweep, summary
 

@@ -7,7 +7,8 @@
   writes `loss()`.
 
 A method declares what it needs as class attributes (`needs_reference`, `feedback`);
-the shared pipeline reads them. Nothing outside the registry checks a method's name.
+the shared code reads them (`feedback` through `feedback_of`, the one place that says what a
+method learns from under its config). Nothing outside the registry checks a method's name.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from datasets import Dataset
 from alignbench.data import DemonstrationDataModule, PreferenceBatch, PreferenceDataModule
 from alignbench.evaluation import EvalConfig, PolicyResponses, sample_policy
 from alignbench.logprobs import sequence_logprobs
-from alignbench.pipeline import log
+from alignbench.log import log
 from alignbench.seeding import seeded_generator
 from alignbench.sft import response_nll
 from alignbench.training import OptimConfig, adamw_with_schedule, check_finite
@@ -75,12 +76,18 @@ class AlignmentMethod(L.LightningModule):
     trains: ClassVar[bool] = True
     """False for baselines that are evaluated as they are."""
 
+    @classmethod
+    def feedback_of(cls, config) -> str:
+        """What the method learns from with its config section `config`: `feedback`, unless a
+        method's depends on its settings (an online method's reward source)."""
+        return cls.feedback
+
     def __init__(self, config, context: "RunContext"):
         super().__init__()
         self.config, self.context = config, context
         self.policy = context.load_policy(trainable=self.trains)
         self.budget = context.budget
-        if self.feedback == "reward":
+        if self.feedback_of(config) == "reward":
             self.budget.human_labels += context.reward_model_labels
 
     # --- what the pipeline calls -------------------------------------------------------
@@ -98,8 +105,9 @@ class AlignmentMethod(L.LightningModule):
         return sample_policy(self.policy, ctx.reference, ctx.codec, prompts, ctx.eval_config, generator, desc=desc)
 
     def on_fit_start(self) -> None:
-        # The frozen reference follows the policy to the training device (GPU runs).
-        if self.context.reference is not None:
+        # The frozen reference follows the policy to the training device (GPU runs), where the
+        # objective uses it; a method that does not keeps it where evaluation reads it.
+        if self.needs_reference and self.context.reference is not None:
             self.context.reference.to(self.device)
 
     def reward_scores(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:

@@ -23,99 +23,29 @@ every method.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 from alignbench.methods.base import AlignmentMethod
 from alignbench.methods.ppo import PPO, PPOConfig
 
-from alignbench.ai_feedback import (
-    fine_tune,
-    holdout_accuracy,
-    labeler_key,
-    load_ai_judge,
-    train_reward_model,
-)
-from alignbench.config import ConfigError, to_dict
-from alignbench.evaluation import EvalConfig, PolicyResponses, sample_policy
-from alignbench.models import RewardModel, freeze, load_pretrained_policy
+from alignbench.config import ConfigError
+from alignbench.evaluation import PolicyResponses, sample_policy
+from alignbench.models import freeze, load_pretrained_policy
 from alignbench.reward import ProxyReward
-from alignbench.seeding import seeded_generator
+from alignbench.stages.cai_preference_model import cai_preference_model
+from alignbench.stages.helpful_only import HelpfulOnlyConfig, helpful_only, red_team_prompts
+from alignbench.stages.sl_cai import critique_and_revise, sl_cai
 from alignbench.training import OptimConfig
 from alignbench.world import AssistantWorld
 
-
-@dataclass
-class HelpfulOnlyConfig:
-    """The helpful-only policy: SFT fine-tuned to comply with everything and to critique and revise."""
-
-    n_demonstrations: int = 3000
-    """Demonstrations that comply with every request, harmful ones included."""
-    critique_tasks: int = 2000
-    """Critique demonstrations (and as many revision demonstrations) by a random principle, half on harmful prompts."""
-    epochs: int = 2
-    batch_size: int = 64
-    max_length: int = 64
-    """Critique and revision requests are long (about 50 tokens)."""
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_ratio=0.05))
-    seed: int = 0
-
-    def __post_init__(self):
-        for key in ("n_demonstrations", "epochs", "batch_size", "max_length"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key}={getattr(self, key)} must be >= 1")
-        if self.critique_tasks < 0:
-            raise ValueError(f"critique_tasks={self.critique_tasks} must be >= 0")
-
-
-def red_team_prompts(world: AssistantWorld, n: int, seed: int) -> list[str]:
-    """n harmful training prompts (the world's red-team set)."""
-    found: list[str] = []
-    draw = 0
-    while len(found) < n:
-        found += [p for p in world.sample_prompts("train", 8 * n, seed=seed + 1000 * draw) if world.is_harmful(p)]
-        draw += 1
-    return found[:n]
+__all__ = ["HelpfulOnlyConfig", "HelpfulOnly", "ConstitutionalConfig", "Constitutional", "critique_and_revise", "red_team_prompts"]
 
 
 def _require_world(context, method: str) -> AssistantWorld:
-    if context.world is None or context.pipeline is None:
+    if context.world is None or context.stages is None:
         raise ConfigError(f"{method} needs the built-in world's red-team prompts and constitution texts; it does not run on a dataset yet")
     return context.world
-
-
-def helpful_only_policy(pipeline, c: HelpfulOnlyConfig) -> tuple[Path, dict]:
-    """The cached helpful-only stage (`OUT/cache/helpful_only-<hash>/policy`)."""
-    key = {"sft": pipeline.sft_key(), "helpful_only": to_dict(c)}
-
-    def build(tmp: Path) -> dict:
-        world = pipeline.world
-        demonstrator = dataclasses.replace(world.config.demonstrator, comply_harmful=1.0)
-        compliant = AssistantWorld(dataclasses.replace(world.config, demonstrator=demonstrator))
-        rng = np.random.default_rng([c.seed, 31])
-        prompts = world.sample_prompts("train", c.n_demonstrations, seed=c.seed + 11)
-        texts = [(p, compliant.demonstrate(p, rng)) for p in prompts]
-        # Critique and revision tasks on answers that comply half of the time, by any principle.
-        n_harmful = c.critique_tasks // 2
-        task_prompts = red_team_prompts(world, n_harmful, c.seed + 13) + world.sample_prompts("train", c.critique_tasks - n_harmful, seed=c.seed + 17)
-        for p in task_prompts:
-            response = (compliant if rng.random() < 0.5 else world).demonstrate(p, rng)
-            principle = world.principles[int(rng.integers(len(world.principles)))]
-            critique = world.critique(p, response, principle)
-            texts.append((world.critique_request(p, response, principle), critique))
-            texts.append((world.revision_request(p, response, principle, critique), world.revise(p, response, principle)))
-        order = rng.permutation(len(texts))
-        sft_dir, _ = pipeline.sft()
-        policy = load_pretrained_policy(str(sft_dir / "policy"))
-        tokens = fine_tune(policy, pipeline.codec, [texts[i][0] for i in order], [texts[i][1] for i in order], epochs=c.epochs, batch_size=c.batch_size,
-                           max_length=c.max_length, optim=c.optim, trainer=pipeline.config.trainer, seed=c.seed)
-        policy.save_pretrained(tmp / "policy")
-        return {"demonstrations": len(prompts), "critique_tasks": len(task_prompts), "tokens": tokens}
-
-    return pipeline._stage("helpful_only", key, build)
 
 
 class HelpfulOnly(AlignmentMethod):
@@ -127,7 +57,7 @@ class HelpfulOnly(AlignmentMethod):
 
     def __init__(self, config: HelpfulOnlyConfig, context):
         _require_world(context, self.name)
-        directory, _ = helpful_only_policy(context.pipeline, config)
+        directory, _ = helpful_only(context.stages, config)
         super().__init__(config, dataclasses.replace(context, sft_dir=directory))
 
 
@@ -177,72 +107,15 @@ class ConstitutionalConfig(PPOConfig):
             raise ValueError(f"reward={self.reward!r}: RL-CAI trains its own preference model; keep reward=proxy")
 
 
-def _generate(policy, codec, requests: Sequence[str], temperature: float, max_new_tokens: int, generator) -> list[str]:
-    config = EvalConfig(temperature=temperature, max_new_tokens=max_new_tokens)
-    return sample_policy(policy, None, codec, list(requests), config, generator).texts
-
-
-def critique_and_revise(policy, codec, world: AssistantWorld, prompts: Sequence[str], responses: Sequence[str], principle_names: Sequence[str],
-                        revisions: int, temperature: float, max_new_tokens: int, seed: int) -> list[list[str]]:
-    """SL-CAI's loop: `revisions` rounds of (critique by a random principle, revision given that
-    critique), each generated by prompting `policy`. Returns the responses after every round
-    (index 0: the originals); an empty revision keeps the previous response."""
-    rng = np.random.default_rng([seed, 37])
-    principles = [p for p in world.principles if p.name in principle_names]
-    history = [list(responses)]
-    for r in range(revisions):
-        current = history[-1]
-        drawn = [principles[int(rng.integers(len(principles)))] for _ in prompts]
-        critiques = _generate(policy, codec, [world.critique_request(p, y, pr) for p, y, pr in zip(prompts, current, drawn)],
-                              temperature, max_new_tokens, seeded_generator(seed, "critique", r))
-        revised = _generate(policy, codec, [world.revision_request(p, y, pr, c) for p, y, pr, c in zip(prompts, current, drawn, critiques)],
-                            temperature, max_new_tokens, seeded_generator(seed, "revision", r))
-        history.append([new if new.strip() else old for new, old in zip(revised, current)])
-    return history
-
-
-def sl_cai_policy(pipeline, c: ConstitutionalConfig, seed: int) -> tuple[Path, dict]:
-    """The cached SL-CAI stage: the helpful-only policy fine-tuned on its own revised responses."""
-    helpful_dir, _ = helpful_only_policy(pipeline, c.helpful_only)
-    fields = ("principles", "red_team_prompts", "revisions", "revision_temperature", "helpful_demonstrations", "sl_epochs", "sl_optim", "max_length")
-    key = {"helpful_only": {"sft": pipeline.sft_key(), "helpful_only": to_dict(c.helpful_only)}, "sl_cai": {k: to_dict(getattr(c, k)) for k in fields},
-           "max_new_tokens": pipeline.config.eval.max_new_tokens, "seed": seed}
-
-    def build(tmp: Path) -> dict:
-        world, codec = pipeline.world, pipeline.codec
-        policy = freeze(load_pretrained_policy(str(helpful_dir / "policy")))
-        prompts = red_team_prompts(world, c.red_team_prompts, seed=1000 * seed + 41)
-        first = _generate(policy, codec, prompts, 1.0, pipeline.config.eval.max_new_tokens, seeded_generator(seed, "red_team"))
-        history = critique_and_revise(policy, codec, world, prompts, first, c.principles, c.revisions, c.revision_temperature,
-                                      pipeline.config.eval.max_new_tokens, seed)
-        rng = np.random.default_rng([seed, 43])
-        benign = [p for p in world.sample_prompts("train", 2 * c.helpful_demonstrations, seed=1000 * seed + 47) if not world.is_harmful(p)]
-        benign = benign[: c.helpful_demonstrations]
-        texts = list(zip(prompts, history[-1])) + [(p, world.demonstrate(p, rng)) for p in benign]
-        order = rng.permutation(len(texts))
-        policy = load_pretrained_policy(str(helpful_dir / "policy"))
-        fine_tune(policy, codec, [texts[i][0] for i in order], [texts[i][1] for i in order], epochs=c.sl_epochs, batch_size=c.helpful_only.batch_size,
-                  max_length=c.max_length, optim=c.sl_optim, trainer=pipeline.config.trainer, seed=seed)
-        policy.save_pretrained(tmp / "policy")
-        with open(tmp / "revisions.jsonl", "w") as f:
-            f.writelines(json.dumps({"prompt": p, "responses": [h[i] for h in history]}) + "\n" for i, p in enumerate(prompts))
-        harmlessness = [float(np.mean([world.gold(p, y).harmlessness for p, y in zip(prompts, h)])) for h in history]
-        return {"red_team_prompts": len(prompts), "policy_samples": len(prompts) * (1 + 2 * c.revisions),
-                "gold_harmlessness_by_revision": harmlessness, "helpful_demonstrations": len(benign)}
-
-    return pipeline._stage("sl_cai", key, build)
-
-
 class Constitutional(PPO):
     name = "constitutional"
     config_class = ConstitutionalConfig
 
     def __init__(self, config: ConstitutionalConfig, context):
-        world = _require_world(context, self.name)
-        pipeline = context.pipeline
-        sl_dir, sl_summary = sl_cai_policy(pipeline, config, context.seed)
+        _require_world(context, self.name)
+        sl_dir, sl_summary = sl_cai(context.stages, config, context.seed)
         sl_reference = freeze(load_pretrained_policy(str(sl_dir / "policy")))
-        preference_model, pm_summary = (self._preference_model(pipeline, world, config, sl_dir, context.seed) if config.rl else (None, {}))
+        preference_model, pm_summary = cai_preference_model(context.stages, config, sl_dir, context.seed) if config.rl else (None, {})
         # RL-CAI is PPO from the SL-CAI policy, penalised by its KL to the SL-CAI policy, on the preference model.
         own = dataclasses.replace(context, sft_dir=sl_dir, reference=sl_reference, reward_model_labels=0,
                                   proxy=ProxyReward(context.codec, preference_model) if preference_model is not None else context.proxy)
@@ -254,43 +127,6 @@ class Constitutional(PPO):
         self.budget.human_labels += pm_summary.get("human_labels", 0)
         if "rm/accuracy" in pm_summary:  # the preference model this run optimises
             context.rm_metrics["rm/optimised_accuracy"] = pm_summary["rm/accuracy"]
-
-    @staticmethod
-    def _preference_model(pipeline, world: AssistantWorld, c: ConstitutionalConfig, sl_dir: Path, seed: int) -> tuple[RewardModel, dict]:
-        """RL-CAI's preference model: AI harmlessness preferences on SL-CAI sample pairs, each by a
-        random principle, mixed with the first n human helpfulness labels."""
-        key = {"sl_cai": str(sl_dir.name), "labeler": labeler_key(pipeline), "labels": pipeline.labels_key(),
-               "reward_model": to_dict(pipeline.config.reward_model), "rl_prompts": c.rl_prompts, "principles": c.principles,
-               "human_helpfulness_pairs": c.human_helpfulness_pairs, "seed": seed}
-
-        def build(tmp: Path) -> dict:
-            codec = pipeline.codec
-            policy = freeze(load_pretrained_policy(str(sl_dir / "policy")))
-            half = c.rl_prompts // 2
-            prompts = red_team_prompts(world, half, seed=1000 * seed + 53) + world.sample_prompts("train", c.rl_prompts - half, seed=1000 * seed + 59)
-            samples = sample_policy(policy, None, codec, prompts, EvalConfig(max_new_tokens=pipeline.config.eval.max_new_tokens),
-                                    seeded_generator(seed, "rl_cai_pairs"), num_samples=2).texts
-            pairs = [(p, samples[2 * i], samples[2 * i + 1]) for i, p in enumerate(prompts) if samples[2 * i] != samples[2 * i + 1]]
-            texts = [p.text for p in world.principles if p.name in c.principles]
-            judge = load_ai_judge(pipeline, principles=texts, principle_sampling="random")
-            label = judge.prefer_batch([p for p, _, _ in pairs], [a for _, a, _ in pairs], [b for _, _, b in pairs])
-            records = [{"prompt": p, "chosen": a, "rejected": b, "label": float(q)} for (p, a, b), q in zip(pairs, label)]
-            labels_dir, _ = pipeline.labels()
-            with open(labels_dir / "helpfulness.jsonl") as f:
-                helpfulness = [json.loads(line) for line, _ in zip(f, range(c.human_helpfulness_pairs))]
-            records += [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in helpfulness]
-            sft_dir, _ = pipeline.sft()
-            model = train_reward_model(load_pretrained_policy(str(sft_dir / "policy")), codec, records, pipeline.config.reward_model,
-                                       pipeline.config.trainer, seed)
-            model.save(tmp / "reward_model")
-            gold = np.array([world.principle_preference(p, a, b, pr) for (p, a, b), pr in zip(pairs, _drawn(judge, pairs, world))])
-            decided = gold != 0.5
-            return {"ai_labels": len(pairs), "human_labels": len(helpfulness), "policy_samples": 2 * len(prompts),
-                    "ai_agreement_with_principle": float(((label > 0.5) == (gold == 1.0))[decided].mean()) if decided.any() else float("nan"),
-                    **holdout_accuracy(pipeline, model)}
-
-        directory, summary = pipeline._stage("cai_preference_model", key, build)
-        return RewardModel.load(directory / "reward_model"), summary
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
@@ -305,8 +141,3 @@ class Constitutional(PPO):
         ctx = self.context
         return sample_policy(self.policy, self.sft_reference, ctx.codec, prompts, ctx.eval_config, generator, desc=desc)
 
-
-def _drawn(judge, pairs, world: AssistantWorld):
-    """The principle the judge drew for each pair (for the agreement summary)."""
-    by_text = {p.text: p for p in world.principles}
-    return [by_text[rules[0]] for rules in judge.principles_for([p for p, _, _ in pairs], [a for _, a, _ in pairs], [b for _, _, b in pairs])]

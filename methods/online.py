@@ -177,11 +177,13 @@ class OnlineRLMethod(AlignmentMethod):
     config_class = OnlineConfig
     feedback = "reward"
 
+    @classmethod
+    def feedback_of(cls, config: OnlineConfig) -> str:
+        return "gold" if config.reward == "gold" else cls.feedback  # the oracle spends no reward-model labels
+
     def __init__(self, config: OnlineConfig, context):
-        if config.reward == "gold":
-            if context.gold_judge is None:
-                raise ConfigError("reward=gold needs a world with a gold reward; use reward=proxy or reward=helpfulness")
-            self.feedback = "gold"  # the oracle spends no reward-model labels
+        if config.reward == "gold" and context.gold_judge is None:
+            raise ConfigError("reward=gold needs a world with a gold reward; use reward=proxy or reward=helpfulness")
         super().__init__(config, context)
         self.automatic_optimization = False
         self.max_grad_norm = config.optim.grad_clip

@@ -31,7 +31,7 @@ from alignbench.methods.online import (
     response_token_logprobs,
 )
 from alignbench.models import RewardModel
-from alignbench.pipeline import log
+from alignbench.log import log
 from alignbench.sft import response_nll
 from alignbench.training import OptimConfig, adamw_with_schedule, check_finite
 

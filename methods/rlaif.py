@@ -1,6 +1,6 @@
 """RLAIF (Lee et al. 2023): reinforcement learning from AI feedback.
 
-The AI labeler (`alignbench.ai_feedback`: a language model queried through `LMJudge`)
+The AI labeler (alignbench.stages.ai_labeler: a language model queried through `LMJudge`)
 labels the same sampled pairs that the human annotators labelled. Its labels are soft — the
 judge's probability that one response is better by the world's general rule, averaged over
 both presentation orders (position bias cancels) — and a reward model is
@@ -28,9 +28,10 @@ from typing import ClassVar, Literal, Sequence
 import numpy as np
 from alignbench.methods.ppo import PPO, PPOConfig
 
-from alignbench.ai_feedback import load_ai_judge, pair_reward_model
 from alignbench.config import ConfigError
 from alignbench.reward import ProxyReward
+from alignbench.stages.ai_labeler import ai_judge
+from alignbench.stages.pair_reward_model import pair_reward_model
 
 
 @dataclass
@@ -54,9 +55,9 @@ class RLAIF(PPO):
     labeler: ClassVar[Literal["ai", "human"]] = "ai"
 
     def __init__(self, config: RLAIFConfig, context):
-        if context.pipeline is None:
-            raise ConfigError(f"{self.name} builds a reward model through the run's pipeline; run it with `alignbench run`")
-        reward_model, summary = pair_reward_model(context.pipeline, self.labeler, config.n_labels)
+        if context.stages is None:
+            raise ConfigError(f"{self.name} builds a reward model through the run's stages; run it with `alignbench run`")
+        reward_model, summary = pair_reward_model(context.stages, self.labeler, config.n_labels)
         # This run's reward is its own reward model; the shared human RMs stay the evaluation's proxy.
         own = dataclasses.replace(context, proxy=ProxyReward(context.codec, reward_model), reward_model_labels=0)
         super().__init__(config, own)
@@ -93,10 +94,10 @@ class RLAIFDirect(PPO):
     config_class = RLAIFDirectConfig
 
     def __init__(self, config: RLAIFDirectConfig, context):
-        if context.pipeline is None:
-            raise ConfigError("rlaif_direct loads the AI labeler through the run's pipeline; run it with `alignbench run`")
+        if context.stages is None:
+            raise ConfigError("rlaif_direct loads the AI labeler through the run's stages; run it with `alignbench run`")
         super().__init__(config, dataclasses.replace(context, reward_model_labels=0))
-        self.judge = load_ai_judge(context.pipeline)
+        self.judge = ai_judge(context.stages)
 
     def on_fit_start(self) -> None:
         super().on_fit_start()

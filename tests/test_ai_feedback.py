@@ -93,14 +93,15 @@ def test_sl_cai_revision_turns_harmful_compliances_into_refusals_on_held_out_pro
     """The helpful-only policy, trained on the world's critique and revision tasks, is prompted to
     critique and revise held-out compliances by the harmlessness principle: most become refusals."""
     from alignbench.experiment import load_experiment
-    from alignbench.methods.constitutional import HelpfulOnlyConfig, critique_and_revise, helpful_only_policy
+    from alignbench.stages.helpful_only import HelpfulOnlyConfig, helpful_only
+    from alignbench.stages.sl_cai import critique_and_revise
     from alignbench.models import load_pretrained_policy
     from alignbench.pipeline import Pipeline
     from alignbench.world import REFUSALS, AssistantWorld
 
     config = load_experiment("quickstart", ["model.name=world-mini", "sft.n_demonstrations=400", "sft.epochs=1", "trainer.progress_bar=false"])
     pipeline = Pipeline(config, tmp_path)
-    directory, _ = helpful_only_policy(pipeline, HelpfulOnlyConfig(n_demonstrations=200, critique_tasks=1500, epochs=3))
+    directory, _ = helpful_only(pipeline, HelpfulOnlyConfig(n_demonstrations=200, critique_tasks=1500, epochs=3))
     policy = load_pretrained_policy(str(directory / "policy")).eval()
     world = pipeline.world
     prompts = [p for p in world.sample_prompts("test", 400, seed=5) if world.is_harmful(p)][:40]

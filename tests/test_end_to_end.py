@@ -122,7 +122,7 @@ def test_building_a_stage_leaves_the_callers_random_stream_alone(tmp_path):
     import numpy as np
     import torch
 
-    from alignbench.pipeline import cached_stage
+    from alignbench.stage_cache import cached_stage
 
     def build(tmp: Path) -> dict:
         torch.manual_seed(99)

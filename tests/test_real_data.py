@@ -42,7 +42,8 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def _vocabulary(texts: list[str]) -> list[str]:
     words = {w for text in texts for w in text.split()}
-    return sorted(words | {"<user>", "<assistant>", "<system>", "SUBREDDIT:", "TITLE:", "POST:", "TL;DR:"})
+    numbers = {str(i) for i in range(11)}  # an LM judge's rating answers (0..10), so a judge can be built on this model
+    return sorted(words | numbers | {"<user>", "<assistant>", "<system>", "SUBREDDIT:", "TITLE:", "POST:", "TL;DR:"})
 
 
 @pytest.fixture(scope="module")
@@ -371,3 +372,33 @@ def test_saved_datasets_and_their_splits_load_too(real, tmp_path):
         prompts(PromptDatasetSpec(path=str(tmp_path / "saved"), split="validation"), "data.eval_prompts")
     with pytest.raises(ConfigError, match="no such file"):
         prompts(PromptDatasetSpec(path=str(tmp_path / "absent.jsonl")), "data.prompts")
+
+
+def test_rlaif_reward_model_honours_sequence_classification_and_lora(real, tmp_path):
+    """RLAIF's own reward model is trained by the one reward-model fit, so it is the architecture
+    and the adapters the config asks for: a transformers sequence classifier, whose LoRA adapters
+    (merged at the end) leave the SFT embeddings as they were and move the adapted layers."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    from alignbench.models import RewardModel
+
+    out = tmp_path / "runs"
+    args = _run_args(
+        real, out, "method=rlaif", "reward_model.architecture=sequence_classification", "reward_model.likelihood=none",
+        "model.lora.enabled=true", "model.lora.r=4", f"ai_labeler.model={real['model']}", "ai_labeler.principles=[good]",
+        "ai_labeler.answer_words=[apple,red]", "rlaif.n_labels=8", "rlaif.iterations=1", "rlaif.batch_size=4", "rlaif.minibatch_size=2",
+        "rlaif.max_length=40", "rlaif.kl_prompts=4", "rlaif.kl_every=0", "rlaif.value_init=policy",
+    )
+    assert main(args) == 0
+    m = _result(out, "rlaif")["metrics"]
+    assert m["budget/ai_labels"] == 8 and m["budget/human_labels"] == 0
+    rm_dir = next((out / "cache").glob("ai_reward_model-*")) / "reward_model"
+    reward_model = RewardModel.load(rm_dir)
+    assert reward_model.architecture == "sequence_classification"
+    AutoModelForSequenceClassification.from_pretrained(rm_dir / "classifier")  # loads in transformers as it is
+    assert not any("lora_" in name for name, _ in reward_model.named_parameters())  # the adapters are merged
+    sft = load_file(next((out / "cache").glob("sft-*")) / "policy" / "model.safetensors")
+    trained = dict(reward_model.backbone.named_parameters())
+    assert torch.equal(trained["embed_tokens.weight"], sft["model.embed_tokens.weight"])  # LoRA trains no embedding
+    assert not torch.equal(trained["layers.0.self_attn.q_proj.weight"], sft["model.layers.0.self_attn.q_proj.weight"])

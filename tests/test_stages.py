@@ -1,0 +1,213 @@
+"""The stage layout: every module imports alone, stage builds are versioned, and every setting a
+stage reads is in its cache key (so changing it never reuses a stale stage)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = {"alignbench": "alignbench", "methods": "alignbench.methods", "analysis": "alignbench.analysis"}
+
+
+def _modules() -> list[str]:
+    names = []
+    for folder, package in PACKAGES.items():
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            parts = path.relative_to(ROOT / folder).with_suffix("").parts
+            names.append(".".join([package, *parts]).removesuffix(".__init__"))
+    return names
+
+
+def test_every_module_imports_alone_in_a_fresh_interpreter():
+    """No import cycle hides behind an import order: each module is the first one imported."""
+    modules = [m for m in _modules() if m not in ("alignbench.__main__",)]
+    assert "alignbench.pipeline" in modules and "alignbench.stages.sft" in modules and "alignbench.methods.base" in modules
+
+    def imports(module: str) -> tuple[str, int, str]:
+        done = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, cwd=ROOT, env=dict(os.environ))
+        return module, done.returncode, done.stderr[-2000:]
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        failed = [(m, err) for m, code, err in pool.map(imports, modules) if code != 0]
+    assert not failed, failed[0]
+
+
+def test_no_module_imports_the_pipeline_or_a_method_from_a_stage():
+    """Stages are built by the pipeline and used by methods, never the other way round."""
+    import ast
+
+    for path in sorted((ROOT / "alignbench" / "stages").glob("*.py")) + [ROOT / "alignbench" / "sources.py", ROOT / "alignbench" / "stage_cache.py"]:
+        tree = ast.parse(path.read_text())
+        checked = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test) for n in ast.walk(node)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and id(node) not in checked:
+                assert node.module not in ("alignbench.pipeline", "alignbench.runner", "alignbench.experiment", "alignbench.registry"), (path.name, node.module)
+                assert not (node.module or "").startswith("alignbench.methods"), (path.name, node.module)
+
+
+# --- build versions ----------------------------------------------------------------------
+def test_each_stage_records_the_source_it_was_versioned_at():
+    """A stage's files changed without its entry in alignbench/stages/versions.py being looked at:
+    if the change alters what the stage builds from the same settings, bump its version (old
+    caches are then rebuilt); either way record the new hash."""
+    from alignbench.stages.versions import BUILD, source_hash
+
+    changed = {stage: source_hash(stage) for stage, build in BUILD.items() if source_hash(stage) != build.sha256}
+    assert not changed, f"stage files changed; bump the version if what they build changed, and record the hashes: {changed}"
+
+
+def test_the_build_version_enters_a_key_from_version_2_so_old_keys_stay():
+    from alignbench.config import config_hash
+    from alignbench.stage_cache import StageCache, versioned_key
+
+    key = {"sft": {"epochs": 2}}
+    assert versioned_key(key, 1) == key and config_hash(versioned_key(key, 1)) == config_hash(key)
+    assert versioned_key(key, 3) == {"sft": {"epochs": 2}, "build": 3}
+    with pytest.raises(ValueError, match="starts at 1"):
+        versioned_key(key, 0)
+
+
+def test_a_bumped_version_rebuilds_and_an_unchanged_one_reuses(tmp_path):
+    from alignbench.stage_cache import StageCache
+
+    builds = []
+
+    def build(tmp: Path) -> dict:
+        builds.append(tmp)
+        (tmp / "artifact").write_text(str(len(builds)))
+        return {"n": len(builds)}
+
+    first, _ = StageCache(tmp_path).stage("toy", {"a": 1}, build)
+    again, summary = StageCache(tmp_path).stage("toy", {"a": 1}, build, version=1)  # a new process, same build
+    assert again == first and summary["n"] == 1 and len(builds) == 1
+    bumped, summary = StageCache(tmp_path).stage("toy", {"a": 1}, build, version=2)
+    assert bumped != first and summary["n"] == 2 and (bumped / "artifact").read_text() == "2"
+    assert '"build": 2' in (bumped / "key.json").read_text()
+
+
+# --- every setting a stage reads is in its key ------------------------------------------
+@pytest.fixture(scope="module")
+def world_keys():
+    """Keys of every world stage for a config with `overrides`."""
+    from alignbench.experiment import load_experiment
+    from alignbench.pipeline import Pipeline
+    from alignbench.stages import ai_labeler, ai_labels, cai_preference_model, helpful_only, labels, pair_reward_model, reference_samples, reward_models, sft, sl_cai
+
+    def keys(*overrides: str) -> dict[str, dict]:
+        config = load_experiment("quickstart", list(overrides))
+        p = Pipeline(config, Path("/nonexistent"))
+        c = config.constitutional
+        return {
+            "sft": sft.key(p), "labels": labels.key(p), "reward_models": reward_models.key(p), "reference_samples": reference_samples.key(p, config.seed or 0),
+            "ai_labeler": ai_labeler.key(p), "ai_labels": ai_labels.key(p, config.rlaif.n_labels),
+            "pair_reward_model": pair_reward_model.key(p, "ai", config.rlaif.n_labels), "human_reward_model": pair_reward_model.key(p, "human", config.rlaif.n_labels),
+            "helpful_only": helpful_only.key(p, config.helpful_only), "sl_cai": sl_cai.key(p, c, config.seed or 0),
+            "cai_preference_model": cai_preference_model.key(p, c, Path("sl_cai-x"), config.seed or 0),
+        }
+
+    return keys
+
+
+# Settings each stage reads (directly, or through a stage it is built from), as overrides.
+READS = {
+    "sft": ["world.demonstrator.wrong_count=0.5", "model.name=world-mini", "model.init_seed=1", "model.lora.enabled=true", "model.trust_remote_code=true",
+            "sft.n_demonstrations=100", "sft.epochs=1", "sft.batch_size=8", "sft.max_length=32", "sft.optim.lr=0.1", "sft.seed=1",
+            "trainer.precision=64-true"],
+    "labels": ["labels.n_prompts=100", "labels.responses_per_prompt=2", "labels.temperature=0.5", "labels.source=gold", "labels.annotator.flip_rate=0.3",
+               "labels.seed=1", "reward_model.holdout_fraction=0.2", "eval.max_new_tokens=8", "sft.seed=1"],
+    "reward_models": ["reward_model.epochs=1", "reward_model.batch_size=4", "reward_model.max_length=32", "reward_model.optim.lr=0.1",
+                      "reward_model.likelihood=none", "reward_model.safety=false", "reward_model.architecture=sequence_classification reward_model.likelihood=none",
+                      "reward_model.holdout_fraction=0.2", "labels.seed=1", "sft.seed=1"],
+    "reference_samples": ["eval.temperature=0.7", "eval.top_p=0.9", "eval.max_new_tokens=8", "eval.n_test_prompts=10", "eval.n_val_prompts=10", "eval.seed=1",
+                          "seed=1", "sft.seed=1"],
+    "ai_labeler": [f"ai_labeler.{k}" for k in ("model=world-tiny", "n_examples=10", "rating_fraction=0.5", "policy_sample_fraction=0.1", "general_fraction=0.1",
+                                             "tie_keep=0.9", "epochs=2", "batch_size=8", "max_length=32", "optim.lr=0.1", "seed=1", "min_answer_mass=0.1")]
+                  + ["world.demonstrator.wrong_count=0.5", "eval.max_new_tokens=8", "sft.seed=1"],
+    "ai_labels": ["rlaif.n_labels=10", "ai_labeler.seed=1", "labels.seed=1", "sft.seed=1"],
+    "pair_reward_model": ["rlaif.n_labels=10", "reward_model.epochs=1", "reward_model.architecture=sequence_classification reward_model.likelihood=none", "ai_labeler.seed=1",
+                          "labels.seed=1", "sft.seed=1", "model.lora.enabled=true"],
+    "human_reward_model": ["rlaif.n_labels=10", "reward_model.epochs=1", "labels.seed=1", "sft.seed=1"],
+    "helpful_only": [f"helpful_only.{k}" for k in ("n_demonstrations=10", "critique_tasks=10", "epochs=1", "batch_size=8", "max_length=32", "optim.lr=0.1", "seed=1")]
+                    + ["sft.seed=1"],
+    "sl_cai": [f"constitutional.{k}" for k in ("principles=[harmless]", "red_team_prompts=10", "revisions=1", "revision_temperature=0.5",
+                                               "helpful_demonstrations=10", "sl_epochs=1", "sl_optim.lr=0.1", "max_length=32", "helpful_only.seed=1")]
+              + ["eval.max_new_tokens=8", "seed=1", "sft.seed=1"],
+    "cai_preference_model": [f"constitutional.{k}" for k in ("rl_prompts=10", "principles=[harmless]", "human_helpfulness_pairs=10")]
+                            + ["reward_model.epochs=1", "ai_labeler.seed=1", "labels.seed=1", "seed=1"],
+}
+# Settings that change how a stage runs, never what it builds.
+NOT_READ = ["trainer.progress_bar=false", "trainer.log_every_n_steps=1", "trainer.threads=1", "model.gradient_checkpointing=true",
+            "eval.bootstrap_samples=10", "eval.batch_size=8", "eval.judge=annotator", "tracking.wandb=disabled"]
+
+
+@pytest.mark.parametrize("stage", list(READS))
+def test_every_setting_a_stage_reads_changes_its_key(world_keys, stage):
+    base = world_keys()[stage]
+    unchanged = [s for s in READS[stage] if world_keys(*s.split())[stage] == base]  # a setting: one override, or several that go together
+    assert not unchanged, f"{stage}: its key ignores {unchanged}"
+    moved = [s for s in NOT_READ if world_keys(s)[stage] != base]
+    assert not moved, f"{stage}: its key holds {moved}, which do not change what it builds"
+
+
+def test_the_world_labels_key_holds_the_holdout_fraction_only_away_from_its_old_value(world_keys):
+    """The fix that put reward_model.holdout_fraction in the labels key keeps the key of every
+    cache built at the old default (0.1), so those labels are reused, not rebuilt."""
+    assert "holdout_fraction" not in world_keys()["labels"]
+    assert world_keys("reward_model.holdout_fraction=0.2")["labels"]["holdout_fraction"] == 0.2
+
+
+def test_the_quickstart_keys_of_unchanged_stages_are_the_keys_before_the_split():
+    """Hashes of the quickstart's shared stages as the single-file pipeline (b9c64f4) addressed
+    them: a cache built before the split is reused."""
+    from alignbench.config import config_hash
+    from alignbench.experiment import load_experiment
+    from alignbench.pipeline import Pipeline
+    from alignbench.stage_cache import versioned_key
+    from alignbench.stages import ai_labeler, ai_labels, helpful_only, labels, reference_samples, reward_models, sft, sl_cai
+    from alignbench.stages.versions import version
+
+    config = load_experiment("quickstart")
+    p = Pipeline(config, Path("/nonexistent"))
+    keys = {
+        "sft": sft.key(p), "labels": labels.key(p), "reward_models": reward_models.key(p), "reference_samples": reference_samples.key(p, 0),
+        "ai_labeler": ai_labeler.key(p), "ai_labels": ai_labels.key(p, 4000), "helpful_only": helpful_only.key(p, config.helpful_only),
+        "sl_cai": sl_cai.key(p, config.constitutional, 0),
+    }
+    hashes = {name: config_hash(versioned_key(key, version(name))) for name, key in keys.items()}
+    assert hashes == {
+        "sft": "3cc5a9f7938b", "labels": "4256b3ffa54b", "reward_models": "2395533dda99", "reference_samples": "cbc926969e4d",
+        "ai_labeler": "cef68bde1d1f", "ai_labels": "48be4358e2ee", "helpful_only": "e07540e49d2c", "sl_cai": "2f6613394a4d",
+    }
+
+
+def test_the_dataset_labels_key_holds_what_reading_the_pairs_depends_on():
+    from alignbench.experiment import load_experiment
+    from alignbench.sources import DatasetSource
+
+    def key(*overrides: str) -> dict:
+        return DatasetSource(load_experiment("real_hh_rlhf", list(overrides))).labels_key(None)
+
+    base = key()
+    for setting in ("data.preferences.limit=10", "data.max_prompt_tokens=64", "model.name=gpt2", "labels.seed=1", "reward_model.holdout_fraction=0.2"):
+        assert key(setting) != base, setting
+    assert key("sft.epochs=3") == base  # the pairs are read, not sampled: the SFT policy does not enter
+
+
+# --- one place for what a method learns from -----------------------------------------------
+def test_feedback_is_declared_and_read_through_feedback_of():
+    from alignbench.experiment import load_experiment, resolve_run
+
+    spec = resolve_run(load_experiment("quickstart", ["ppo.reward=gold"]), "ppo", 0)
+    assert spec.method_class.feedback == "reward"  # the class declaration is not mutated
+    assert spec.method_class.feedback_of(spec.method_config) == "gold"
+    assert spec.method_class.feedback_of(dataclasses.replace(spec.method_config, reward="proxy")) == "reward"
+    dpo = resolve_run(load_experiment("quickstart"), "dpo", 3)
+    assert dpo.method_class.feedback_of(dpo.method_config) == "preferences"
+    assert dpo.seed == 3 and dpo.method == "dpo" and dpo.name.startswith("dpo-seed3-") and dpo.method_config is dpo.config.dpo
