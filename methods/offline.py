@@ -80,6 +80,11 @@ class OfflineMethod(AlignmentMethod):
     needs_token_logprobs: ClassVar[bool] = False
     """The objective reads per-token log-probs and the response mask, not only their sums."""
 
+    def __init__(self, config, context):
+        super().__init__(config, context)
+        self._reference_cache: torch.Tensor | None = None
+        """[num_responses] summed reference log-probs, when precomputed (`on_data`)."""
+
     def on_data(self, data) -> None:
         """Count the data's labels and precompute the reference on its responses if the config asks."""
         self.budget.human_labels += data.num_labels
@@ -109,9 +114,8 @@ class OfflineMethod(AlignmentMethod):
         policy = ResponseLogProbs(summed, lengths, per_token if tokens else None, mask if tokens else None)
         if not self.needs_reference:
             return policy, None
-        cache = getattr(self, "_reference_cache", None)  # set by `on_data` when precomputed
-        if cache is not None:
-            return policy, ResponseLogProbs(cache.to(summed.device)[response_index], lengths)
+        if self._reference_cache is not None:
+            return policy, ResponseLogProbs(self._reference_cache.to(summed.device)[response_index], lengths)
         with torch.no_grad():
             ref_tokens, ref_summed = sequence_logprobs(self.context.reference, responses)
         ref_summed = ref_summed.to(summed.device)
