@@ -5,13 +5,16 @@ for the response shown first (position bias) and for the longer one (length bias
 label is flipped with probability flip_rate, AlpacaFarm-style (Dubois et al. 2023). Each label also
 carries Llama 2's four-level margin (Touvron et al. 2023, sec. 3.2.1) from the gold utility gap, and
 separately sampled helpfulness and safety labels. Rankings of K = 2..9 responses (InstructGPT) are
-Plackett-Luce samples.
+Plackett-Luce samples. A single response gets a binary thumbs up or down (KTO's desirable /
+undesirable feedback, Ethayarajh et al. 2024): the same Bradley-Terry choice, against a response of
+utility `threshold`, and the same flips.
 """
 from __future__ import annotations
 
 import bisect
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -138,6 +141,27 @@ class SimulatedAnnotator:
         logits = np.array([self.utility(prompt, r) / c.temperature + c.length_bias * len(r.split()) for r in responses])
         return [int(i) for i in np.argsort(-(logits + rng.gumbel(size=len(responses))), kind="stable")]
 
+    def prob_thumbs_up(self, prompt: str, response: str, threshold: float = 0.5) -> float:
+        """P(thumbs up): σ((u − threshold) / temperature), then flipped with flip_rate. Position and
+        length bias are comparisons between two shown responses and do not apply to one."""
+        c = self.config
+        p = _sigmoid((self.utility(prompt, response) - threshold) / c.temperature)
+        return (1.0 - c.flip_rate) * p + c.flip_rate * (1.0 - p)
+
+    def thumbs(self, prompt: str, response: str, rng: np.random.Generator, threshold: float = 0.5) -> bool:
+        """One binary label of one response: True for a thumbs up (desirable)."""
+        return bool(rng.random() < self.prob_thumbs_up(prompt, response, threshold))
+
     def margin_level(self, gap: float) -> int:
         """Llama 2 margin level of a utility gap: 0 below the first threshold, 3 at or above the last."""
         return bisect.bisect_right(self.config.margin_thresholds, abs(gap))
+
+
+def thumbs_records(annotator: SimulatedAnnotator, responses: Sequence[tuple[str, Sequence[str]]], rng: np.random.Generator,
+                   threshold: float = 0.5) -> list[dict]:
+    """Thumbs labels ({prompt, response, desirable}) for each prompt's responses, one label each, in order."""
+    check_probability("thumbs threshold", threshold)
+    return [
+        {"prompt": prompt, "response": response, "desirable": annotator.thumbs(prompt, response, rng, threshold)}
+        for prompt, group in responses for response in group
+    ]

@@ -1,12 +1,15 @@
-"""Datasets and Lightning DataModules: prompts, demonstrations and preferences.
+"""Datasets and Lightning DataModules: prompts, demonstrations, preferences and unpaired labels.
 
-All three are `datasets.Dataset`s of text, tokenised once with the run's `TextCodec`.
+All four are `datasets.Dataset`s of text, tokenised once with the run's `TextCodec`.
 
 A preference dataset holds one row per prompt: the responses' pairwise comparisons for
 that prompt (`chosen[i]` beat `rejected[i]`, optionally with a margin `margin[i]`). A
 ranking of K responses expands to all K-choose-2 pairs in one row, so a batch always
 holds every comparison of a prompt together, as InstructGPT did to avoid overfitting
 to responses that appear in many pairs.
+
+Unpaired data (KTO) holds single responses, each labelled desirable or undesirable (a thumbs up
+or down), one row each.
 """
 
 from __future__ import annotations
@@ -76,6 +79,10 @@ class PreferenceBatch:
     response_index: torch.Tensor
     label: torch.Tensor | None = None
 
+    def pairs(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A per-response value [R, ...] on the chosen and on the rejected side of each pair ([P, ...] each)."""
+        return values[self.chosen], values[self.rejected]
+
     def to(self, device) -> "PreferenceBatch":
         return PreferenceBatch(
             self.responses.to(device), self.chosen.to(device), self.rejected.to(device), self.margin.to(device),
@@ -96,6 +103,7 @@ class PreferenceDataModule(L.LightningDataModule):
             total += n
         self.num_responses = total
         self.num_pairs = sum(len(c) for c in dataset["chosen"])
+        self.num_labels = self.num_pairs  # one label per pair (a K-ranking counts K choose 2)
         self.dataset = dataset.add_column("offset", offsets).map(
             lambda row: {"prompt_ids": codec.encode_prompt(row["prompt"]), "response_ids": codec.encode_responses(row["responses"])},
             desc="tokenising preferences",
@@ -128,6 +136,94 @@ class PreferenceDataModule(L.LightningDataModule):
             self.dataset.with_format(None), batch_size=self.batch_size, shuffle=self.shuffle,
             collate_fn=self.collate, generator=generator,
         )
+
+    def ordered_dataloader(self, batch_size: int) -> DataLoader:
+        return DataLoader(self.dataset.with_format(None), batch_size=batch_size, shuffle=False, collate_fn=self.collate)
+
+
+def unpaired_records(records: Sequence[dict]) -> list[dict]:
+    """Validate single labelled responses ({prompt, response, desirable}); `desirable` is a bool
+    (a thumbs up or down). Responses may be empty (a sampled response can end at once)."""
+    out = []
+    for index, record in enumerate(records):
+        prompt, response, desirable = record.get("prompt"), record.get("response"), record.get("desirable")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"unpaired row {index}: column 'prompt' is missing or empty (got {prompt!r})")
+        if not isinstance(response, str):
+            raise ValueError(f"unpaired row {index}: column 'response' must be a string (got {response!r})")
+        if not isinstance(desirable, bool):
+            raise ValueError(f"unpaired row {index}: column 'desirable' must be true or false (got {desirable!r})")
+        out.append({"prompt": prompt, "response": response, "desirable": desirable})
+    return out
+
+
+def unpaired_from_pairs(preferences: Dataset) -> list[dict]:
+    """The KTO paper's ablation: every pair gives its chosen response as desirable and its rejected
+    one as undesirable (a response in several pairs appears once per pair, as in HALOs)."""
+    records = []
+    for row in preferences.with_format(None):
+        for c, r in zip(row["chosen"], row["rejected"]):
+            records.append({"prompt": row["prompt"], "response": row["responses"][c], "desirable": True})
+            records.append({"prompt": row["prompt"], "response": row["responses"][r], "desirable": False})
+    return records
+
+
+@dataclass
+class UnpairedBatch:
+    """B single responses, each labelled desirable or undesirable.
+
+    responses: PackedBatch [B, T]; desirable: BoolTensor [B]; response_index: [B] position of each
+    response in the dataset (for precomputed reference log-probs); mismatched: PackedBatch [B, T'],
+    prompt i followed by the response of example (i + 1) mod B: responses that do not answer their
+    prompt, for KTO's estimate of KL(π‖π_ref) (Ethayarajh et al. 2024, sec. 4.1).
+    """
+
+    responses: PackedBatch
+    desirable: torch.Tensor
+    response_index: torch.Tensor
+    mismatched: PackedBatch
+
+    @property
+    def size(self) -> int:
+        return int(self.desirable.shape[0])
+
+    def to(self, device) -> "UnpairedBatch":
+        return UnpairedBatch(self.responses.to(device), self.desirable.to(device), self.response_index.to(device), self.mismatched.to(device))
+
+
+class UnpairedDataModule(L.LightningDataModule):
+    """Single labelled responses ({prompt, response, desirable}), `batch_size` per batch, shuffled.
+
+    num_labels: the labels spent on them (one per record unless given, e.g. the pairs they came from)."""
+
+    def __init__(self, records: Sequence[dict], codec: TextCodec, batch_size: int, max_length: int, seed: int = 0, shuffle: bool = True, num_labels: int | None = None):
+        super().__init__()
+        records = unpaired_records(records)
+        if not records:
+            raise ValueError("unpaired data is empty: there is nothing to learn from")
+        self.codec, self.batch_size, self.max_length, self.seed, self.shuffle = codec, batch_size, max_length, seed, shuffle
+        self.num_responses = len(records)
+        self.num_desirable = sum(r["desirable"] for r in records)
+        self.num_labels = len(records) if num_labels is None else num_labels
+        dataset = Dataset.from_list(records).add_column("index", list(range(len(records))))
+        self.dataset = dataset.map(
+            lambda row: {"prompt_ids": codec.encode_prompt(row["prompt"]), "response_ids": codec.encode_responses([row["response"]])[0]},
+            desc="tokenising labelled responses",
+        )
+
+    def collate(self, rows: list[dict]) -> UnpairedBatch:
+        prompts, responses = [r["prompt_ids"] for r in rows], [r["response_ids"] for r in rows]
+        shifted = responses[1:] + responses[:1]
+        return UnpairedBatch(
+            responses=pack_sequences(prompts, responses, self.codec.pad_token_id, max_length=self.max_length),
+            desirable=torch.tensor([r["desirable"] for r in rows], dtype=torch.bool),
+            response_index=torch.tensor([r["index"] for r in rows]),
+            mismatched=pack_sequences(prompts, shifted, self.codec.pad_token_id, max_length=self.max_length),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.dataset.with_format(None), batch_size=self.batch_size, shuffle=self.shuffle, collate_fn=self.collate, generator=generator)
 
     def ordered_dataloader(self, batch_size: int) -> DataLoader:
         return DataLoader(self.dataset.with_format(None), batch_size=batch_size, shuffle=False, collate_fn=self.collate)

@@ -2,9 +2,9 @@
 
 - `AlignmentMethod`: what every method has — a trainable copy of the SFT policy, the
   shared run context, a config, how it responds at evaluation, and its budget.
-- `OfflinePreferenceMethod`: learns from a fixed set of preference pairs (DPO, CPL):
-  batching, policy / reference log-probs and logging live here; a method only
-  writes `loss()`.
+- `SampleAndTuneMethod`: rounds of sampling, selecting or relabeling, and fine-tuning.
+- The offline bases (preference pairs, and unpaired desirable / undesirable responses) are
+  in `methods/offline.py`; the online base (rollouts with a reward) in `methods/online.py`.
 
 A method declares what it needs as class attributes (`needs_reference`, `feedback`);
 the shared code reads them (`feedback` through `feedback_of`, the one place that says what a
@@ -22,9 +22,8 @@ import torch
 
 from datasets import Dataset
 
-from alignbench.data import DemonstrationDataModule, PreferenceBatch, PreferenceDataModule
+from alignbench.data import DemonstrationDataModule
 from alignbench.evaluation import EvalConfig, PolicyResponses, sample_policy
-from alignbench.logprobs import sequence_logprobs
 from alignbench.log import log
 from alignbench.seeding import seeded_generator
 from alignbench.sft import response_nll
@@ -130,57 +129,6 @@ class AlignmentMethod(L.LightningModule):
     def log_terms(self, metrics: dict[str, torch.Tensor], batch_size: int) -> None:
         for key, value in metrics.items():
             self.log(f"train/{key}", value, prog_bar=key in ("loss", "kl"), batch_size=batch_size)
-
-
-class OfflinePreferenceMethod(AlignmentMethod):
-    """Learns from preference pairs; subclasses implement `loss`.
-
-    Reference log-probs (when `uses_reference_logprobs`) are precomputed once before
-    training if the config asks, otherwise computed on the fly under no_grad.
-    """
-
-    feedback = "preferences"
-    uses_reference_logprobs: ClassVar[bool] = True
-
-    def datamodule(self) -> PreferenceDataModule:
-        ctx = self.context
-        data = PreferenceDataModule(ctx.preferences, ctx.codec, self.config.batch_size, self.config.max_length, seed=ctx.seed)
-        self.budget.human_labels += data.num_pairs
-        if self.uses_reference_logprobs and getattr(self.config, "precompute_reference", False):
-            self._reference_cache = self._precompute_reference(data)
-        return data
-
-    @torch.no_grad()
-    def _precompute_reference(self, data: PreferenceDataModule) -> torch.Tensor:
-        """[num_responses] reference log-probs of every distinct response, in dataset order."""
-        out = torch.empty(data.num_responses)
-        for batch in data.ordered_dataloader(batch_size=64):
-            out[batch.response_index] = sequence_logprobs(self.context.reference, batch.responses)[1].cpu()
-        return out
-
-    def loss(self, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor | None, reference_rejected: torch.Tensor | None, batch: PreferenceBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The method's objective on summed response log-probs [P] of its pairs."""
-        raise NotImplementedError
-
-    def training_step(self, batch: PreferenceBatch, batch_idx: int):
-        _, policy = sequence_logprobs(self.policy, batch.responses)  # each distinct response once
-        reference_chosen = reference_rejected = None
-        if self.uses_reference_logprobs:
-            cache = getattr(self, "_reference_cache", None)
-            if cache is not None:
-                reference = cache.to(policy.device)[batch.response_index]
-            else:
-                with torch.no_grad():
-                    reference = sequence_logprobs(self.context.reference, batch.responses)[1].to(policy.device)
-            reference_chosen, reference_rejected = reference[batch.chosen], reference[batch.rejected]
-        loss, metrics = self.loss(policy[batch.chosen], policy[batch.rejected], reference_chosen, reference_rejected, batch)
-        check_finite(loss, self.global_step)
-        self.budget.train_tokens += int(batch.responses.attention_mask.sum())
-        self.log_terms({"loss": loss.detach(), **metrics}, batch_size=batch.num_groups)
-        return loss
-
-    def transfer_batch_to_device(self, batch, device, dataloader_idx):
-        return batch.to(device)
 
 
 @dataclass

@@ -29,10 +29,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from alignbench.data import PreferenceBatch
-from alignbench.logprobs import sequence_logprobs
-from alignbench.methods.base import MethodConfig, OfflinePreferenceMethod
-from alignbench.training import OptimConfig, check_finite
+from alignbench.methods.offline import Objective, OfflineConfig, OfflinePreferenceMethod, ResponseLogProbs
+from alignbench.training import OptimConfig
 
 
 def cpl_score(token_logps: torch.Tensor, response_mask: torch.Tensor, alpha: float, gamma: float = 1.0) -> torch.Tensor:
@@ -47,26 +45,19 @@ def cpl_score(token_logps: torch.Tensor, response_mask: torch.Tensor, alpha: flo
     return alpha * (discount * token_logps).sum(-1)
 
 
-def cpl_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor, bias: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """CPL loss with the conservative bias λ on the rejected side (eqs. 5-6), and its statistics.
+def cpl_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor, bias: float) -> Objective:
+    """CPL loss with the conservative bias λ on the rejected side (eqs. 5-6).
 
     chosen_scores, rejected_scores: [P] scores S(y⁺), S(y⁻) of P pairs. Returns the mean of
-    softplus(λ·S⁻ − S⁺) and detached metrics: `chosen_score`, `rejected_score`, `score_margin`
-    (S⁺ − S⁻, unbiased) and `accuracy` (share of pairs with S⁺ > S⁻, as the authors report it).
+    softplus(λ·S⁻ − S⁺) and the scores themselves as the implicit rewards (unbiased: a pair is
+    ranked right when S⁺ > S⁻, as the authors report accuracy).
     """
     loss = F.softplus(bias * rejected_scores - chosen_scores).mean()
-    margin = (chosen_scores - rejected_scores).detach()
-    metrics = {
-        "chosen_score": chosen_scores.detach().mean(),
-        "rejected_score": rejected_scores.detach().mean(),
-        "score_margin": margin.mean(),
-        "accuracy": (margin > 0).float().mean(),
-    }
-    return loss, metrics
+    return Objective(loss, chosen_scores.detach(), rejected_scores.detach())
 
 
 @dataclass
-class CPLConfig(MethodConfig):
+class CPLConfig(OfflineConfig):
     """CPL on the experiment's preference pairs."""
 
     alpha: float = 0.1
@@ -101,32 +92,19 @@ class CPL(OfflinePreferenceMethod):
     name = "cpl"
     config_class = CPLConfig
     needs_reference = False
-    uses_reference_logprobs = False
+    needs_token_logprobs = True  # the score discounts token t by γ^t; the BC term is an NLL per token
 
-    def loss(self, policy_chosen, policy_rejected, reference_chosen, reference_rejected, batch):
-        """CPL on the pairs' [P] scores: `training_step` hands `loss` α Σ_t γ^t log π, not plain sums."""
-        return cpl_loss(policy_chosen, policy_rejected, self.config.bias)
+    def scores(self, policy: ResponseLogProbs, reference: ResponseLogProbs | None) -> torch.Tensor:
+        """[R] scores α Σ_t γ^t log π of the batch's responses (CPL-KL: of log π − log π_ref)."""
+        return cpl_score(policy.per_token, policy.mask, self.config.alpha, self.config.gamma)
 
-    def training_step(self, batch: PreferenceBatch, batch_idx: int):
-        # Not the base step, which sums each response's log-probs before `loss` sees them: the score
-        # discounts token t by γ^t and the BC term is an NLL per token, so both need the per-token values.
-        # (Hence no precomputed reference either: for CPL-KL it is scored here, under no_grad.)
+    def loss(self, policy, reference, batch):
         c = self.config
-        mask = batch.responses.response_mask
-        per_token, _ = sequence_logprobs(self.policy, batch.responses)  # [R, T], each distinct response once
-        policy, reference = cpl_score(per_token, mask, c.alpha, c.gamma), None
-        if self.uses_reference_logprobs:
-            with torch.no_grad():
-                reference = cpl_score(sequence_logprobs(self.context.reference, batch.responses)[0], mask, c.alpha, c.gamma)
-        ref_chosen, ref_rejected = (None, None) if reference is None else (reference[batch.chosen], reference[batch.rejected])
-        cpl, metrics = self.loss(policy[batch.chosen], policy[batch.rejected], ref_chosen, ref_rejected, batch)
+        cpl = cpl_loss(*batch.pairs(self.scores(policy, reference)), c.bias)
         # BC on the chosen side of every pair (the authors' bc_data="pos"): a response counts once per pair it wins.
-        bc = -per_token[batch.chosen].sum() / mask[batch.chosen].sum().clamp_min(1)
-        loss = bc if self.global_step < c.bc_steps else cpl + c.bc_weight * bc
-        check_finite(loss, self.global_step)
-        self.budget.train_tokens += int(batch.responses.attention_mask.sum())
-        self.log_terms({"loss": loss.detach(), "cpl_loss": cpl.detach(), "bc_loss": bc.detach(), **metrics}, batch_size=batch.num_groups)
-        return loss
+        bc = -policy.per_token[batch.chosen].sum() / policy.mask[batch.chosen].sum().clamp_min(1)
+        loss = bc if self.global_step < c.bc_steps else cpl.loss + c.bc_weight * bc
+        return Objective(loss, cpl.chosen_rewards, cpl.rejected_rewards, {"cpl_loss": cpl.loss.detach(), "bc_loss": bc.detach()})
 
 
 @dataclass
@@ -137,6 +115,9 @@ class CPLKLConfig(CPLConfig):
     """Temperature α of the score α Σ_t γ^t log π/π_ref (the authors' cpl_kl configs: 0.2)."""
     bias: float = 0.75
     """Conservative bias λ on the rejected score, in (0, 1] (the authors' cpl_kl configs: 0.75)."""
+    precompute_reference: bool = False
+    """False: the reference is scored per token in each step (the discount γ^t needs its per-token
+    log-probs; only sums are precomputed)."""
 
 
 class CPLKL(CPL):
@@ -145,8 +126,7 @@ class CPLKL(CPL):
     name = "cpl_kl"
     config_class = CPLKLConfig
     needs_reference = True
-    uses_reference_logprobs = True
 
-    def loss(self, policy_chosen, policy_rejected, reference_chosen, reference_rejected, batch):
+    def scores(self, policy, reference):
         # The score is linear in the log-probs, so α Σ γ^t (log π − log π_ref) is the difference of the two scores.
-        return super().loss(policy_chosen - reference_chosen, policy_rejected - reference_rejected, None, None, batch)
+        return super().scores(policy, None) - cpl_score(reference.per_token, reference.mask, self.config.alpha, self.config.gamma)

@@ -15,6 +15,7 @@ TINY_OVERRIDES = [
     "eval.n_test_prompts=64", "eval.n_val_prompts=32", "eval.bootstrap_samples=200", "eval.max_new_tokens=12",
     "dpo.kl_every=5", "dpo.kl_prompts=16", "hir.prompts_per_round=100", "hir.kl_prompts=16",
     "cpl.kl_prompts=16", "cpl_kl.kl_prompts=16",
+    "ipo.kl_prompts=16", "slic.kl_prompts=16", "simpo.kl_prompts=16", "orpo.kl_prompts=16", "kto.kl_prompts=16",
     "rejection_sampling.prompts_per_round=50", "rejection_sampling.samples_per_prompt=2", "rejection_sampling.kl_prompts=16",
     "rest.prompts_per_round=50", "rest.samples_per_prompt=2", "rest.kl_prompts=16",
     "ppo.iterations=3", "ppo.batch_size=16", "ppo.minibatch_size=8",

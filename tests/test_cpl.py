@@ -32,22 +32,20 @@ def softplus(x: float) -> float:
 
 def test_unbiased_cpl_loss_is_log2_at_equal_scores():
     s = torch.tensor([-3.0, 0.7, 12.0])
-    loss, metrics = cpl_loss(s, s.clone(), bias=1.0)
+    loss, chosen, rejected, _ = cpl_loss(s, s.clone(), bias=1.0)
     assert math.isclose(loss.item(), math.log(2), rel_tol=1e-6)
-    assert metrics["score_margin"].item() == 0.0 and metrics["accuracy"].item() == 0.0
+    assert torch.equal(chosen, s) and torch.equal(rejected, s)  # the scores are CPL's implicit rewards
 
 
 def test_cpl_loss_matches_hand_values_with_the_conservative_bias():
     # λ = 0.5: logits λS⁻ − S⁺ = (−1 + 1, −0.5 + 2, −1.5 − 0.5) = (0, 1.5, −2)
     chosen, rejected = torch.tensor([-1.0, -2.0, 0.5]), torch.tensor([-2.0, -1.0, -3.0])
-    loss, metrics = cpl_loss(chosen, rejected, bias=0.5)
+    loss, chosen_rewards, rejected_rewards, _ = cpl_loss(chosen, rejected, bias=0.5)
     assert math.isclose(loss.item(), (math.log(2) + softplus(1.5) + softplus(-2.0)) / 3, rel_tol=1e-6)
-    assert math.isclose(metrics["accuracy"].item(), 2 / 3, rel_tol=1e-6)  # unbiased S⁺ > S⁻
-    assert math.isclose(metrics["score_margin"].item(), 3.5 / 3, rel_tol=1e-6)
-    assert math.isclose(metrics["chosen_score"].item(), -2.5 / 3, rel_tol=1e-6)
+    assert torch.equal(chosen_rewards, chosen) and torch.equal(rejected_rewards, rejected)  # unbiased: S⁺ > S⁻ in 2 of 3
     # The bias is conservative: equal negative scores (log-probs are < 0) still cost more than log 2,
     # so the loss keeps raising the chosen likelihood itself, not only the gap.
-    equal, _ = cpl_loss(torch.tensor([-2.0]), torch.tensor([-2.0]), bias=0.5)
+    equal = cpl_loss(torch.tensor([-2.0]), torch.tensor([-2.0]), bias=0.5).loss
     assert math.isclose(equal.item(), softplus(1.0), rel_tol=1e-6)
 
 
@@ -55,7 +53,7 @@ def test_gradient_raises_chosen_and_lowers_rejected_log_probs():
     alpha, bias = 0.1, 0.5
     chosen = torch.tensor([-3.0], requires_grad=True)
     rejected = torch.tensor([-3.0], requires_grad=True)
-    loss, _ = cpl_loss(alpha * chosen, alpha * rejected, bias)
+    loss = cpl_loss(alpha * chosen, alpha * rejected, bias).loss
     loss.backward()
     sigma = 1 / (1 + math.exp(-0.15))  # σ(λαlogπ⁻ − αlogπ⁺) = σ(−0.15 + 0.3)
     assert chosen.grad.item() < 0 < rejected.grad.item()  # descent raises log π(y⁺), lowers log π(y⁻)
@@ -119,11 +117,11 @@ def test_cpl_kl_step_scores_against_the_reference_and_is_dpo_without_bias(codec,
     loss_a, logged_a = run_step(make_method(CPLKL, config, codec, policy, ref_a), step_batch)
     loss_b, logged_b = run_step(make_method(CPLKL, config, codec, policy, ref_b), step_batch)
     # Changing the reference moves each score by exactly α · (change of the reference's log-prob), negated.
-    shift = logged_b["chosen_score"] - logged_a["chosen_score"]
+    shift = logged_b["rewards_chosen"] - logged_a["rewards_chosen"]
     assert torch.allclose(shift, -config.alpha * (lp_b[c] - lp_a[c]).mean(), atol=1e-5)
-    assert torch.allclose(logged_a["chosen_score"], config.alpha * (pol[c] - lp_a[c]).mean(), atol=1e-5)
+    assert torch.allclose(logged_a["rewards_chosen"], config.alpha * (pol[c] - lp_a[c]).mean(), atol=1e-5)
     # λ = 1, γ = 1 and one step per response: CPL-KL is DPO with β = α.
-    dpo, _ = dpo_loss(pol[c], pol[r], lp_a[c], lp_a[r], beta=config.alpha)
+    dpo = dpo_loss(pol[c], pol[r], lp_a[c], lp_a[r], beta=config.alpha).loss
     assert torch.allclose(loss_a, dpo, atol=1e-6)
     # With the reference equal to the policy every score is 0 and the loss log 2 whatever λ.
     loss_same, _ = run_step(make_method(CPLKL, CPLKLConfig(), codec, policy, copy.deepcopy(policy).eval()), step_batch)
@@ -134,13 +132,17 @@ def test_cpl_step_logs_its_terms_and_uses_no_reference(codec, step_batch):
     policy = build_tiny_policy("world-tiny", codec.tokenizer, seed=0)
     method = make_method(CPL, CPLConfig(), codec, policy, reference=None)
     loss, logged = run_step(method, step_batch)
-    assert set(logged) == {"loss", "cpl_loss", "bc_loss", "chosen_score", "rejected_score", "score_margin", "accuracy"}
+    assert set(logged) == {"loss", "cpl_loss", "bc_loss", "rewards_chosen", "rewards_rejected", "margin", "accuracy"}
     with torch.no_grad():
         pol = sequence_logprobs(policy, step_batch.responses)[1]
     hand = torch.nn.functional.softplus(0.5 * 0.1 * pol[step_batch.rejected] - 0.1 * pol[step_batch.chosen]).mean()
     assert torch.allclose(loss, hand, atol=1e-6) and torch.allclose(logged["cpl_loss"], hand, atol=1e-6)
     assert method.budget.train_tokens == int(step_batch.responses.attention_mask.sum())
-    assert not CPL.needs_reference and CPLKL.needs_reference and CPLKL.uses_reference_logprobs
+    assert not CPL.needs_reference and CPLKL.needs_reference and CPL.needs_token_logprobs
+    scores = 0.1 * pol
+    margin = scores[step_batch.chosen] - scores[step_batch.rejected]
+    assert torch.allclose(logged["margin"], margin.mean(), atol=1e-6)
+    assert torch.equal(logged["accuracy"], (margin > 0).float().mean())
 
 
 def test_bc_term_is_the_per_token_nll_of_the_chosen_responses(codec, step_batch):
@@ -221,6 +223,6 @@ def test_cpl_fit_on_a_tiny_model_learns_the_preference_and_generalises(world, co
     assert (chosen_1 > chosen_0).float().mean() > 0.95 and (rejected_1 < rejected_0).float().mean() > 0.95
     assert history[-1]["bc_loss"] < history[0]["bc_loss"]  # λ < 1 keeps raising the chosen likelihood itself
     assert sum(h["cpl_loss"] for h in history[-5:]) / 5 < 0.5 * history[0]["cpl_loss"]
-    assert {"train/loss", "train/cpl_loss", "train/bc_loss", "train/score_margin", "train/accuracy"} <= set(trainer.callback_metrics)
+    assert {"train/loss", "train/cpl_loss", "train/bc_loss", "train/margin", "train/accuracy"} <= set(trainer.callback_metrics)
     assert method.budget.human_labels == data.num_pairs
     assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))

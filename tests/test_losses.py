@@ -10,26 +10,25 @@ from alignbench.reward import fit_calibration, ranking_loss
 
 def test_dpo_loss_is_log2_at_zero_margin():
     x = torch.tensor([-3.0, -7.5])
-    loss, metrics = dpo_loss(x, x + 1.0, x, x + 1.0, beta=0.1)
+    loss, chosen, rejected, _ = dpo_loss(x, x + 1.0, x, x + 1.0, beta=0.1)
     assert math.isclose(loss.item(), math.log(2), rel_tol=1e-6)
-    assert metrics["reward_margin"].item() == 0.0
+    assert torch.equal(chosen - rejected, torch.zeros(2))
 
 
 def test_dpo_loss_matches_hand_values():
     # pair 1: chosen logratio 1.0 - (-1.0) = ... worked by hand:
     # beta=0.5; chosen: pi=-2, ref=-3 -> r_c=0.5; rejected: pi=-4, ref=-3 -> r_r=-0.5; logit 1.0
     # pair 2: chosen: pi=-5, ref=-4 -> r_c=-0.5; rejected: pi=-1, ref=-2 -> r_r=0.5; logit -1.0
-    loss, metrics = dpo_loss(torch.tensor([-2.0, -5.0]), torch.tensor([-4.0, -1.0]), torch.tensor([-3.0, -4.0]), torch.tensor([-3.0, -2.0]), beta=0.5)
+    loss, chosen, rejected, _ = dpo_loss(torch.tensor([-2.0, -5.0]), torch.tensor([-4.0, -1.0]), torch.tensor([-3.0, -4.0]), torch.tensor([-3.0, -2.0]), beta=0.5)
     expected = (math.log(1 + math.exp(-1.0)) + math.log(1 + math.exp(1.0))) / 2
     assert math.isclose(loss.item(), expected, rel_tol=1e-6)
-    assert metrics["reward_accuracy"].item() == 0.5
-    assert math.isclose(metrics["chosen_reward"].item(), 0.0, abs_tol=1e-7)
+    assert torch.allclose(chosen, torch.tensor([0.5, -0.5])) and torch.allclose(rejected, torch.tensor([-0.5, 0.5]))
 
 
 def test_dpo_gradient_raises_chosen_and_lowers_rejected():
     chosen = torch.tensor([-3.0], requires_grad=True)
     rejected = torch.tensor([-3.0], requires_grad=True)
-    loss, _ = dpo_loss(chosen, rejected, torch.tensor([-3.0]), torch.tensor([-3.0]), beta=0.1)
+    loss = dpo_loss(chosen, rejected, torch.tensor([-3.0]), torch.tensor([-3.0]), beta=0.1).loss
     loss.backward()
     assert chosen.grad.item() < 0 < rejected.grad.item()  # descent raises log pi(y_w), lowers log pi(y_l)
     assert math.isclose(chosen.grad.item(), -0.05, rel_tol=1e-6)  # -beta * sigma(0)
