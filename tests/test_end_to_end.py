@@ -193,6 +193,43 @@ def test_kl_budget_stops_training_early(quickstart_dir, capsys):
     assert max(steps) == 1  # stopped at the first estimate past the budget, not after all steps
 
 
+def test_ppo_stops_at_its_kl_budget_read_from_the_rollouts(quickstart_dir, capsys):
+    from tests.conftest import TINY_OVERRIDES
+
+    args = ["run", "quickstart", "--out", str(quickstart_dir), *TINY_OVERRIDES, "method=ppo", "ppo.max_kl=1e-9"]
+    assert main(args) == 0
+    assert "passed the budget max_kl" in capsys.readouterr().out
+    run = next(json.loads(p.read_text()) for p in (quickstart_dir / "quickstart").glob("ppo-*/metrics.json") if json.loads(p.read_text())["config"]["ppo"]["max_kl"])
+    history = [json.loads(line) for line in (quickstart_dir / "quickstart" / run["run_name"] / "history.jsonl").read_text().splitlines()]
+    kls = [row["train/kl"] for row in history if "train/kl" in row]
+    # the first rollout is the SFT policy's own (KL 0); training stops at the first rollout past the budget
+    assert kls[-1] > 1e-9 and all(kl <= 1e-9 for kl in kls[:-1]) and len(kls) < 3
+
+
+def test_a_kl_budget_that_nothing_measures_is_refused(quickstart_dir, capsys):
+    from tests.conftest import TINY_OVERRIDES
+
+    assert main(["run", "quickstart", "--out", str(quickstart_dir), *TINY_OVERRIDES, "method=dpo", "dpo.max_kl=0.5", "dpo.kl_every=0"]) == 2
+    assert "max_kl=0.5" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method, group_size", [("grpo", 4), ("rloo", 4), ("reinforce_pp", 1), ("online_dpo", 2)])
+def test_each_new_online_method_runs_end_to_end_with_the_contract_metrics(quickstart_dir, method, group_size):
+    from tests.conftest import TINY_OVERRIDES
+
+    assert main(["run", "quickstart", "--out", str(quickstart_dir), *TINY_OVERRIDES, f"method={method}", f"{method}.reward=gold"]) == 0
+    run = next(json.loads(p.read_text()) for p in (quickstart_dir / "quickstart").glob(f"{method}-*/metrics.json"))
+    assert set(CONTRACT_EVAL_KEYS) <= set(run["metrics"])
+    config = run["config"][method]
+    assert config["samples_per_prompt"] == group_size and config["reward"] == "gold"
+    assert {"loss_aggregation", "reward_normalization", "kl_penalty", "clip_range_high", "dynamic_sampling"} <= set(config)
+    rows = config["iterations"] * config["batch_size"] * group_size
+    assert run["metrics"]["budget/policy_samples"] == rows  # the rollouts (evaluation samples are not counted)
+    assert run["metrics"]["budget/human_labels"] == 0  # the verifier spends no reward-model labels
+    history = [json.loads(line) for line in (quickstart_dir / "quickstart" / run["run_name"] / "history.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in history if "train/kl" in row] == [1, 2]
+
+
 def test_rounds_are_logged_with_their_round(quickstart_dir):
     hir = _runs(quickstart_dir)["hir"]
     rows = [json.loads(line) for line in (quickstart_dir / "quickstart" / hir["run_name"] / "history.jsonl").read_text().splitlines()]
