@@ -22,7 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-import torch
 from torch import Tensor
 
 from alignbench.methods.online import OnlineConfig, OnlineRLMethod, Rollout

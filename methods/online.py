@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import ClassVar, Literal, Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
