@@ -213,19 +213,21 @@ def test_a_kl_budget_that_nothing_measures_is_refused(quickstart_dir, capsys):
     assert "max_kl=0.5" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("method, group_size", [("grpo", 4), ("rloo", 4), ("reinforce_pp", 1), ("online_dpo", 2)])
-def test_each_new_online_method_runs_end_to_end_with_the_contract_metrics(quickstart_dir, method, group_size):
+@pytest.mark.parametrize("method, group_size, reward", [("grpo", 4, "gold"), ("rloo", 4, "gold"), ("reinforce_pp", 1, "gold"), ("online_dpo", 2, "judge")])
+def test_each_new_online_method_runs_end_to_end_with_the_contract_metrics(quickstart_dir, method, group_size, reward):
     from tests.conftest import TINY_OVERRIDES
 
-    assert main(["run", "quickstart", "--out", str(quickstart_dir), *TINY_OVERRIDES, f"method={method}", f"{method}.reward=gold"]) == 0
+    assert main(["run", "quickstart", "--out", str(quickstart_dir), *TINY_OVERRIDES, f"method={method}", f"{method}.reward={reward}"]) == 0
     run = next(json.loads(p.read_text()) for p in (quickstart_dir / "quickstart").glob(f"{method}-*/metrics.json"))
     assert set(CONTRACT_EVAL_KEYS) <= set(run["metrics"])
     config = run["config"][method]
-    assert config["samples_per_prompt"] == group_size and config["reward"] == "gold"
+    assert config["samples_per_prompt"] == group_size and config["reward"] == reward
     assert {"loss_aggregation", "reward_normalization", "kl_penalty", "clip_range_high", "dynamic_sampling"} <= set(config)
     rows = config["iterations"] * config["batch_size"] * group_size
     assert run["metrics"]["budget/policy_samples"] == rows  # the rollouts (evaluation samples are not counted)
-    assert run["metrics"]["budget/human_labels"] == 0  # the verifier spends no reward-model labels
+    # the verifier and the judge spend no reward-model labels; the judge rates every rollout once
+    assert run["metrics"]["budget/human_labels"] == 0
+    assert run["metrics"]["budget/ai_labels"] == (rows if reward == "judge" else 0)
     history = [json.loads(line) for line in (quickstart_dir / "quickstart" / run["run_name"] / "history.jsonl").read_text().splitlines()]
     assert [row["step"] for row in history if "train/kl" in row] == [1, 2]
 
