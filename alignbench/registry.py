@@ -9,18 +9,25 @@ from alignbench.methods.constitutional import Constitutional, HelpfulOnly
 from alignbench.methods.cpl import CPL, CPLKL
 from alignbench.methods.dpo import DPO
 from alignbench.methods.hir import HIR
+from alignbench.methods.grpo import GRPO
 from alignbench.methods.ipo import IPO
 from alignbench.methods.kto import KTO
+from alignbench.methods.online_dpo import OnlineDPO
 from alignbench.methods.orpo import ORPO
 from alignbench.methods.ppo import PPO
+from alignbench.methods.reinforce_pp import ReinforcePP
 from alignbench.methods.rejection_sampling import RejectionSampling
 from alignbench.methods.rest import ReST
+from alignbench.methods.rloo import RLOO
 from alignbench.methods.rlaif import RLAIF, RLAIFDirect, RLHFOneRM
 from alignbench.methods.sft import SFTBaseline
 from alignbench.methods.simpo import SimPO
 from alignbench.methods.slic import SLiC
 
-METHODS: dict[str, type[AlignmentMethod]] = {cls.name: cls for cls in (SFTBaseline, BestOfN, BestOfNGold, DPO, CPL, CPLKL, IPO, SLiC, SimPO, ORPO, KTO, HIR, RejectionSampling, ReST, PPO, RLAIF, RLHFOneRM, RLAIFDirect, HelpfulOnly, Constitutional)}
+METHODS: dict[str, type[AlignmentMethod]] = {cls.name: cls for cls in (
+    SFTBaseline, BestOfN, BestOfNGold, DPO, CPL, CPLKL, IPO, SLiC, SimPO, ORPO, KTO, HIR, RejectionSampling, ReST,
+    PPO, GRPO, RLOO, ReinforcePP, OnlineDPO, RLAIF, RLHFOneRM, RLAIFDirect, HelpfulOnly, Constitutional,
+)}
 
 
 def get_method(name: str) -> type[AlignmentMethod]:

@@ -43,6 +43,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import ParallelStrategy
 
+from alignbench.config import ConfigError
 from alignbench.evaluation import evaluate_at_temperatures
 from alignbench.experiment import RunSpec, resolve_run, run_config_dict
 from alignbench.log import log
@@ -69,13 +70,14 @@ class KLMonitor(Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         step = trainer.global_step
+        kl = getattr(module, "rollout_kl", None)  # online methods measure the KL of every rollout batch
         if self.every and step % self.every == 0:
             kl = self.estimate(module)
             for logger in trainer.loggers:
                 logger.log_metrics({"train/kl": kl}, step=step)
-            if self.max_kl is not None and kl > self.max_kl:
-                log(f"estimated KL {kl:.3f} passed the budget max_kl={self.max_kl} at step {step}; stopping training")
-                trainer.should_stop = self.exceeded = True
+        if kl is not None and self.max_kl is not None and kl > self.max_kl:
+            log(f"estimated KL {kl:.3f} passed the budget max_kl={self.max_kl} at step {step}; stopping training")
+            trainer.should_stop = self.exceeded = True
 
 
 class PeriodicEvaluation(Callback):
@@ -407,6 +409,9 @@ class Fitter:
     def __init__(self, module, context: RunContext, config, loggers, checkpoints: Checkpoints | None = None, resume: ResumePoint | None = None):
         self.module, self.context, self.config, self.loggers = module, context, config, loggers
         mc = module.config
+        if mc.max_kl is not None and not mc.kl_every and not hasattr(module, "rollout_kl"):
+            raise ConfigError(f"max_kl={mc.max_kl} needs a KL measured while training, but kl_every=0 and {module.name} measures none; "
+                              "set kl_every > 0 or remove max_kl")
         self.kl_monitor = KLMonitor(context, mc.kl_every, mc.kl_prompts, mc.max_kl)
         self.step_offset = self.last_fit_steps = 0
         self.checkpoints, self.resume = checkpoints, resume

@@ -17,7 +17,6 @@ model: here a copy of the helpfulness RM reads a value at every token through it
 from __future__ import annotations
 
 import copy
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Iterator, Literal
 
@@ -26,14 +25,11 @@ import torch
 from torch import Tensor
 
 from alignbench.logprobs import PackedBatch, pack_sequences, position_ids_from_mask
-from alignbench.methods.online import (
-    AdaptiveKLController, FixedKLController, OnlineConfig, OnlineRLMethod, kl_penalised_rewards, masked_mean, masked_whiten,
-    response_token_logprobs,
-)
+from alignbench.methods.online import OnlineConfig, OnlineRLMethod, Rollout, kl_penalised_rewards, masked_mean, masked_whiten
 from alignbench.models import RewardModel
 from alignbench.log import log
 from alignbench.sft import response_nll
-from alignbench.training import OptimConfig, adamw_with_schedule, check_finite
+from alignbench.training import OptimConfig, adamw_with_schedule
 
 
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
@@ -57,20 +53,6 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
     return advantages, (advantages + values) * mask
 
 
-def ppo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_range: float) -> tuple[Tensor, Tensor]:
-    """Clipped surrogate objective (Schulman et al. 2017, eq. 7), as a loss to minimise.
-
-    All inputs [B, L]; ratio ρ_t = π(y_t)/π_old(y_t). Per token max(−A ρ, −A clip(ρ, 1 ± ε)),
-    averaged over the masked tokens. Returns the loss and the share of tokens whose clipped
-    term was the larger one (the gradient is cut there).
-    """
-    ratio = torch.exp(logprobs - old_logprobs)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    return loss, masked_mean((clipped > unclipped).float(), mask).detach()
-
-
 def ppo_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float) -> Tensor:
     """Clipped value loss (OpenAI baselines' PPO2, as in Ziegler 2019's code): all inputs [B, L],
     ½ · mean over masked tokens of max((V − R)², (V_old + clip(V − V_old, ±c) − R)²)."""
@@ -90,12 +72,6 @@ def token_values(value_model: RewardModel, batch: PackedBatch, start: int) -> Te
 class PPOConfig(OnlineConfig):
     """PPO-RLHF with a value function, GAE and a KL penalty to the SFT policy."""
 
-    minibatch_size: int = 32
-    """Rollouts per gradient update (each iteration: ppo_epochs × batch_size / minibatch_size updates)."""
-    ppo_epochs: int = 4
-    """Passes over each rollout batch."""
-    clip_range: float = 0.2
-    """ε of the clipped surrogate objective."""
     value_clip: float = 0.2
     """How far a value may move from its rollout-time value before its loss is clipped."""
     vf_coef: float = 0.1
@@ -104,17 +80,6 @@ class PPOConfig(OnlineConfig):
     """Discount (1: the episode is one response)."""
     lam: float = 0.95
     """GAE λ."""
-    kl_controller: Literal["fixed", "adaptive"] = "fixed"
-    """'fixed' β (InstructGPT, Stiennon 2020) or 'adaptive' towards kl_target (Ziegler 2019)."""
-    init_kl_coef: float = 0.1
-    """β, or its starting value when adaptive (the rewards are whitened logits by default, std 1)."""
-    kl_target: float = 1.0
-    """Adaptive: the sequence KL (nats) that β steers towards."""
-    kl_horizon: int = 128
-    """Adaptive: samples over which β may change by a factor of about e^0.2 (at most ±0.2 ·
-    batch_size / kl_horizon per iteration: ±10% at the default 64). Ziegler et al. used 10,000 in
-    runs of millions of samples; it must be small beside a run's length: in 60 iterations of 64
-    samples, 2,000 moved β at most 1.5x and the KL ended 50% over its target, 128 ended within 11%."""
     whiten_advantages: bool = True
     """Normalise advantages over each rollout batch."""
     value_init: Literal["reward_model", "policy"] = "reward_model"
@@ -124,29 +89,20 @@ class PPOConfig(OnlineConfig):
     """Learning rate of the value function (same schedule as the policy's)."""
     ptx_coef: float = 0.0
     """γ_ptx: weight of the SFT loss on the world's demonstrations mixed into every update (PPO-ptx)."""
-    kl_every: int = 0
-    """PPO measures KL on every rollout batch (`train/kl`), so the separate sampled estimate is off."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_ratio=0.0, schedule="constant"))
     """Optimiser of the policy (on the quickstart, 3e-4 over-optimises the proxy: KL 1.6, win rate 0.52)."""
 
     def __post_init__(self):
         super().__post_init__()
-        for key in ("minibatch_size", "ppo_epochs", "kl_horizon"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key}={getattr(self, key)} must be >= 1")
-        if self.minibatch_size > self.batch_size:
-            raise ValueError(f"minibatch_size={self.minibatch_size} must be <= batch_size={self.batch_size}")
-        for key in ("clip_range", "value_clip", "kl_target", "value_lr"):
+        for key in ("value_clip", "value_lr"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"{key}={getattr(self, key)} must be > 0")
-        for key in ("vf_coef", "init_kl_coef", "ptx_coef"):
+        for key in ("vf_coef", "ptx_coef"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key}={getattr(self, key)} must be >= 0")
         for key in ("gamma", "lam"):
             if not 0 <= getattr(self, key) <= 1:
                 raise ValueError(f"{key}={getattr(self, key)} must be in [0, 1]")
-        if self.kl_controller not in ("fixed", "adaptive"):
-            raise ValueError(f"kl_controller={self.kl_controller!r} must be one of fixed, adaptive")
         if self.value_init not in ("reward_model", "policy"):
             raise ValueError(f"value_init={self.value_init!r} must be one of reward_model, policy")
 
@@ -162,12 +118,8 @@ class PPO(OnlineRLMethod):
         else:
             self.value_model = RewardModel.from_policy(self.policy)
         self.value_model.train().requires_grad_(True)
-        if config.reward == "gold" and config.value_init == "reward_model":
-            self.budget.human_labels += context.reward_model_labels  # the oracle's value function is still the RM
-        if config.kl_controller == "adaptive":
-            self.kl_controller = AdaptiveKLController(config.init_kl_coef, config.kl_target, config.kl_horizon)
-        else:
-            self.kl_controller = FixedKLController(config.init_kl_coef)
+        if config.reward in ("gold", "judge") and config.value_init == "reward_model":
+            self.budget.human_labels += context.reward_model_labels  # without the RM as reward, the value function still is one
         self._demonstrations: Iterator[PackedBatch] | None = None
         self._demonstration_batches_used = 0  # where a resumed run picks the demonstrations up
         if config.ptx_coef > 0:
@@ -204,56 +156,36 @@ class PPO(OnlineRLMethod):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint["ppo"] = {"kl_coef": self.kl_controller.value, "demonstration_batches": self._demonstration_batches_used}
+        checkpoint["ppo"] = {"demonstration_batches": self._demonstration_batches_used}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
-        state = checkpoint["ppo"]
-        self.kl_controller.value = state["kl_coef"]
         if self._demonstrations is not None:  # the endless demonstration stream, advanced to where it was
             self._demonstrations = self._demonstration_batches()
-            for _ in range(state["demonstration_batches"]):
+            for _ in range(checkpoint["ppo"]["demonstration_batches"]):
                 next(self._demonstrations)
-            self._demonstration_batches_used = state["demonstration_batches"]
+            self._demonstration_batches_used = checkpoint["ppo"]["demonstration_batches"]
 
-    def training_step(self, rows: list[dict], batch_idx: int):
+    def prepare(self, rollout: Rollout, kl_coef: float) -> dict[str, Tensor]:
+        """Values at rollout time, then GAE on the per-token rewards (−β·k1 on every token, r on EOS)."""
+        c, mask = self.config, rollout.mask
+        old_values = token_values(self.value_model, rollout.batch, rollout.start) * mask
+        rewards = kl_penalised_rewards(rollout.rewards, rollout.kl, mask, kl_coef)
+        advantages, returns = gae(rewards, old_values, mask, c.gamma, c.lam)
+        if c.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+        return {"advantages": advantages, "returns": returns, "old_values": old_values}
+
+    def update_loss(self, batch: PackedBatch, rollout: Rollout, idx: Tensor, prepared: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The clipped surrogate plus the clipped value loss (and PPO-ptx's SFT loss)."""
         c = self.config
-        rollout = self.generate_and_score([row["prompt"] for row in rows])
-        mask, n = rollout.mask, len(rollout.prompts)
-        kl_coef = self.kl_controller.value
-        with torch.no_grad():
-            old_values = token_values(self.value_model, rollout.batch, rollout.start) * mask
-            rewards = kl_penalised_rewards(rollout.rewards, rollout.kl, mask, kl_coef)
-            advantages, returns = gae(rewards, old_values, mask, c.gamma, c.lam)
-            if c.whiten_advantages:
-                advantages = masked_whiten(advantages, mask)
-
-        stats = defaultdict(list)
-        minibatches = [idx for _ in range(c.ppo_epochs) for idx in torch.randperm(n, device=mask.device).split(c.minibatch_size)]
-        for i, idx in enumerate(minibatches):
-            batch, m = rollout.rows(idx), mask[idx]
-            logprobs = response_token_logprobs(self.policy, batch, rollout.start)
-            values = token_values(self.value_model, batch, rollout.start)
-            policy_loss, clip_frac = ppo_policy_loss(logprobs, rollout.logprobs[idx], advantages[idx], m, c.clip_range)
-            value_loss = ppo_value_loss(values, old_values[idx], returns[idx], m, c.value_clip)
-            loss = policy_loss + c.vf_coef * value_loss
-            if self._demonstrations is not None:
-                ptx = self.ptx_loss()
-                loss = loss + c.ptx_coef * ptx
-                stats["ptx_loss"].append(ptx.detach())
-            check_finite(loss, self.global_step)
-            self.optimizer_update(loss, counts_as_step=i == len(minibatches) - 1)
-            self.budget.train_tokens += int(batch.attention_mask.sum())
-            for key, value in (("loss", loss), ("policy_loss", policy_loss), ("value_loss", value_loss), ("clip_frac", clip_frac)):
-                stats[key].append(value.detach())
-        self.lr_schedulers().step()
-
-        sequence_kl = rollout.kl.sum(dim=1).mean()
-        self.kl_controller.update(float(sequence_kl), n)
-        metrics = {key: torch.stack(values).mean() for key, values in stats.items()}
-        metrics.update({
-            "reward": rollout.scores.mean(), "kl": sequence_kl, "kl_coef": torch.tensor(kl_coef),
-            # −log π_old of the sampled tokens: an unbiased estimate of the per-token entropy at temperature 1
-            "entropy": masked_mean(-rollout.logprobs, mask), "response_length": mask.sum(dim=1).mean(),
-        })
-        self.log_terms(metrics, batch_size=n)
+        loss, terms = super().update_loss(batch, rollout, idx, prepared)
+        values = token_values(self.value_model, batch, rollout.start)
+        value_loss = ppo_value_loss(values, prepared["old_values"][idx], prepared["returns"][idx], rollout.mask[idx], c.value_clip)
+        loss = loss + c.vf_coef * value_loss
+        terms["value_loss"] = value_loss.detach()
+        if self._demonstrations is not None:
+            ptx = self.ptx_loss()
+            loss = loss + c.ptx_coef * ptx
+            terms["ptx_loss"] = ptx.detach()
+        return loss, terms

@@ -23,14 +23,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar, Literal, Sequence
-
-import numpy as np
-from alignbench.methods.ppo import PPO, PPOConfig
+from typing import ClassVar, Literal
 
 from alignbench.config import ConfigError
+from alignbench.methods.ppo import PPO, PPOConfig
 from alignbench.reward import ProxyReward
-from alignbench.stages.ai_labeler import ai_judge
 from alignbench.stages.pair_reward_model import pair_reward_model
 
 
@@ -45,7 +42,7 @@ class RLAIFConfig(PPOConfig):
         super().__post_init__()
         if self.n_labels < 0:
             raise ValueError(f"n_labels={self.n_labels} must be >= 0 (0: every labelled pair)")
-        if self.reward not in ("proxy",):
+        if self.reward != "proxy":
             raise ValueError(f"reward={self.reward!r}: this method trains its own reward model; keep reward=proxy")
 
 
@@ -76,15 +73,18 @@ class RLHFOneRM(RLAIF):
 
 @dataclass
 class RLAIFDirectConfig(PPOConfig):
-    """PPO whose reward is the AI labeler's rating of each rollout (no reward model)."""
+    """PPO whose reward is the AI labeler's rating of each rollout (no reward model): the online
+    base's `reward: judge` source, with the value function started from the policy."""
 
+    reward: Literal["proxy", "helpfulness", "gold", "judge"] = "judge"
+    """The AI labeler's expected rating (0..10, scaled to [0, 1]), used as it is (Lee et al.)."""
     value_init: Literal["reward_model", "policy"] = "policy"
     """There is no reward model to start the value function from: a copy of the policy's backbone."""
-    reward_transform: Literal["none", "logit_whiten"] = "none"
-    """The expected rating is already a bounded score in [0, 1] (Lee et al. use it as it is)."""
 
     def __post_init__(self):
         super().__post_init__()
+        if self.reward != "judge":
+            raise ValueError(f"reward={self.reward!r}: rlaif_direct is PPO on the AI labeler's rating; keep reward=judge (or run ppo with reward={self.reward})")
         if self.value_init != "policy":
             raise ValueError("rlaif_direct has no reward model to initialise the value function from; keep value_init=policy")
 
@@ -92,17 +92,3 @@ class RLAIFDirectConfig(PPOConfig):
 class RLAIFDirect(PPO):
     name = "rlaif_direct"
     config_class = RLAIFDirectConfig
-
-    def __init__(self, config: RLAIFDirectConfig, context):
-        if context.stages is None:
-            raise ConfigError("rlaif_direct loads the AI labeler through the run's stages; run it with `alignbench run`")
-        super().__init__(config, dataclasses.replace(context, reward_model_labels=0))
-        self.judge = ai_judge(context.stages)
-
-    def on_fit_start(self) -> None:
-        super().on_fit_start()
-        self.judge.model.to(self.device)
-
-    def reward_scores(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
-        self.budget.ai_labels += len(prompts)  # one rating per rollout
-        return self.judge.score_batch(prompts, responses).astype(np.float32)

@@ -198,6 +198,47 @@ def test_kl_budget_stops_training_early(quickstart_dir, capsys):
     assert max(steps) == 1  # stopped at the first estimate past the budget, not after all steps
 
 
+def test_ppo_stops_at_its_kl_budget_read_from_the_rollouts(quickstart_dir, capsys):
+    from tests.conftest import TINY_OVERRIDES
+
+    args = ["run", "quickstart", "--out", str(quickstart_dir), *TINY_OVERRIDES, "method=ppo", "ppo.max_kl=1e-9"]
+    assert main(args) == 0
+    # The first rollout is the SFT policy's own (KL exactly 0); the second is past the budget.
+    assert "passed the budget max_kl=1e-09 at step 2" in capsys.readouterr().out
+    run = next(json.loads(p.read_text()) for p in (quickstart_dir / "quickstart").glob("ppo-*/metrics.json") if json.loads(p.read_text())["config"]["ppo"]["max_kl"])
+    assert run["config"]["ppo"]["iterations"] == 3
+    assert run["metrics"]["budget/policy_samples"] == 2 * run["config"]["ppo"]["batch_size"]  # two rollouts of three
+    history = [json.loads(line) for line in (quickstart_dir / "quickstart" / run["run_name"] / "history.jsonl").read_text().splitlines()]
+    kls = [row["train/kl"] for row in history if "train/kl" in row]
+    assert kls[0] == 0.0 and kls[-1] > 1e-9
+
+
+def test_a_kl_budget_that_nothing_measures_is_refused(quickstart_dir, capsys):
+    from tests.conftest import TINY_OVERRIDES
+
+    assert main(["run", "quickstart", "--out", str(quickstart_dir), *TINY_OVERRIDES, "method=dpo", "dpo.max_kl=0.5", "dpo.kl_every=0"]) == 2
+    assert "max_kl=0.5" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method, group_size, reward", [("grpo", 4, "gold"), ("rloo", 4, "gold"), ("reinforce_pp", 1, "gold"), ("online_dpo", 2, "judge")])
+def test_each_new_online_method_runs_end_to_end_with_the_contract_metrics(quickstart_dir, method, group_size, reward):
+    from tests.conftest import TINY_OVERRIDES
+
+    assert main(["run", "quickstart", "--out", str(quickstart_dir), *TINY_OVERRIDES, f"method={method}", f"{method}.reward={reward}"]) == 0
+    run = next(json.loads(p.read_text()) for p in (quickstart_dir / "quickstart").glob(f"{method}-*/metrics.json"))
+    assert set(CONTRACT_EVAL_KEYS) <= set(run["metrics"])
+    config = run["config"][method]
+    assert config["samples_per_prompt"] == group_size and config["reward"] == reward
+    assert {"loss_aggregation", "reward_normalization", "kl_penalty", "clip_range_high", "dynamic_sampling"} <= set(config)
+    rows = config["iterations"] * config["batch_size"] * group_size
+    assert run["metrics"]["budget/policy_samples"] == rows  # the rollouts (evaluation samples are not counted)
+    # the verifier and the judge spend no reward-model labels; the judge rates every rollout once
+    assert run["metrics"]["budget/human_labels"] == 0
+    assert run["metrics"]["budget/ai_labels"] == (rows if reward == "judge" else 0)
+    history = [json.loads(line) for line in (quickstart_dir / "quickstart" / run["run_name"] / "history.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in history if "train/kl" in row][:2] == [0, 1]  # a training row per iteration
+
+
 def test_rounds_are_logged_with_their_round(quickstart_dir):
     hir = _runs(quickstart_dir)["hir"]
     rows = [json.loads(line) for line in (quickstart_dir / "quickstart" / hir["run_name"] / "history.jsonl").read_text().splitlines()]

@@ -12,9 +12,9 @@ import torch
 from alignbench.evaluation import EvalConfig
 from alignbench.logprobs import pack_sequences, sequence_logprobs
 from alignbench.methods.online import (
-    AdaptiveKLController, FixedKLController, kl_penalised_rewards, pack_rollout, response_token_logprobs, transform_rewards,
+    AdaptiveKLController, FixedKLController, kl_penalised_rewards, pack_rollout, policy_loss, response_token_logprobs, transform_rewards,
 )
-from alignbench.methods.ppo import PPO, PPOConfig, gae, ppo_policy_loss, ppo_value_loss
+from alignbench.methods.ppo import PPO, PPOConfig, gae, ppo_value_loss
 from alignbench.models import TextCodec, build_tiny_policy, build_world_tokenizer, freeze
 from alignbench.training import Budget, OptimConfig, TrainerConfig, make_trainer
 from alignbench.world import AssistantWorld
@@ -50,7 +50,7 @@ def test_policy_loss_takes_the_pessimistic_branch_on_both_sides_of_the_clip():
     logprobs = ratio.log().requires_grad_(True)
     advantages = torch.tensor([[1.0, 1.0, -2.0, -1.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])  # the last token is padding
-    loss, clip_frac = ppo_policy_loss(logprobs, old, advantages, mask, clip_range=0.2)
+    loss, clip_frac = policy_loss(logprobs, old, advantages, mask, clip_low=0.2)
     # A > 0, ρ = 1.5: clipped at 1.2 -> −1.2; A > 0, ρ = 0.5: the unclipped −0.5 is larger;
     # A < 0, ρ = 0.5: clipped at 0.8 -> 1.6
     assert math.isclose(loss.item(), (-1.2 - 0.5 + 1.6) / 3, rel_tol=1e-6)
