@@ -18,9 +18,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from alignbench.analysis.tables import find_run_dirs
 
+from alignbench.analysis.stats import Interval, metric_interval, replicate_interval, two_level_replicates
 from alignbench.config import ConfigError
+
+
+def find_run_dirs(directory: Path) -> list[Path]:
+    """The folders of every finished run (holding a `metrics.json`) under `directory`, sorted by
+    path; the stage cache is not a run."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"results directory not found: {directory}")
+    return [path.parent for path in sorted(directory.rglob("metrics.json")) if "cache" not in path.relative_to(directory).parts]
+
 
 # Runs are pooled over seeds only where their whole resolved config agrees except these: the seed
 # itself, which run of a sweep it is (the experiment's name is kept apart as `Run.experiment`), how
@@ -254,7 +264,6 @@ def policy_interval(runs: list[Run], key: str, n_boot: int = 1000, level: float 
     the seeds' reported values where some do not (every seed's value carries its own evaluation
     noise, so it covers the same two sources); for one seed, the bootstrap over its prompts, or
     the interval the run recorded (evaluation noise only)."""
-    from alignbench.analysis.stats import Interval, metric_interval, replicate_interval, two_level_replicates
 
     values = seed_values(runs, key)
     if values is None:

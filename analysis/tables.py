@@ -11,6 +11,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from alignbench.analysis.paired import PAIRED_METRICS, paired_comparisons
+from alignbench.analysis.runs import group_runs, load_local_runs, policy_interval
+from alignbench.analysis.stats import describe_intervals
+
 # The columns of the head-to-head table, in the order a reader wants them.
 TABLE_METRICS = (
     "eval/win_rate", "eval/win_rate_ci_low", "eval/win_rate_ci_high",
@@ -22,20 +26,6 @@ TABLE_METRICS = (
     # method optimised where it trained its own (RLAIF's AI-label RM, Constitutional AI's PM).
     "rm/helpfulness_accuracy", "rm/safety_accuracy", "rm/optimised_accuracy",
 )
-
-
-def find_run_dirs(directory: Path) -> list[Path]:
-    """The folders of every finished run (holding a `metrics.json`) under `directory`, sorted by
-    path; the stage cache is not a run."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"results directory not found: {directory}")
-    return [path.parent for path in sorted(directory.rglob("metrics.json")) if "cache" not in path.relative_to(directory).parts]
-
-
-def load_runs(directory: Path) -> list[dict]:
-    """Every finished run (a `metrics.json`) under `directory`, sorted by path."""
-    return [json.loads((run_dir / "metrics.json").read_text()) for run_dir in find_run_dirs(directory)]
 
 
 def results_frame(runs: list[dict]) -> pd.DataFrame:
@@ -136,9 +126,6 @@ def results_table(runs, n_boot: int = 1000, fmt: str = "md") -> ResultsTable:
     quality metric as mean ± its interval (two-level bootstrap over seeds and prompts; one seed:
     prompts only), budgets as means, and mark with † the best group by gold reward and by win rate
     (analysis/paired.py: not told apart from the best, paired, Holm-adjusted)."""
-    from alignbench.analysis.paired import PAIRED_METRICS, paired_comparisons
-    from alignbench.analysis.runs import group_runs, policy_interval
-    from alignbench.analysis.stats import describe_intervals
 
     groups = group_runs(runs)
     paired = paired_comparisons(groups, n_boot=n_boot)
@@ -178,7 +165,6 @@ def results_table(runs, n_boot: int = 1000, fmt: str = "md") -> ResultsTable:
 
 def print_results(directory: Path, fmt: str, n_boot: int = 1000) -> str:
     """`alignbench results DIR`: the results table of every run under DIR, as text."""
-    from alignbench.analysis.runs import load_local_runs
 
     runs = load_local_runs(directory)
     if not runs:
