@@ -626,7 +626,7 @@ def draw_overoptimization(runs: list[Run]) -> Drawn:
 # The metrics every method logs first, then one that says how its own objective is doing (the
 # first of these that a method logs), then the periodic validation win rate where there is one.
 _COMMON_CURVES = ("train/loss", "train/kl")
-_OBJECTIVE_CURVES = ("train/reward", "train/reward_accuracy", "train/accuracy", "train/contrastive_loss", "train/reward_margin", "train/score_margin")
+_OBJECTIVE_CURVES = ("train/reward", "train/accuracy", "train/contrastive_loss", "train/margin")  # the offline base logs accuracy and margin for every objective
 _VALIDATION_CURVE = "val/win_rate"
 
 

@@ -72,6 +72,16 @@ class Objective(NamedTuple):
     terms: dict[str, torch.Tensor] = {}
 
 
+def paired_reward_statistics(objective: Objective) -> dict[str, torch.Tensor]:
+    """Means of the pairs' implicit rewards, of their margin, and the share of pairs ranked right
+    (also what online DPO logs for the pairs it samples)."""
+    margin = objective.chosen_rewards - objective.rejected_rewards
+    return {
+        "rewards_chosen": objective.chosen_rewards.mean(), "rewards_rejected": objective.rejected_rewards.mean(),
+        "margin": margin.mean(), "accuracy": (margin > 0).float().mean(),
+    }
+
+
 class OfflineMethod(AlignmentMethod):
     """What both offline bases share: scoring a batch's responses under the policy and the reference."""
 
@@ -156,12 +166,7 @@ class OfflinePreferenceMethod(OfflineMethod):
         return self.log_objective(self.loss(policy, reference, batch), batch.responses, batch.num_groups)
 
     def reward_statistics(self, objective: Objective) -> dict[str, torch.Tensor]:
-        """Means of the pairs' implicit rewards, of their margin, and the share of pairs ranked right."""
-        margin = objective.chosen_rewards - objective.rejected_rewards
-        return {
-            "rewards_chosen": objective.chosen_rewards.mean(), "rewards_rejected": objective.rejected_rewards.mean(),
-            "margin": margin.mean(), "accuracy": (margin > 0).float().mean(),
-        }
+        return paired_reward_statistics(objective)
 
 
 class UnpairedPreferenceMethod(OfflineMethod):

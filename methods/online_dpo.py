@@ -21,6 +21,7 @@ from torch import Tensor
 
 from alignbench.logprobs import PackedBatch
 from alignbench.methods.dpo import dpo_loss
+from alignbench.methods.offline import paired_reward_statistics
 from alignbench.methods.online import OnlineConfig, OnlineRLMethod, Rollout, response_token_logprobs
 from alignbench.training import OptimConfig
 
@@ -77,4 +78,5 @@ class OnlineDPO(OnlineRLMethod):
         m, chosen_first = rollout.mask[idx], prepared["chosen_first"][idx][::2]
         policy_chosen, policy_rejected = pair_logps(response_token_logprobs(self.policy, batch, rollout.start), m, chosen_first)
         reference_chosen, reference_rejected = pair_logps(rollout.ref_logprobs[idx], m, chosen_first)
-        return dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, self.config.beta)
+        objective = dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, self.config.beta)
+        return objective.loss, {**objective.terms, **paired_reward_statistics(objective)}

@@ -103,7 +103,7 @@ def write_fixture(root: Path) -> Path:
             history = []
             if method in ("dpo", "ppo", "rejection_sampling"):
                 for step in range(10, 70, 10):
-                    history.append({"step": step, "train/loss": 0.7 - 0.01 * step * quality + rng.normal(0, 0.01), "train/reward_accuracy": 0.5 + 0.003 * step})
+                    history.append({"step": step, "train/loss": 0.7 - 0.01 * step * quality + rng.normal(0, 0.01), "train/accuracy": 0.5 + 0.003 * step})
                     history.append({"step": step + 5, "train/kl": kl * step / 60})
             if method == "ppo":
                 history += [_val_row(step, quality * step / 30, kl * step / 30) for step in (10, 20, 30)]
@@ -323,7 +323,7 @@ def test_training_curves_one_row_per_trained_policy_with_seed_bands(runs, draw):
     assert "range (min–max) over 2 seeds" in drawn.caption
     # PPO's row: loss, KL, its objective's metric and the validation win rate.
     ppo_row = [ax for ax in drawn.figure.axes if ax.get_visible() and ax.axison][4 * 4 : 4 * 4 + 4]
-    assert [ax.get_ylabel() for ax in ppo_row] == ["train/loss", "train/kl", "train/reward_accuracy", "val/win_rate"]
+    assert [ax.get_ylabel() for ax in ppo_row] == ["train/loss", "train/kl", "train/accuracy", "val/win_rate"]
 
 
 # --- figure 9 and the whole command -------------------------------------------------------------------
