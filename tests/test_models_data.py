@@ -185,7 +185,7 @@ def test_dpo_fit_on_a_tiny_model_learns_the_preference_and_generalises(world, co
             pol = sequence_logprobs(policy, batch.responses)[1]
             with torch.no_grad():
                 ref = sequence_logprobs(reference, batch.responses)[1]
-            loss, _ = dpo_loss(pol[batch.chosen], pol[batch.rejected], ref[batch.chosen], ref[batch.rejected], beta=0.1)
+            loss = dpo_loss(pol[batch.chosen], pol[batch.rejected], ref[batch.chosen], ref[batch.rejected], beta=0.1).loss
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
