@@ -65,7 +65,8 @@ class AILabelerConfig:
     max_length: int = 64
     """Longest request + answer in tokens (the world's judgment requests are about 50)."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_ratio=0.05))
-    seed: int = 0
+    seed: int | None = None
+    """Seed of the AI labeler's initialisation, data and training (None: the run's seed)."""
     principles: list[str] | None = None
     """Rule texts the labeler judges overall quality by (None: the world's general rule)."""
     comparison_template: str | None = None

@@ -7,6 +7,7 @@ what is wrong and what is accepted, and exit with status 2 — no traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import os
 import sys
@@ -91,8 +92,8 @@ def cmd_quickstart(args) -> None:
 
     started = time.perf_counter()
     config = load_experiment(args.experiment, args.overrides)
-    pipeline = stage_pipeline(config, Path(args.out))  # shared stages on one device, also under DDP
     for seed in config.seeds:
+        pipeline = stage_pipeline(dataclasses.replace(config, seed=seed), Path(args.out))  # this seed's stages, shared by its methods
         for method in config.methods:
             run_one(config, Path(args.out), method=method, seed=seed, pipeline=pipeline)
     print()

@@ -236,6 +236,18 @@ def to_dict(config: Any) -> Any:
     return config
 
 
+def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys to hashable leaves (lists become tuples)."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, dotted + "."))
+        else:
+            flat[dotted] = tuple(value) if isinstance(value, list) else value
+    return flat
+
+
 def config_hash(obj: Any, length: int = 12) -> str:
     """Stable content hash of a dataclass or dict: sha256 of canonical JSON, independent of key order."""
     text = json.dumps(_canonical(to_dict(obj)), sort_keys=True, separators=(",", ":"), allow_nan=False)

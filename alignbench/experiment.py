@@ -20,12 +20,13 @@ from typing import Any, Literal, Sequence
 
 from alignbench.ai_feedback import AILabelerConfig
 from alignbench.annotator import AnnotatorConfig
-from alignbench.config import ConfigError, apply_overrides, config_hash, did_you_mean, from_dict, load_yaml, parse_overrides, to_dict
+from alignbench.config import ConfigError, apply_overrides, config_hash, did_you_mean, flatten, from_dict, load_yaml, parse_overrides, to_dict
 from alignbench.evaluation import EvalConfig
 from alignbench.hf_data import DataConfig
 from alignbench.models import TINY_MODELS, LoRAConfig
 from alignbench.registry import METHODS, get_method
 from alignbench.reward import RewardModelConfig
+from alignbench.seeding import STAGE_SEEDS, get_dotted, stage_seeds_following, with_run_seed
 from alignbench.sft import SFTConfig
 from alignbench.tracking import TrackingConfig
 from alignbench.training import TrainerConfig
@@ -40,8 +41,8 @@ class ModelConfig:
     """A named world model (world-tiny, world-mini, world-small, world-base) or any HF causal LM (hub name or local path)."""
     trust_remote_code: bool = False
     """Allow a hub model's own Python code to run. Off unless you trust the model's authors."""
-    init_seed: int = 0
-    """Seed of a named world model's random initialisation."""
+    init_seed: int | None = None
+    """Seed of a named world model's random initialisation (None: the run's seed)."""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     """Low-rank adapters instead of full fine-tuning (SFT, reward models and every trained method)."""
     gradient_checkpointing: bool = False
@@ -62,8 +63,8 @@ class LabelConfig:
     """Who labels: the simulated human annotator, or the gold reward (noise-free oracle labels)."""
     annotator: AnnotatorConfig = field(default_factory=AnnotatorConfig)
     """The simulated annotators' noise (Bradley–Terry temperature, flips, biases)."""
-    seed: int = 0
-    """Seed of prompt choice, sampling and labelling."""
+    seed: int | None = None
+    """Seed of prompt choice, sampling and labelling, and of the reward models' training (None: the run's seed)."""
 
     def __post_init__(self):
         if self.n_prompts < 10:
@@ -201,6 +202,9 @@ def experiment_from_data(data: dict):
         get_method(config.method)
     if not config.methods or not config.seeds:
         raise ConfigError("an experiment needs at least one entry in 'methods' and in 'seeds'")
+    for key, value in [("seeds", s) for s in config.seeds] + [("seed", config.seed)] + [(k, get_dotted(config, k)) for k in STAGE_SEEDS]:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ConfigError(f"{key}={value!r}: a seed must be an integer >= 0" + (" (or null: the run's seed)" if key in STAGE_SEEDS else ""))
     validate_for_source(config)
     return config
 
@@ -249,6 +253,9 @@ class RunSpec:
     method_class: type
     method_config: Any
     name: str
+    seed_follows: tuple[str, ...] = ()
+    """The stage seeds that took the run's seed (alignbench.seeding.STAGE_SEEDS left at None):
+    the run is a full replicate in those stages. Results pool such runs over their seeds."""
 
     @property
     def method(self) -> str:
@@ -261,14 +268,16 @@ class RunSpec:
 
 def resolve_run(config, method: str | None = None, seed: int | None = None) -> RunSpec:
     """The `RunSpec` of one run of `config` (method and seed default as in `for_run`)."""
+    follows = tuple(stage_seeds_following(config))
     config = for_run(config, method, seed)
     cls = get_method(config.method)
     section = cls.config_class() if config.method in _SHARED_SECTIONS else getattr(config, config.method)
-    return RunSpec(config, cls, section, run_name(config))
+    return RunSpec(config, cls, section, run_name(config), follows)
 
 
 def for_run(config, method: str | None = None, seed: int | None = None):
-    """The config of one run: one method and one seed resolved."""
+    """The config of one run: one method and one seed resolved, and every stage seed left at
+    None set to that seed (alignbench.seeding.with_run_seed: a seed is a full replicate)."""
     method = method or config.method
     if method is None:
         if len(config.methods) != 1:
@@ -276,7 +285,7 @@ def for_run(config, method: str | None = None, seed: int | None = None):
         method = config.methods[0]
     get_method(method)
     seed = seed if seed is not None else (config.seed if config.seed is not None else config.seeds[0])
-    return dataclasses.replace(config, method=method, seed=seed)
+    return with_run_seed(dataclasses.replace(config, method=method), seed)
 
 
 def method_config(config):
@@ -296,14 +305,27 @@ def run_config_dict(config) -> dict[str, Any]:
 
 
 def run_identity(config) -> str:
-    data = run_config_dict(config)
-    for dotted in _NOT_IN_RUN_IDENTITY:
-        *parents, leaf = dotted.split(".")
-        node = data
-        for p in parents:
-            node = node.get(p, {})
-        node.pop(leaf, None)
-    return config_hash(data, length=8)
+    """The hash in a run's name: of its settings that differ from the defaults (the run's method
+    and seed resolved the same way), so that a release adding a field with a default keeps the
+    names of finished runs. A changed default is caught where a finished run is reused: its
+    recorded config must agree with today's (`finished_config_mismatch`)."""
+    config = with_run_seed(config, config.seed)  # (a no-op on a config from for_run)
+    defaults = flatten(run_config_dict(with_run_seed(dataclasses.replace(ExperimentConfig(), method=config.method), config.seed)))
+    differs = {key: value for key, value in flatten(run_config_dict(config)).items()
+               if key not in _NOT_IN_RUN_IDENTITY and key.split(".")[0] not in _NOT_IN_RUN_IDENTITY and defaults.get(key, _MISSING) != value}
+    return config_hash(differs, length=8)
+
+
+_MISSING = object()
+
+
+def finished_config_mismatch(recorded: dict, config) -> list[str]:
+    """The settings a finished run was made with (`recorded`, from its metrics.json) that differ
+    from `config`'s (a default changed since): 'key: recorded -> now' each. Keys one of them lacks
+    (a field added or removed since) are not compared."""
+    now, then = flatten(run_config_dict(config)), flatten({k: v for k, v in recorded.items() if k != "seed_follows"})
+    return [f"{key}: {then[key]!r} -> {now[key]!r}" for key in sorted(set(now) & set(then))
+            if key not in _NOT_IN_RUN_IDENTITY and key.split(".")[0] not in _NOT_IN_RUN_IDENTITY and then[key] != now[key]]
 
 
 def run_name(config) -> str:

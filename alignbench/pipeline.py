@@ -25,6 +25,7 @@ from alignbench.judges import GoldJudge
 from alignbench.log import log  # noqa: F401  (re-exported: `from alignbench.pipeline import log` still works)
 from alignbench.models import AdapterDisabledReference, RewardModel, TextCodec, freeze, load_pretrained_policy, prepare_for_training, weights_dtype
 from alignbench.reward import ProxyReward
+from alignbench.seeding import with_run_seed
 from alignbench.sources import DataSource, make_source
 from alignbench.stage_cache import StageCache, read_jsonl
 from alignbench.stages import ai_labeler, labels, reference_samples, reward_models, sft
@@ -79,11 +80,14 @@ class RunContext:
 
 
 class Pipeline:
-    """Builds (or reuses) the shared stages of one experiment config (validated by alignbench.experiment)."""
+    """Builds (or reuses) the stages of one experiment config at one run seed (validated by
+    alignbench.experiment): the config's `seed`, or the first of its `seeds`. Stage seeds left at
+    None take that seed (alignbench.seeding), so each run seed has stages of its own unless pinned."""
 
     def __init__(self, config, out: Path):
-        self.config, self.out = config, Path(out)
-        self.source = make_source(config)
+        seed = config.seed if config.seed is not None else config.seeds[0]
+        self.config, self.out = with_run_seed(config, seed), Path(out)
+        self.source = make_source(self.config)
         self.world = self.source.world
         self.codec = TextCodec(self.source.tokenizer())
         self.device = self.source.device  # where stages sample and score outside training
@@ -129,8 +133,11 @@ class Pipeline:
         return ProxyReward(self.codec, RewardModel.load(rm_dir / "helpfulness"), RewardModel.load(rm_dir / "safety") if (rm_dir / "safety").exists() else None)
 
     # --- the context of one run ----------------------------------------------------------
-    def context(self, seed: int) -> RunContext:
+    def context(self, seed: int | None = None) -> RunContext:
         c = self.config
+        if seed is not None and seed != c.seed:
+            raise ValueError(f"this pipeline's stages are run seed {c.seed}'s, not seed {seed}'s: build a Pipeline of the config at seed {seed}")
+        seed = c.seed
         sft_dir, _ = self.sft()
         labels_dir, label_summary = self.labels()
         _, rm_summary = self.reward_models()

@@ -45,7 +45,7 @@ from lightning.pytorch.strategies import ParallelStrategy
 
 from alignbench.config import ConfigError
 from alignbench.evaluation import evaluate_at_temperatures
-from alignbench.experiment import RunSpec, resolve_run, run_config_dict
+from alignbench.experiment import RunSpec, finished_config_mismatch, resolve_run, run_config_dict
 from alignbench.log import log
 from alignbench.pipeline import Pipeline, RunContext
 from alignbench.seeding import seeded_generator
@@ -157,15 +157,32 @@ def run_one(
     config, name = spec.config, spec.name
     run_dir = Path(out) / config.name / name
     metrics_path = run_dir / "metrics.json"
-    if metrics_path.exists():
+    if (finished := finished_result(run_dir, config)) is not None:
         log(f"{config.name}/{name} is finished; skipping (delete {metrics_path} to run it again)")
-        return json.loads(metrics_path.read_text())
+        return finished
     primary = is_primary_process()
     with _exclusive(run_dir) if primary else nullcontext():
-        if metrics_path.exists():  # another process finished it while this one waited
+        if (finished := finished_result(run_dir, config)) is not None:  # another process finished it while this one waited
             log(f"{config.name}/{name} was finished by another process; skipping")
-            return json.loads(metrics_path.read_text())
+            return finished
         return _run(spec, run_dir, Path(out), group, pipeline, split, list(observers), primary)
+
+
+def finished_result(run_dir: Path, config) -> dict[str, Any] | None:
+    """The metrics.json of a finished run of `config` in `run_dir`; None where it has not finished.
+    A run's name hashes only its settings that differ from the defaults, so a default changed since
+    the run was made is caught here, from the config it recorded, rather than reused."""
+    path = run_dir / "metrics.json"
+    if not path.exists():
+        return None
+    result = json.loads(path.read_text())
+    changed = finished_config_mismatch(result.get("config", {}), config)
+    if changed:
+        raise ConfigError(
+            f"{path} was made with other values of settings you did not set (their defaults changed since): {'; '.join(changed[:5])}. "
+            f"Delete {run_dir} to run it again with today's defaults, or set those keys to the recorded values to reuse it."
+        )
+    return result
 
 
 @contextmanager
@@ -196,7 +213,7 @@ def _run(spec: RunSpec, run_dir: Path, out: Path, group, pipeline, split: str, o
         else:
             truncate_history(history_path, resume.history)
             log(f"resuming {config.name}/{name} from {resume}")
-    resolved = run_config_dict(config)
+    resolved = {**run_config_dict(config), "seed_follows": list(spec.seed_follows)}  # results pool these runs over seeds
     history = HistoryWriter(history_path)
     wandb_logger = make_wandb_logger(config.tracking, run_dir=run_dir, experiment=config.name, run_name=name, method=config.method, group=group, resolved_config=resolved)
     loggers = [HistoryLogger(history, observers=observers)] + ([wandb_logger] if wandb_logger is not None else [])

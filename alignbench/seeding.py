@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -32,3 +33,39 @@ def preserved_global_random_state() -> Iterator[None]:
         finally:
             random.setstate(python_state)
             np.random.set_state(numpy_state)
+
+
+# --- the run seed and the stages' seeds ---------------------------------------------------------
+# A run seed is a full replicate: each of these stage seeds left at None takes the run's seed, so
+# seed 1 trains its own SFT policy, samples and labels its own responses, trains its own reward
+# models, AI labeler and helpful-only policy. Pinning one (`sft.seed: 0`) shares that stage between
+# the run seeds, so their spread measures what remains (e.g. the method's variance alone). The
+# world (the task, `world.seed`) and the evaluation prompts (`eval.seed`) are fixed by design: every
+# seed is evaluated on the same prompts, which keeps comparisons paired. (SL-CAI's and RL-CAI's own
+# sampling always follows the run seed.)
+STAGE_SEEDS = ("model.init_seed", "sft.seed", "labels.seed", "ai_labeler.seed", "helpful_only.seed", "constitutional.helpful_only.seed")
+
+
+def get_dotted(config: Any, dotted: str) -> Any:
+    """`config.a.b` for 'a.b' (None where a section is missing)."""
+    for part in dotted.split("."):
+        config = getattr(config, part, None)
+    return config
+
+
+def _replace(config: Any, dotted: str, value: Any) -> Any:
+    head, _, rest = dotted.partition(".")
+    return dataclasses.replace(config, **{head: _replace(getattr(config, head), rest, value) if rest else value})
+
+
+def stage_seeds_following(config: Any) -> list[str]:
+    """The stage seeds of `config` that are left to the run seed (None)."""
+    return [key for key in STAGE_SEEDS if hasattr(config, key.split(".")[0]) and get_dotted(config, key) is None]
+
+
+def with_run_seed(config: Any, seed: int) -> Any:
+    """`config` at run seed `seed`, every stage seed left at None set to it."""
+    config = dataclasses.replace(config, seed=seed)
+    for key in stage_seeds_following(config):
+        config = _replace(config, key, seed)
+    return config

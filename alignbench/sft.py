@@ -31,8 +31,9 @@ class SFTConfig:
     """Longest prompt + response in tokens (longer responses are truncated at the end)."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, warmup_ratio=0.05))
     """Optimiser of the SFT stage."""
-    seed: int = 0
-    """Seed of the SFT stage (data order, demonstrations). Shared by every method and run seed."""
+    seed: int | None = None
+    """Seed of the SFT stage (data order, demonstrations). None: the run's seed, so each run seed
+    trains its own SFT policy; pin it (0) to share one SFT policy between run seeds."""
 
     def __post_init__(self):
         for key in ("n_demonstrations", "epochs", "batch_size", "max_length"):

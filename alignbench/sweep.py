@@ -170,16 +170,12 @@ def build_shared_stages(runs: list[SweepRun], out: Path) -> None:
     from alignbench.runner import stage_pipeline
 
     shared = [f.name for f in dataclasses.fields(ExperimentBase) if f.name not in ("methods", "seeds", "method", "seed", "name", "tracking")]
-    pipelines: dict[str, Any] = {}
     done = set()
-    for run in runs:
-        key = config_hash({name: to_dict(getattr(run.config, name)) for name in shared})
-        if (key, run.seed) in done:
-            continue
-        done.add((key, run.seed))
-        if key not in pipelines:
-            pipelines[key] = stage_pipeline(run.config, out)
-        pipelines[key].context(run.seed)
+    for run in runs:  # run.config is resolved: its stage seeds are the run seed's (or pinned)
+        key = (config_hash({name: to_dict(getattr(run.config, name)) for name in shared}), run.seed)
+        if key not in done:
+            done.add(key)
+            stage_pipeline(run.config, out).context()
 
 
 def _run_environment(workers: int, slot: int, distributed: bool = False) -> dict[str, str]:
@@ -218,6 +214,7 @@ def run_sweep(experiment: str, overrides: list[str], out: Path, workers: int = 1
     the status written to OUT/<sweep>/sweep.json ({"runs": [...], "failed": [...]})."""
     from alignbench.experiment import find_experiment
     from alignbench.log import log
+    from alignbench.runner import finished_result
     from alignbench.tracking import write_json_atomic
 
     if workers < 1:
@@ -225,7 +222,7 @@ def run_sweep(experiment: str, overrides: list[str], out: Path, workers: int = 1
     runs, spec = expand(experiment, overrides)
     sweep_name = runs[0].config.name
     folder = out / sweep_name
-    todo = [r for r in runs if not (folder / r.name / "metrics.json").exists()]
+    todo = [r for r in runs if finished_result(folder / r.name, r.config) is None]
     log(f"sweep {sweep_name}: {len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run in {workers} worker process(es)")
     status = {r.name: {"run_name": r.name, "method": r.method, "seed": r.seed, "values": r.values, "attempts": 0, "status": "finished"} for r in runs}
     if todo:

@@ -297,7 +297,7 @@ def pruning_observer(trial, key: str):
 
 def run_trial(trial, tune: Tune, method: str, out: Path, pipeline) -> float:
     """One trial: the method at the trial seed with the sampled settings, on the validation split."""
-    from alignbench.experiment import experiment_from_data, for_run, run_name
+    from alignbench.experiment import experiment_from_data, resolve_run
     from alignbench.runner import run_one
 
     c = tune.spec
@@ -309,8 +309,9 @@ def run_trial(trial, tune: Tune, method: str, out: Path, pipeline) -> float:
     data = apply_overrides(tune.data, {**values, "name": f"{tune.name}_trials", "method": method, "seed": c.trial_seed})
     if not data.get("tracking", {}).get("project"):
         data = apply_overrides(data, {"tracking.project": tune.name})  # every trial of the tune in one W&B project
-    config = for_run(experiment_from_data(data))
-    run_dir = out / config.name / run_name(config)
+    config = experiment_from_data(data)
+    spec = resolve_run(config)
+    run_dir = out / config.name / spec.name
     trial.set_user_attr("run", str(run_dir))
     try:
         result = run_one(config, out, group=tune.study_name(method), pipeline=pipeline, split="val", observers=[pruning_observer(trial, c.objective.key)])
@@ -489,7 +490,7 @@ def main(args) -> None:
     searched = ", ".join(tune.spaces) or "none"
     log(f"tune {tune.name}: {tune.spec.n_trials} trials for each of {searched} on {tune.spec.objective.key} ({tune.spec.objective.direction}); storage {storage_url}")
     if tune.spaces:
-        stage_pipeline(tune.config, out).context(tune.spec.trial_seed)  # shared stages once, before the workers
+        stage_pipeline(dataclasses.replace(tune.config, seed=tune.spec.trial_seed), out).context()  # the trial seed's stages once, before the workers
         run_workers(args.tune, overrides, out, storage_url, args.workers, tune)
     if args.trials_only:
         return

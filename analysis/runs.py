@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from alignbench.analysis.stats import Interval, metric_interval, replicate_interval, two_level_replicates
-from alignbench.config import ConfigError
+from alignbench.config import ConfigError, flatten
 
 
 def find_run_dirs(directory: Path) -> list[Path]:
@@ -36,7 +36,7 @@ def find_run_dirs(directory: Path) -> list[Path]:
 # itself, which run of a sweep it is (the experiment's name is kept apart as `Run.experiment`), how
 # it was tracked, and trainer settings that only say how progress is shown or saved. Every other
 # key, trainer.threads, precision and device included (they change the numbers), tells policies apart.
-_NOT_A_SETTING = ("name", "method", "methods", "seed", "seeds", "tracking")
+_NOT_A_SETTING = ("name", "method", "methods", "seed", "seeds", "seed_follows", "tracking")
 _NOT_A_SETTING_KEYS = ("trainer.progress_bar", "trainer.log_every_n_steps", "trainer.checkpoint_every")
 BASELINES = ("sft", "best_of_n", "best_of_n_gold")
 
@@ -93,20 +93,13 @@ class Run:
         return hashlib.sha256("\n".join(row.get("prompt", "") for row in rows).encode()).hexdigest()[:16]
 
 
-def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
-    """Dotted keys to hashable leaves (lists become tuples)."""
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, dotted + "."))
-        else:
-            flat[dotted] = tuple(value) if isinstance(value, list) else value
-    return flat
-
-
 def _settings(config: dict) -> dict[str, Any]:
-    return {k: v for k, v in flatten(config).items() if k.split(".")[0] not in _NOT_A_SETTING and k not in _NOT_A_SETTING_KEYS}
+    # A stage seed that followed the run seed (`seed_follows`, written by the runner) is the seed,
+    # not a setting: seed 1 with its own SFT policy is a replicate of seed 0 with its own. A
+    # pinned stage seed (`sft.seed: 0` at every run seed) is a setting like any other.
+    follows = set(config.get("seed_follows") or ())
+    return {k: "run seed" if k in follows else v for k, v in flatten(config).items()
+            if k.split(".")[0] not in _NOT_A_SETTING and k not in _NOT_A_SETTING_KEYS}
 
 
 def _read_jsonl(path: Path) -> list[dict]:

@@ -108,7 +108,7 @@ def world_keys():
             "sft": sft.key(p), "labels": labels.key(p), "reward_models": reward_models.key(p), "reference_samples": reference_samples.key(p, config.seed or 0),
             "ai_labeler": ai_labeler.key(p), "ai_labels": ai_labels.key(p, config.rlaif.n_labels),
             "pair_reward_model": pair_reward_model.key(p, "ai", config.rlaif.n_labels), "human_reward_model": pair_reward_model.key(p, "human", config.rlaif.n_labels),
-            "helpful_only": helpful_only.key(p, config.helpful_only), "sl_cai": sl_cai.key(p, c, config.seed or 0),
+            "helpful_only": helpful_only.key(p, p.config.helpful_only), "sl_cai": sl_cai.key(p, c, config.seed or 0),
             "cai_preference_model": cai_preference_model.key(p, c, Path("sl_cai-x"), config.seed or 0),
         }
 
@@ -177,8 +177,8 @@ def test_the_quickstart_keys_of_unchanged_stages_are_the_keys_before_the_split()
     p = Pipeline(config, Path("/nonexistent"))
     keys = {
         "sft": sft.key(p), "labels": labels.key(p), "reward_models": reward_models.key(p), "reference_samples": reference_samples.key(p, 0),
-        "ai_labeler": ai_labeler.key(p), "ai_labels": ai_labels.key(p, 4000), "helpful_only": helpful_only.key(p, config.helpful_only),
-        "sl_cai": sl_cai.key(p, config.constitutional, 0),
+        "ai_labeler": ai_labeler.key(p), "ai_labels": ai_labels.key(p, 4000), "helpful_only": helpful_only.key(p, p.config.helpful_only),
+        "sl_cai": sl_cai.key(p, p.config.constitutional, 0),
     }
     hashes = {name: config_hash(versioned_key(key, version(name))) for name, key in keys.items()}
     assert hashes == {

@@ -35,7 +35,8 @@ class HelpfulOnlyConfig:
     max_length: int = 64
     """Critique and revision requests are long (about 50 tokens)."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_ratio=0.05))
-    seed: int = 0
+    seed: int | None = None
+    """Seed of the helpful-only policy's data and training (None: the run's seed)."""
 
     def __post_init__(self):
         for key in ("n_demonstrations", "epochs", "batch_size", "max_length"):
@@ -60,7 +61,10 @@ def key(p: "Pipeline", c: HelpfulOnlyConfig) -> dict:
 
 
 def helpful_only(p: "Pipeline", c: HelpfulOnlyConfig) -> tuple[Path, dict]:
-    """The cached helpful-only policy (`OUT/cache/helpful_only-<hash>/policy`)."""
+    """The cached helpful-only policy (`OUT/cache/helpful_only-<hash>/policy`). A seed left at
+    None is the pipeline's run seed."""
+    if c.seed is None:
+        c = dataclasses.replace(c, seed=p.config.seed)
     return p.stage("helpful_only", key(p, c), lambda tmp: build(p, tmp, c), version("helpful_only"))
 
 

@@ -28,13 +28,13 @@ BUILD: dict[str, Build] = {
     # 2: the safety RM's Platt calibration no longer diverges (`fit_calibration`).
     "reward_models": Build(2, ("stages/reward_models.py", *SHARED), "d70444007cd964d2"),
     "reference_samples": Build(1, ("stages/reference_samples.py", *SHARED), "5cf0e337a1d6d7f8"),
-    "ai_labeler": Build(1, ("stages/ai_labeler.py", "ai_feedback.py", *SHARED), "3c264c51a193ce8b"),
+    "ai_labeler": Build(1, ("stages/ai_labeler.py", "ai_feedback.py", *SHARED), "1f2eb37bea3758cd"),
     "ai_labels": Build(1, ("stages/ai_labels.py", "stages/ai_labeler.py", *SHARED), "32a4900115c9c92f"),
     # 2: trained by the one `train_reward_model`, which honours reward_model.architecture and LoRA
     # (version 1 always built the backbone + head, without adapters).
     "pair_reward_model": Build(2, ("stages/pair_reward_model.py", *SHARED), "0834bd9ffbf96065"),
-    "helpful_only": Build(1, ("stages/helpful_only.py", *SHARED), "149c13438161d9b9"),
-    "sl_cai": Build(1, ("stages/sl_cai.py", "stages/helpful_only.py", *SHARED), "d70481fb14b63da5"),
+    "helpful_only": Build(1, ("stages/helpful_only.py", *SHARED), "30930d5efdc83e00"),
+    "sl_cai": Build(1, ("stages/sl_cai.py", "stages/helpful_only.py", *SHARED), "02985316489a473d"),
     # 2: as pair_reward_model.
     "cai_preference_model": Build(2, ("stages/cai_preference_model.py", "stages/pair_reward_model.py", *SHARED), "df98cda1d82643eb"),
 }
