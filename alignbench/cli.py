@@ -92,10 +92,20 @@ def cmd_quickstart(args) -> None:
 
     started = time.perf_counter()
     config = load_experiment(args.experiment, args.overrides)
-    for seed in config.seeds:
-        pipeline = stage_pipeline(dataclasses.replace(config, seed=seed), Path(args.out))  # this seed's stages, shared by its methods
-        for method in config.methods:
-            run_one(config, Path(args.out), method=method, seed=seed, pipeline=pipeline)
+    workers = args.workers or len(config.seeds)
+    if workers < 1:
+        raise ConfigError(f"--workers={workers} must be >= 1")
+    if workers > 1 and len(config.seeds) > 1 and not config.trainer.distributed:
+        from alignbench.sweep import run_seeds_in_processes
+
+        run_seeds_in_processes(args.experiment, list(args.overrides), Path(args.out), Path(args.out) / config.name, list(config.seeds), min(workers, len(config.seeds)))
+    else:
+        for seed in config.seeds:
+            pipeline = stage_pipeline(dataclasses.replace(config, seed=seed), Path(args.out))  # this seed's stages, shared by its methods
+            for method in config.methods:
+                run_one(config, Path(args.out), method=method, seed=seed, pipeline=pipeline)
+    if args.runs_only:  # one seed of a parallel quickstart: the parent writes the table and figures
+        return
     print()
     _print_results(Path(args.out) / config.name, "md")
     from alignbench.analysis.plot import plot_directory
@@ -133,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("quickstart", cmd_quickstart, "world -> SFT -> reward models -> every method and baseline -> evaluation -> table")
     p.add_argument("--experiment", default="quickstart", help=argparse.SUPPRESS)
+    p.add_argument("--workers", type=int, default=None,
+                   help="seeds at once, each in its own process with its own stages (default: all of them; 1: one after the other)")
+    p.add_argument("--runs-only", action="store_true", help=argparse.SUPPRESS)  # set for each seed's process
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     p = add("run", cmd_run, "one run: one method, one seed (dotted key=value or --key=value overrides)")
     p.add_argument("experiment", help="a shipped experiment name (quickstart) or a YAML path")

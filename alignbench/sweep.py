@@ -272,6 +272,44 @@ def run_sweep(experiment: str, overrides: list[str], out: Path, workers: int = 1
     return runs, result
 
 
+def run_seeds_in_processes(experiment: str, overrides: list[str], out: Path, folder: Path, seeds: list[int], workers: int) -> None:
+    """The seeds of a quickstart at once: each seed's stages and runs in a process of its own
+    (`alignbench quickstart ... seeds=[S]`), with one torch thread each where processes x threads
+    would exceed the cores, and its log in FOLDER/logs/seed<S>.log. Every seed is a full replicate
+    with stages of its own, so the processes share nothing but the cores. Raises ConfigError
+    naming the seeds that failed (after the others finish; rerunning resumes them)."""
+    from alignbench.log import log
+
+    (folder / "logs").mkdir(parents=True, exist_ok=True)
+    pending, running, free, failed = deque(seeds), {}, list(range(workers)), []
+    started = time.perf_counter()
+    try:
+        while pending or running:
+            while pending and free:
+                seed, slot = pending.popleft(), free.pop(0)
+                log_path = folder / "logs" / f"seed{seed}.log"
+                command = [sys.executable, "-m", "alignbench", "quickstart", "--experiment", experiment, *overrides, f"seeds=[{seed}]", "--out", str(out), "--runs-only"]
+                with open(log_path, "a") as handle:
+                    process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=_run_environment(workers, slot))
+                running[process] = (seed, slot, log_path)
+                log(f"seed {seed}: started (log: {log_path})")
+            time.sleep(0.5)
+            for process in [p for p in running if p.poll() is not None]:
+                seed, slot, log_path = running.pop(process)
+                free.append(slot)
+                if process.returncode == 0:
+                    log(f"seed {seed}: finished at {time.perf_counter() - started:.0f}s")
+                else:
+                    failed.append(seed)
+                    log(f"seed {seed} failed (exit {process.returncode}). Its log ends:\n{_tail(log_path)}")
+    except BaseException:  # KeyboardInterrupt included: no seed outlives the quickstart
+        for process in running:
+            process.kill()
+        raise
+    if failed:
+        raise ConfigError(f"seed(s) {', '.join(map(str, failed))} failed; their logs are in {folder / 'logs'}. Run the same command again to resume them")
+
+
 def summary(runs: list[SweepRun], folder: Path) -> str:
     """The sweep's finished runs: one column per method and swept setting, averaged over seeds."""
     from alignbench.analysis.tables import format_table, results_frame, summary_table
