@@ -72,6 +72,7 @@ import torch
 
 from alignbench.evaluation import PolicyResponses, sample_policy
 from alignbench.methods.base import AlignmentMethod
+from alignbench.stages import candidates as candidates_stage
 
 
 def _atom_kl(a: float, b: float, n: int) -> float:
@@ -177,8 +178,12 @@ class BestOfN(AlignmentMethod):
 
     def respond(self, prompts, generator: torch.Generator, desc=False) -> PolicyResponses:
         n, ctx = self.config.n, self.context
-        # self.policy is the SFT policy: the candidates come from the reference at the evaluation's settings.
-        candidates = sample_policy(self.policy, None, ctx.codec, prompts, ctx.eval_config, generator, desc=desc, num_samples=n)
+        # self.policy is the SFT policy: the candidates come from the reference at the evaluation's
+        # settings, drawn once per stream and shared with the other best-of-n methods (the candidates stage).
+        if getattr(ctx, "stages", None) is not None:
+            candidates = candidates_stage.candidates(ctx.stages, self.policy, prompts, ctx.eval_config, n, generator, desc=desc)
+        else:
+            candidates = sample_policy(self.policy, None, ctx.codec, prompts, ctx.eval_config, generator, desc=desc, num_samples=n)
         self.budget.policy_samples += len(candidates.texts)
         scores = np.asarray(self.select_scores([p for p in prompts for _ in range(n)], candidates.texts)).reshape(len(prompts), n)  # score_texts scores repeats once
         chosen = np.arange(len(prompts)) * n + scores.argmax(axis=1)  # the first of the best where they tie

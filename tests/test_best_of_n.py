@@ -17,6 +17,7 @@ import torch
 from alignbench.evaluation import EvalConfig, best_of_n_kl, sample_policy
 from alignbench.generation import sample
 from alignbench.methods.best_of_n import (
+    BestOfN,
     BestOfNConfig,
     BestOfNGold,
     best_of_n_kl_estimate,
@@ -165,3 +166,25 @@ def test_best_of_n_responds_with_the_first_best_candidate_and_reports_its_kl(wor
         expected = best_of_n_kl_estimate([tuple(y) for y in candidates.response_ids[block]], candidates.sampling_logprobs[block], lengths)
         assert responses.kl[i] == pytest.approx(expected, abs=1e-12)
     assert len(responses.kl) == len(prompts) and np.mean(responses.kl) < best_of_n_kl(4)
+
+
+def test_best_of_n_and_best_of_n_gold_share_candidates_that_equal_separate_sampling(tmp_path, tiny_overrides):
+    """The candidates stage: drawn once per stream and reused; the same draws as sampling anew."""
+    from alignbench.experiment import for_run, load_experiment, method_config
+    from alignbench.pipeline import Pipeline
+    from alignbench.seeding import seeded_generator
+
+    config = for_run(load_experiment("quickstart", [*tiny_overrides, "best_of_n.n=4", "best_of_n_gold.n=4"]), "best_of_n", 0)
+    context = Pipeline(config, tmp_path).context()
+    prompts = context.evaluator.prompts["test"][:24]
+    shared = BestOfN(method_config(config), context).respond(prompts, seeded_generator(0, "policy", "test"))
+    assert len(list((tmp_path / "cache").glob("candidates-*"))) == 1
+    gold = BestOfNGold(method_config(config), context)
+    gold.respond(prompts, seeded_generator(0, "policy", "test"))
+    assert len(list((tmp_path / "cache").glob("candidates-*"))) == 1  # the gold chooser read the same candidates
+    gold.respond(prompts, seeded_generator(1, "policy", "test"))
+    assert len(list((tmp_path / "cache").glob("candidates-*"))) == 2  # another stream, other candidates
+    context.stages = None  # sample directly, as without a pipeline
+    fresh = BestOfN(method_config(config), context).respond(prompts, seeded_generator(0, "policy", "test"))
+    assert shared.response_ids == fresh.response_ids and shared.texts == fresh.texts
+    np.testing.assert_array_equal(shared.kl, fresh.kl)

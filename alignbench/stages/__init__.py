@@ -4,6 +4,7 @@
     labels               preference labels (the world's annotators, or a dataset's pairs)
     reward_models        helpfulness (+ safety) reward models, calibrated, with held-out accuracy
     reference_samples    the SFT policy's evaluation samples (one per seed)
+    candidates           n SFT samples per prompt from one random stream (best-of-n's, shared)
     ai_labeler           the fine-tuned world AI labeler, and the AI judge built on it
     ai_labels            the AI labeler's soft labels on the shared pairs
     pair_reward_model    one reward model on the first n shared pairs, AI- or human-labelled

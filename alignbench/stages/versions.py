@@ -28,6 +28,7 @@ BUILD: dict[str, Build] = {
     # 2: the safety RM's Platt calibration no longer diverges (`fit_calibration`).
     "reward_models": Build(2, ("stages/reward_models.py", *SHARED), "d70444007cd964d2"),
     "reference_samples": Build(1, ("stages/reference_samples.py", *SHARED), "5cf0e337a1d6d7f8"),
+    "candidates": Build(1, ("stages/candidates.py", *SHARED), "f11236cf83261faa"),
     "ai_labeler": Build(1, ("stages/ai_labeler.py", "ai_feedback.py", *SHARED), "1f2eb37bea3758cd"),
     "ai_labels": Build(1, ("stages/ai_labels.py", "stages/ai_labeler.py", *SHARED), "32a4900115c9c92f"),
     # 2: trained by the one `train_reward_model`, which honours reward_model.architecture and LoRA
