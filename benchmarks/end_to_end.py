@@ -1,34 +1,36 @@
-"""End to end: wall time of `alignbench quickstart`, per shared stage and per method, and peak memory.
+"""End to end: wall time of `alignbench quickstart` as a newcomer runs it (three seeds, each in its
+own process with its own stages), its peak memory (RSS of all its processes together, sampled
+every 0.5 s), and the time of every stage build and every method run.
 
-Runs exactly what `alignbench quickstart` runs (one `Pipeline`, then `run_one` for every method and
-seed), in this process, into a fresh output directory (so every shared stage is built, not reused),
-timing each shared stage as it is built and each method's run (training, evaluation on the test
-prompts, writing results). Peak memory is this process's peak resident set size after each row.
+The quickstart runs as a subprocess, exactly `alignbench quickstart --out DIR [key=value ...]`,
+into a fresh output directory (so every stage is built, not reused), figures included. Stage
+times are the builds' own (`stage.json`), method times their runs' `budget/wall_s` (training,
+evaluation and writing results; stages excluded). The seeds run at once, so parts overlap and
+their sum exceeds the wall time.
 
-The goal it checks: every method and both baselines in at most 10 minutes on 2 CPU cores, with the
-evaluation at DESIGN.md's defaults (2,048 test prompts at temperature 1). Extra `key=value`
-arguments override the experiment as on the command line; `--quick` is a smoke-test size (tiny
-model, small stages and evaluation) whose times mean nothing.
+The goal it checks: 3 seeds x 13 policies in at most 10 minutes on 2 CPU cores with peak RSS at
+most 2.5 GB, the evaluation at DESIGN.md's defaults (2,048 test prompts at temperature 1).
+`--quick` is a smoke-test size (tiny model, small stages and evaluation) whose times mean nothing.
 
-    python -m benchmarks.end_to_end [--quick] [--out DIR] [--methods dpo,ppo] [key=value ...]
+    python -m benchmarks.end_to_end [--quick] [--out DIR] [--workers N] [key=value ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import io
+import json
+import os
+import statistics
+import subprocess
+import sys
 import tempfile
+import threading
 import time
+from collections import defaultdict
 from pathlib import Path
 
-from benchmarks.common import (
-    add_common_arguments,
-    machine_line,
-    peak_rss_mib,
-    print_table,
-    setup,
-)
+from benchmarks.common import add_common_arguments, machine_line, print_table, setup
 
 GOAL_SECONDS = 600
 
@@ -42,62 +44,90 @@ QUICK_OVERRIDES = [
 ]
 
 
+GOAL_RSS_GIB = 2.5
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_arguments(parser)
     parser.add_argument("--out", default=None, help="output directory (default: a fresh temporary one; an existing one reuses its cached stages)")
-    parser.add_argument("--methods", default=None, help="comma-separated methods (default: the quickstart's)")
-    parser.add_argument("--show-logs", action="store_true", help="show alignbench's own output")
+    parser.add_argument("--workers", type=int, default=None, help="seeds at once (default: the quickstart's own choice, all of them)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the quickstart experiment")
     args = parser.parse_args(argv)
     setup(args)
     overrides = (QUICK_OVERRIDES if args.quick else []) + ["trainer.progress_bar=false"] + list(args.overrides)
     if args.model != "world-small":
         overrides.append(f"model.name={args.model}")
-
-    from alignbench.experiment import load_experiment
-
-    config = load_experiment("quickstart", overrides)
-    methods = args.methods.split(",") if args.methods else list(config.methods)
+    command = [sys.executable, "-m", "alignbench", "quickstart", *overrides] + (["--workers", str(args.workers)] if args.workers else [])
     with contextlib.ExitStack() as stack:
         out = Path(args.out) if args.out else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="alignbench-e2e-")))
-        rows, total = run(config, methods, out, quiet=not args.show_logs)
-    print(f"## End to end: alignbench quickstart ({len(methods)} methods x {len(config.seeds)} seed(s)), "
-          f"eval on {config.eval.n_test_prompts} test prompts at temperature {config.eval.temperature}"
-          f"{' (--quick: smoke-test size)' if args.quick else ''}")
+        seconds, peak_gib = run_measured(command + ["--out", str(out)], out / "quickstart.log")
+        stage_rows, method_rows, seeds = parts(out)
+    print(f"## End to end: `alignbench quickstart` ({len(method_rows)} policies x {len(seeds)} seed(s)){' (--quick: smoke-test size)' if args.quick else ''}")
     print(machine_line())
     print()
-    print_table(["part", "seconds", "share", "peak RSS MiB"], [[name, s, s / total, rss] for name, s, rss in rows] + [["total", total, 1.0, peak_rss_mib()]])
-    verdict = "met" if total <= GOAL_SECONDS else "NOT met"
-    print(f"\ngoal: whole quickstart <= {GOAL_SECONDS} s on 2 CPU cores -> {total:.0f} s, {verdict} (on this machine and load)")
+    print_table(["part", "runs", "mean s", "sum s"], stage_rows + method_rows)
+    print()
+    print_table(["whole quickstart", "value", "goal", "verdict"], [
+        ["wall seconds (figures included)", seconds, float(GOAL_SECONDS), "met" if seconds <= GOAL_SECONDS else "NOT met"],
+        ["peak RSS GiB (all processes)", peak_gib, GOAL_RSS_GIB, "met" if peak_gib <= GOAL_RSS_GIB else "NOT met"],
+    ])
 
 
-def run(config, methods: list[str], out: Path, quiet: bool) -> tuple[list[tuple[str, float, float]], float]:
-    """Time the shared stages, then every method; returns ([(part, seconds, peak RSS)], total seconds)."""
-    from alignbench.pipeline import Pipeline
-    from alignbench.runner import run_one
-
-    rows: list[tuple[str, float, float]] = []
+def run_measured(command: list[str], log_path: Path) -> tuple[float, float]:
+    """Run `command`, its output to `log_path`; returns (wall seconds, peak RSS in GiB of its process tree)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+        peak, done = [0], threading.Event()
 
-    def timed(name: str, work) -> None:
-        begin = time.perf_counter()
-        with contextlib.ExitStack() as hush:
-            if quiet:  # alignbench's log lines and progress bars; errors still raise
-                hush.enter_context(contextlib.redirect_stdout(io.StringIO()))
-                hush.enter_context(contextlib.redirect_stderr(io.StringIO()))
-            work()
-        rows.append((name, time.perf_counter() - begin, peak_rss_mib()))
+        def sample() -> None:
+            while not done.is_set():
+                peak[0] = max(peak[0], sum(_rss_bytes(pid) for pid in _tree(process.pid)))
+                done.wait(0.5)
 
-    pipeline = Pipeline(config, out)
-    timed("stage: sft", pipeline.sft)
-    timed("stage: labels", pipeline.labels)
-    timed("stage: reward models", pipeline.reward_models)
-    for seed in config.seeds:
-        timed(f"stage: reference samples (seed {seed})", lambda seed=seed: pipeline.reference_samples(seed))
-        for method in methods:
-            timed(f"method: {method} (seed {seed})", lambda method=method, seed=seed: run_one(config, out, method=method, seed=seed, pipeline=pipeline))
-    return rows, time.perf_counter() - started
+        watcher = threading.Thread(target=sample, daemon=True)
+        watcher.start()
+        code = process.wait()
+        done.set()
+        watcher.join()
+    if code != 0:
+        raise SystemExit(f"the quickstart failed (exit {code}); its log: {log_path}")
+    return time.perf_counter() - started, peak[0] / 2**30
+
+
+def _tree(pid: int) -> list[int]:
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return [pid]
+    return [pid] + [p for child in children for p in _tree(int(child))]
+
+
+def _rss_bytes(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def parts(out: Path) -> tuple[list[list[object]], list[list[object]], set[int]]:
+    """Per stage kind: builds and their seconds (stage.json); per method: runs and budget/wall_s."""
+    stages: dict[str, list[float]] = defaultdict(list)
+    for summary in sorted((out / "cache").glob("*/stage.json")):
+        stages[summary.parent.name.rsplit("-", 1)[0]].append(float(json.loads(summary.read_text()).get("seconds", 0.0)))
+    methods: dict[str, list[float]] = defaultdict(list)
+    seeds: set[int] = set()
+    for path in sorted((out / "quickstart").glob("*/metrics.json")):
+        result = json.loads(path.read_text())
+        methods[result["method"]].append(float(result["metrics"].get("budget/wall_s", float("nan"))))
+        seeds.add(int(result["seed"]))
+    row = lambda name, times: [name, len(times), statistics.fmean(times), sum(times)]
+    return [row(f"stage: {k}", v) for k, v in stages.items()], [row(f"method: {k}", v) for k, v in methods.items()], seeds
 
 
 if __name__ == "__main__":

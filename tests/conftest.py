@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 TINY_OVERRIDES = [
+    "seeds=[0]",  # the quickstart's three seeds run in processes of their own: tests/test_seeds.py runs two
     "model.name=world-tiny",
     "sft.n_demonstrations=600", "sft.epochs=1", "sft.batch_size=32",
     "labels.n_prompts=60", "labels.responses_per_prompt=3",

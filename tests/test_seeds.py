@@ -101,3 +101,19 @@ def test_results_pool_full_replicates_over_seeds_and_keep_a_pinned_stage_apart(t
                                                               "config": config, "metrics": {"eval/win_rate": 0.5 + seed / 10}}))
     groups = group_runs(load_local_runs(tmp_path))
     assert sorted((g.label, tuple(g.seeds)) for g in groups) == [("dpo (sft.seed=0)", (0, 1, 2)), ("dpo (sft.seed=run seed)", (0, 1, 2))]
+
+
+def test_a_two_seed_quickstart_runs_each_seed_in_its_own_process_with_its_own_stages(tmp_path, tiny_overrides):
+    from alignbench.cli import main
+
+    out = tmp_path / "runs"
+    assert main(["quickstart", "--out", str(out), *tiny_overrides, "seeds=[0,1]", "methods=[sft,dpo]"]) == 0
+    logs = sorted(p.name for p in (out / "quickstart" / "logs").iterdir())
+    assert logs == ["seed0.log", "seed1.log"]
+    assert len(list((out / "cache").glob("sft-*"))) == 2 and len(list((out / "cache").glob("reward_models-*"))) == 2
+    results = [json.loads(p.read_text()) for p in sorted((out / "quickstart").glob("*/metrics.json"))]
+    assert sorted((r["method"], r["seed"]) for r in results) == [("dpo", 0), ("dpo", 1), ("sft", 0), ("sft", 1)]
+    for r in results:
+        assert r["config"]["sft"]["seed"] == r["seed"] and "sft.seed" in r["config"]["seed_follows"]
+    table = (out / "quickstart" / "figures" / "results.csv").read_text().splitlines()
+    assert table[0].startswith("policy,experiment,method,seeds,") and all(",2," in row for row in table[1:])  # one row per policy, two seeds each
