@@ -45,7 +45,7 @@ from lightning.pytorch.strategies import ParallelStrategy
 
 from alignbench.config import ConfigError
 from alignbench.evaluation import evaluate_at_temperatures
-from alignbench.experiment import RunSpec, finished_config_mismatch, resolve_run, run_config_dict
+from alignbench.experiment import RunSpec, finished_config_mismatch, output_folder, resolve_run, run_config_dict
 from alignbench.log import log
 from alignbench.pipeline import Pipeline, RunContext
 from alignbench.seeding import seeded_generator
@@ -155,7 +155,7 @@ def run_one(
     follow_parent_process()
     spec = resolve_run(config, method, seed)
     config, name = spec.config, spec.name
-    run_dir = Path(out) / config.name / name
+    run_dir = output_folder(out, config.name, name)
     metrics_path = run_dir / "metrics.json"
     if (finished := finished_result(run_dir, config)) is not None:
         log(f"{config.name}/{name} is finished; skipping (delete {metrics_path} to run it again)")
