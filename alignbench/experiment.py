@@ -71,6 +71,8 @@ class LabelConfig:
             raise ValueError(f"labels.n_prompts={self.n_prompts} must be >= 10")
         if not 2 <= self.responses_per_prompt <= 9:
             raise ValueError(f"labels.responses_per_prompt={self.responses_per_prompt} must be in 2..9")
+        if not self.temperature > 0:  # at 0 (greedy) the K responses of a prompt are one response: nothing to compare
+            raise ValueError(f"labels.temperature={self.temperature} must be > 0")
 
 
 @dataclass

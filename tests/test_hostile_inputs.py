@@ -86,3 +86,57 @@ def test_an_empty_experiment_file_is_refused_naming_it(world, capsys):
     rc, err = run_cli(["run", str(experiment), "--out", str(world / "work" / "out")], capsys)
     assert rc == 2 and f"{experiment} is empty" in err
     assert snapshot(world) == before
+
+
+def _sampling_and_learning_rate_keys() -> list[tuple[str, list]]:
+    """Every temperature, learning rate and top_p of the experiment config, with values it must refuse."""
+    from alignbench.config import describe
+    from alignbench.experiment import ExperimentConfig
+
+    cases = []
+    for key, type_name, _, _ in describe(ExperimentConfig):
+        leaf = key.split(".")[-1]
+        if leaf.endswith("temperatures"):
+            cases.append((key, [[-0.5], [float("nan")], [float("inf")]]))
+        elif leaf.endswith("temperature") and type_name == "float":
+            cases.append((key, [-0.5, float("nan"), float("inf")]))
+        elif leaf == "lr" or leaf.endswith("_lr"):
+            cases.append((key, [0.0, -1e-4, float("nan"), float("inf")]))
+        elif leaf == "top_p":
+            cases.append((key, [0.0, 1.5, float("nan")]))
+    return cases
+
+
+def test_every_temperature_learning_rate_and_top_p_is_checked_naming_its_key():
+    from alignbench.config import ConfigError, apply_overrides
+    from alignbench.experiment import experiment_from_data
+
+    cases = _sampling_and_learning_rate_keys()
+    keys = {key for key, _ in cases}
+    assert {"eval.temperature", "eval.temperatures", "labels.temperature", "eval.top_p", "sft.optim.lr", "ppo.value_lr", "dpo.optim.lr"} <= keys
+    accepted = []
+    for key, values in cases:
+        for value in values:
+            try:
+                experiment_from_data(apply_overrides({"name": "x"}, {key: value}))
+            except ConfigError as err:
+                leaf = key.split(".")[-1]
+                assert leaf in str(err), (key, value, str(err))
+            else:
+                accepted.append((key, value))
+    assert accepted == []
+
+
+@pytest.mark.parametrize("override, message", [
+    ("eval.temperature=.nan", "config key 'eval.temperature' must be a finite number"),
+    ("labels.temperature=-1", "labels.temperature=-1.0 must be > 0"),
+    ("dpo.optim.lr=.inf", "config key 'dpo.optim.lr' must be a finite number"),
+    ("dpo.optim.lr=0", "lr=0.0 must be a positive number"),
+    ("eval.top_p=0", "eval.top_p=0.0 must be in (0, 1]"),
+    ("seed=-1", "seed=-1: a seed must be an integer >= 0"),
+])
+def test_a_bad_value_on_the_command_line_exits_2_naming_it(world, override, message, capsys):
+    before = snapshot(world)
+    rc, err = run_cli(["run", "quickstart", "method=dpo", override, "--out", str(world / "work" / "out")], capsys)
+    assert rc == 2 and message in err
+    assert snapshot(world) == before
