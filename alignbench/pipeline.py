@@ -20,7 +20,7 @@ import torch
 from datasets import Dataset
 
 from alignbench.data import preference_rows
-from alignbench.environment import environment
+from alignbench.records import environment
 from alignbench.evaluation import EvalConfig, Evaluator, PolicyResponses
 from alignbench.judges import GoldJudge
 from alignbench.log import log  # noqa: F401  (re-exported: `from alignbench.pipeline import log` still works)

@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Callable
 
 from alignbench.config import config_hash
-from alignbench.environment import checksum_problems, environment, folder_checksums
-from alignbench.log import log
+from alignbench.records import checksum_problems, environment, folder_checksums
+from alignbench.log import log, warn
 from alignbench.seeding import preserved_global_random_state
 
 SUMMARY = "stage.json"
@@ -116,7 +116,7 @@ def verified_summary(directory: Path) -> dict | None:
         if not isinstance(summary, dict):
             raise ValueError(f"holds {type(summary).__name__}, not a mapping")
     except (OSError, UnicodeDecodeError, ValueError) as err:
-        log(f"warning: {path} cannot be read ({err}); rebuilding the stage")
+        warn(f"{path} cannot be read ({err}); rebuilding the stage")
         return None
     stat = path.stat()
     if _VERIFIED.get(directory) == (stat.st_size, stat.st_mtime_ns):
@@ -130,7 +130,7 @@ def verified_summary(directory: Path) -> dict | None:
     else:
         problems = checksum_problems(directory, recorded)
         if problems:
-            log(f"warning: cached stage {directory} is damaged: {'; '.join(problems)}. It is rebuilt, not used")
+            warn(f"cached stage {directory} is damaged: {'; '.join(problems)}. It is rebuilt, not used")
             return None
     stat = path.stat()
     _VERIFIED[directory] = (stat.st_size, stat.st_mtime_ns)

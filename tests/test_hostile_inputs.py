@@ -140,3 +140,153 @@ def test_a_bad_value_on_the_command_line_exits_2_naming_it(world, override, mess
     rc, err = run_cli(["run", "quickstart", "method=dpo", override, "--out", str(world / "work" / "out")], capsys)
     assert rc == 2 and message in err
     assert snapshot(world) == before
+
+
+# --- damaged files of a finished experiment ----------------------------------------------
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny experiment file, its output folder and one finished `sft` run (stages built once)."""
+    import yaml
+
+    from tests.conftest import TINY_OVERRIDES
+
+    folder = tmp_path_factory.mktemp("hostile")
+    data: dict = {}
+    for override in TINY_OVERRIDES + ["tracking.wandb=disabled"]:
+        key, value = override.split("=", 1)
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump({"name": "tiny", "methods": ["sft"], **data}))
+    out = folder / "runs"
+    assert main(["run", str(path), "method=sft", "--out", str(out)]) == 0
+    return path, out
+
+
+def _run_dir(out: Path, method: str = "sft") -> Path:
+    (found,) = (out / "tiny").glob(f"{method}-seed0-*")
+    return found
+
+
+def test_a_finished_run_records_its_environment_and_the_checksums_of_its_files(tiny):
+    import json
+
+    import torch
+
+    _, out = tiny
+    run_dir = _run_dir(out)
+    result = json.loads((run_dir / "metrics.json").read_text())
+    assert result["environment"] == {"threads": torch.get_num_threads(), "device": "cpu", "torch": torch.__version__, "accelerator": "cpu"}
+    assert result["sha256"] == {name: hashlib.sha256((run_dir / name).read_bytes()).hexdigest() for name in ("samples.jsonl", "history.jsonl")}
+    (stage,) = (out / "cache").glob("sft-*")
+    assert json.loads((stage / "stage.json").read_text())["environment"]["threads"] == torch.get_num_threads()
+
+
+def test_a_sweep_worker_records_the_thread_count_the_sweep_gave_it(tiny, tmp_path, monkeypatch):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from alignbench.sweep import _run_environment
+
+    path, out = tiny
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    env = _run_environment(workers=os.cpu_count() or 1, slot=0)
+    assert env["OMP_NUM_THREADS"] == "1"
+    copy = tmp_path / "runs"
+    import shutil
+
+    shutil.copytree(out / "cache", copy / "cache")
+    command = [sys.executable, "-m", "alignbench", "run", str(path), "method=sft", "--out", str(copy)]
+    assert subprocess.run(command, env=env, capture_output=True).returncode == 0
+    result = json.loads((_run_dir(copy) / "metrics.json").read_text())
+    assert result["environment"]["threads"] == 1
+
+
+def test_results_and_plot_skip_a_truncated_metrics_json_naming_it(tiny, tmp_path, capsys):
+    import shutil
+
+    _, out = tiny
+    folder = tmp_path / "tiny"
+    shutil.copytree(_run_dir(out), folder / "sft-seed0-good")
+    shutil.copytree(_run_dir(out), folder / "sft-seed0-bad")
+    bad = folder / "sft-seed0-bad" / "metrics.json"
+    bad.write_bytes(bad.read_bytes()[:100])
+    before = snapshot(tmp_path)
+    rc = main(["results", str(folder), "--format", "csv"])
+    captured = capsys.readouterr()
+    assert rc == 0 and f"{bad} cannot be read" in captured.err and "left out" in captured.err
+    assert captured.out.startswith("policy") and "warning" not in captured.out
+    assert snapshot(tmp_path) == before
+
+    from alignbench.analysis.runs import load_local_runs
+
+    assert [r.name for r in load_local_runs(folder)] == [_run_dir(out).name]
+
+
+def test_a_samples_file_that_differs_from_its_checksum_is_not_used(tiny, tmp_path, capsys):
+    import shutil
+
+    from alignbench.analysis.runs import load_local_runs
+
+    _, out = tiny
+    folder = tmp_path / "tiny"
+    shutil.copytree(_run_dir(out), folder / "sft-seed0-x")
+    samples = folder / "sft-seed0-x" / "samples.jsonl"
+    samples.write_bytes(samples.read_bytes()[:-50])
+    (run,) = load_local_runs(folder)
+    assert run.samples_path is None and run.history
+    assert f"{samples} has changed since it was written" in capsys.readouterr().err
+
+
+def test_a_finished_run_with_a_truncated_metrics_json_runs_again_and_keeps_the_bad_file(tiny, tmp_path, capsys):
+    import json
+    import shutil
+
+    path, out = tiny
+    copy = tmp_path / "runs"
+    shutil.copytree(out, copy)
+    run_dir = _run_dir(copy)
+    good = json.loads((run_dir / "metrics.json").read_text())
+    bad = (run_dir / "metrics.json").read_bytes()[:200]
+    (run_dir / "metrics.json").write_bytes(bad)
+    cache = snapshot(copy / "cache")
+    rc, err = run_cli(["run", str(path), "method=sft", "--out", str(copy)], capsys)
+    assert rc == 0 and f"{run_dir / 'metrics.json'} cannot be read" in err
+    assert (run_dir / "metrics.json.unreadable").read_bytes() == bad
+    again = json.loads((run_dir / "metrics.json").read_text())
+    assert {k: v for k, v in again["metrics"].items() if k != "budget/wall_s"} == {k: v for k, v in good["metrics"].items() if k != "budget/wall_s"}
+    assert snapshot(copy / "cache") == cache
+
+
+def test_a_damaged_cached_sft_model_is_rebuilt_not_used(tiny, tmp_path, capsys):
+    """Issue 21's case: zeros in the middle of the cached SFT model.safetensors. The stage is named
+    in a warning and rebuilt; the run's numbers are those of the undamaged stage."""
+    import json
+    import shutil
+
+    from alignbench import stage_cache
+
+    path, out = tiny
+    copy = tmp_path / "runs"
+    shutil.copytree(out, copy)
+    shutil.rmtree(_run_dir(copy))
+    (stage,) = (copy / "cache").glob("sft-*")
+    (weights,) = stage.rglob("model.safetensors")
+    intact = weights.read_bytes()
+    data = bytearray(intact)
+    middle = len(data) // 2
+    data[middle : middle + len(data) // 4] = bytes(len(data) // 4)
+    weights.write_bytes(bytes(data))
+    stage_cache._VERIFIED.clear()  # as in a new process
+    rc, err = run_cli(["run", str(path), "method=sft", "--out", str(copy)], capsys)
+    assert rc == 0 and f"cached stage {stage} is damaged: {weights} has changed" in err and "rebuilt, not used" in err
+    assert weights.read_bytes() == intact
+    expected = json.loads((_run_dir(out) / "metrics.json").read_text())["metrics"]
+    got = json.loads((_run_dir(copy) / "metrics.json").read_text())["metrics"]
+    assert {k: v for k, v in got.items() if k != "budget/wall_s"} == {k: v for k, v in expected.items() if k != "budget/wall_s"}

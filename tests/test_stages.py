@@ -267,10 +267,10 @@ def test_a_damaged_stage_is_rebuilt_never_used_and_the_file_is_named(tmp_path, d
     _new_process()
     capsys.readouterr()
     again, summary = StageCache(tmp_path).stage("toy", {"a": 1}, _toy_build(builds))
-    out = capsys.readouterr().out
+    err = capsys.readouterr().err
     assert again == directory and len(builds) == 2 and summary["n"] == 2
     named = directory / ("stage.json" if damage == "summary" else "model/weights.bin")
-    assert f"warning: " in out and str(named) in out and ("rebuilt" in out or "rebuilding" in out)
+    assert "warning: " in err and str(named) in err and ("rebuilt" in err or "rebuilding" in err)
     assert weights.read_bytes() == bytes(range(256)) * 64
     _new_process()
     StageCache(tmp_path).stage("toy", {"a": 1}, _toy_build(builds))
