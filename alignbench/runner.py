@@ -294,6 +294,11 @@ class ResumePoint:
         return f"its checkpoint at {where}"
 
 
+# Test-only (tests/test_resume.py): SIGKILL the run right after its N-th mid-fit checkpoint is put
+# in place, the window in which a kill once lost the step's history row.
+KILL_AFTER_CHECKPOINT = "ALIGNBENCH_TEST_KILL_AFTER_CHECKPOINT"
+
+
 class Checkpoints:
     """A run's resume files: `fit-NNN-last.ckpt`, Lightning's latest checkpoint inside fit NNN,
     and `fit-NNN-end.pt`, the state at the end of fit NNN. Both carry the runner's state
@@ -303,6 +308,8 @@ class Checkpoints:
 
     def __init__(self, directory: Path, primary: bool = True):
         self.directory, self.primary = directory, primary
+        self._pending_mid: tuple[Path, Path] | None = None  # (written, its place) until `promote_mid`
+        self._promoted = 0
 
     def mid_path(self, fit: int) -> Path:
         return self.directory / f"fit-{fit:03d}-last.ckpt"
@@ -354,14 +361,29 @@ class Checkpoints:
         return torch.load(path, map_location="cpu", weights_only=True)
 
     def save_mid(self, trainer, fit: int) -> None:
-        """Lightning's checkpoint (every rank takes part; rank 0 writes), renamed into place."""
+        """Lightning's checkpoint (every rank takes part; rank 0 writes), taken in a step's
+        `on_train_batch_end`. It is renamed into place by `promote_mid`, once Lightning has written
+        that step's history row: renamed at once, a kill before the row was written resumed after
+        the step and lost its row for good."""
         path = self.mid_path(fit)
         tmp = path.with_name(path.name + ".tmp")
         if self.primary:
             path.parent.mkdir(parents=True, exist_ok=True)
         trainer.save_checkpoint(tmp, weights_only=False)  # optimiser and loop state too
         if self.primary:
-            os.replace(tmp, path)
+            self._pending_mid = (tmp, path)
+
+    def promote_mid(self) -> None:
+        """Put the checkpoint `save_mid` took in place (the step's history row is written by now)."""
+        pending, self._pending_mid = self._pending_mid, None
+        if pending is None:
+            return
+        os.replace(*pending)
+        self._promoted += 1
+        if os.environ.get(KILL_AFTER_CHECKPOINT) == str(self._promoted):
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def save_end(self, fit: int, module, run_state: dict) -> None:
         if not self.primary:
@@ -436,6 +458,8 @@ class FitState(Callback):
         return state
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if self.fitter.checkpoints is not None:
+            self.fitter.checkpoints.promote_mid()  # the previous step's history row is written by now
         if self._rng_to_restore is not None:  # right where the checkpointed run went on
             set_rng_state(self._rng_to_restore)
             self._rng_to_restore = None
@@ -462,6 +486,8 @@ class FitState(Callback):
         self._rng_to_restore = state["rng"]
 
     def on_train_end(self, trainer, module):
+        if self.fitter.checkpoints is not None:
+            self.fitter.checkpoints.promote_mid()  # the last step's row is written
         self.budget.load_state_dict(self.global_budget(trainer))
 
 

@@ -196,3 +196,22 @@ def test_the_final_evaluation_runs_on_the_runs_device():
     assert inference_device(SimpleNamespace(accelerator="cpu")).type == "cpu"
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert inference_device(SimpleNamespace(accelerator="gpu")).type == expected
+
+
+def test_a_kill_right_after_a_checkpoint_is_put_in_place_loses_no_history_row(experiment, capsys):
+    """The resume race of issue 21: a kill between the mid-fit checkpoint's rename and the step's
+    history row lost that row for good. The test-only hook kills the run at that exact moment."""
+    from alignbench.cli import main
+    from alignbench.runner import KILL_AFTER_CHECKPOINT
+
+    path, out = experiment
+    assert main(["run", str(path), "method=ppo", "--out", str(out)]) == 0
+    reference = _run_dir(out, "uninterrupted", "ppo")
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"} | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", KILL_AFTER_CHECKPOINT: "2"}
+    command = [sys.executable, "-m", "alignbench", "run", str(path), "method=ppo", "name=raced", "--out", str(out)]
+    assert subprocess.run(command, env=env, capture_output=True, timeout=600).returncode == -signal.SIGKILL
+    run_dir = _run_dir(out, "raced", "ppo")
+    assert (run_dir / "checkpoints" / "fit-000-last.ckpt").exists() and not (run_dir / "metrics.json").exists()
+    assert main(["run", str(path), "method=ppo", "name=raced", "--out", str(out)]) == 0
+    assert "resuming raced/" in capsys.readouterr().out
+    assert [r["step"] for r in _history(run_dir)] == [r["step"] for r in _history(reference)]
