@@ -131,7 +131,8 @@ class Pipeline:
     def proxy(self) -> ProxyReward:
         """The shared reward models, combined as Llama 2 does (the proxy reward)."""
         rm_dir, _ = self.reward_models()
-        return ProxyReward(self.codec, RewardModel.load(rm_dir / "helpfulness"), RewardModel.load(rm_dir / "safety") if (rm_dir / "safety").exists() else None)
+        return ProxyReward(self.codec, RewardModel.load(rm_dir / "helpfulness"), RewardModel.load(rm_dir / "safety") if (rm_dir / "safety").exists() else None,
+                           max_length=self.config.reward_model.max_length)
 
     # --- the context of one run ----------------------------------------------------------
     def context(self, seed: int | None = None) -> RunContext:

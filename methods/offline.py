@@ -58,6 +58,10 @@ class ResponseLogProbs:
         return self.summed / self.lengths.clamp_min(1)
 
 
+REFERENCE_LOGITS = 2**27
+"""Most logits (tokens x vocabulary, float32: 512 MB) in one batch of the reference's precomputation."""
+
+
 class Objective(NamedTuple):
     """What an objective returns: the mean loss, its implicit rewards and its own further terms.
 
@@ -108,9 +112,12 @@ class OfflineMethod(AlignmentMethod):
 
     @torch.no_grad()
     def _precompute_reference(self, data) -> torch.Tensor:
-        """[num_responses] summed reference log-probs of every distinct response, in dataset order."""
+        """[num_responses] summed reference log-probs of every distinct response, in dataset order:
+        64 prompts a batch (as always on the world), fewer where their logits would pass
+        REFERENCE_LOGITS (a 152k vocabulary at 512 tokens once asked for tens of GB)."""
         out = torch.empty(data.num_responses)
-        for batch in data.ordered_dataloader(batch_size=64):
+        max_tokens = max(1, REFERENCE_LOGITS // len(self.context.codec.tokenizer))
+        for batch in data.ordered_dataloader(batch_size=64, max_tokens=max_tokens):
             out[batch.response_index] = sequence_logprobs(self.context.reference, batch.responses)[1].cpu()
         return out
 
