@@ -24,7 +24,7 @@ import torch
 
 from alignbench.config import ConfigError
 from alignbench.data import PreferenceBatch, PreferenceDataModule, UnpairedBatch, UnpairedDataModule
-from alignbench.logprobs import PackedBatch, sequence_logprobs
+from alignbench.logprobs import PackedBatch, evaluation_mode, sequence_logprobs
 from alignbench.methods.base import AlignmentMethod, MethodConfig
 from alignbench.training import check_finite
 
@@ -117,8 +117,9 @@ class OfflineMethod(AlignmentMethod):
         REFERENCE_LOGITS (a 152k vocabulary at 512 tokens once asked for tens of GB)."""
         out = torch.empty(data.num_responses)
         max_tokens = max(1, REFERENCE_LOGITS // len(self.context.codec.tokenizer))
-        for batch in data.ordered_dataloader(batch_size=64, max_tokens=max_tokens):
-            out[batch.response_index] = sequence_logprobs(self.context.reference, batch.responses)[1].cpu()
+        with evaluation_mode(self.context.reference):
+            for batch in data.ordered_dataloader(batch_size=64, max_tokens=max_tokens):
+                out[batch.response_index] = sequence_logprobs(self.context.reference, batch.responses)[1].cpu()
         return out
 
     def score(self, responses: PackedBatch, response_index: torch.Tensor) -> tuple[ResponseLogProbs, ResponseLogProbs | None]:

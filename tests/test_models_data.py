@@ -255,3 +255,22 @@ def test_the_reference_scored_by_token_budget_equals_the_plain_batches(codec):
     small = data.ordered_dataloader(batch_size=64, max_tokens=40)
     assert len(small) > 1 == len(data.ordered_dataloader(batch_size=64))
     assert torch.allclose(scored(small), scored(data.ordered_dataloader(batch_size=64)), atol=1e-5)
+
+
+def test_reference_log_probs_are_scored_with_dropout_off_and_the_mode_restored(codec):
+    """A model with dropout (any GPT-2) left in training mode scores the same log-probs as in eval
+    mode: evaluation and the reference never see dropout's masks. (The world's models have no dropout.)"""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from alignbench.evaluation import reference_logprobs
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(codec.tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                       resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5))
+    prompts = codec.encode_prompts(["count from 4 to 9", "sort 3 1 2"])
+    responses = codec.encode_responses(["4 5 6 7 8 9", "1 2 3"])
+    expected = reference_logprobs(model.eval(), codec, prompts, responses)
+    model.train()
+    first, second = (reference_logprobs(model, codec, prompts, responses) for _ in range(2))
+    assert model.training
+    assert first == pytest.approx(expected, abs=1e-5) and second == pytest.approx(expected, abs=1e-5)
