@@ -63,6 +63,22 @@ def _print_results(directory: Path, fmt: str) -> None:
     print(text, end="")
 
 
+# Commands that read --out only (or not at all): they may run with a --out that is not a folder.
+_NOT_WRITING_OUT = ("results", "methods")
+
+
+def check_out_folder(out: str) -> None:
+    """--out must be a folder or a path where one can be made: a file there (or in its way) is a
+    ConfigError now rather than a traceback after the stages were built."""
+    path = Path(out)
+    for part in [path, *path.parents]:
+        if part.exists():
+            if not part.is_dir():
+                what = f"--out {out}" if part == path else f"--out {out}: {part}"
+                raise ConfigError(f"{what} is a file, not a folder; give --out a folder (it is made if missing), e.g. --out runs")
+            return
+
+
 def cmd_run(args) -> None:
     from alignbench.experiment import for_run, load_experiment, run_name
     from alignbench.runner import run_one
@@ -177,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     from alignbench.training import NonFiniteLossError
 
     try:
+        if args.command not in _NOT_WRITING_OUT:
+            check_out_folder(args.out)
         args.func(args)
     except ConfigError as err:
         print(f"alignbench: error: {err}", file=sys.stderr)

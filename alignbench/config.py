@@ -71,8 +71,10 @@ _OVERRIDE_FORMS = "accepted forms: key=value or --key=value, with dotted keys fo
 _EXPECTED = {bool: "a boolean (true or false)", int: "an integer", float: "a number", str: "a string"}
 
 
-def load_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping from ``path``; an empty file counts as an empty mapping."""
+def load_yaml(path: str | Path, allow_empty: bool = True) -> dict:
+    """Read a YAML mapping from ``path``; an empty file (or one of comments only) counts as an empty
+    mapping, or is refused where ``allow_empty`` is false (an experiment file that says nothing is
+    more likely a file saved empty by mistake than a wish for every default)."""
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.load(f, Loader=_Loader)
@@ -88,6 +90,8 @@ def load_yaml(path: str | Path) -> dict:
     except yaml.YAMLError as err:
         raise ConfigError(f"invalid YAML in {path}: {err}") from None
     if data is None:
+        if not allow_empty:
+            raise ConfigError(f"{path} is empty; an experiment file holds config keys, e.g. 'base: quickstart' and 'method: dpo'")
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must contain a mapping of config keys at the top level, got {_show(data)}")

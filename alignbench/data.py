@@ -58,6 +58,25 @@ def preference_rows(records: Sequence[dict], allow_empty_responses: bool = False
     return Dataset.from_list(list(grouped.values()))
 
 
+def batches_within(costs: Sequence[tuple[int, int]], max_rows: int, max_tokens: int) -> list[list[int]]:
+    """Consecutive row indices in batches of at most `max_rows` rows whose padded size (sequences x
+    the longest, from each row's `(sequences, width)` in `costs`) stays within `max_tokens`; a row
+    alone over the budget is a batch of its own. Scoring by token budget rather than a row count
+    keeps memory bounded for long rows and large vocabularies."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    sequences = width = 0
+    for index, (n, w) in enumerate(costs):
+        if current and (len(current) == max_rows or (sequences + n) * max(width, w) > max_tokens):
+            batches.append(current)
+            current, sequences, width = [], 0, 0
+        current.append(index)
+        sequences, width = sequences + n, max(width, w)
+    if current:
+        batches.append(current)
+    return batches
+
+
 @dataclass
 class PreferenceBatch:
     """The comparisons of a batch of prompts.
@@ -137,8 +156,12 @@ class PreferenceDataModule(L.LightningDataModule):
             collate_fn=self.collate, generator=generator,
         )
 
-    def ordered_dataloader(self, batch_size: int) -> DataLoader:
-        return DataLoader(self.dataset.with_format(None), batch_size=batch_size, shuffle=False, collate_fn=self.collate)
+    def ordered_dataloader(self, batch_size: int, max_tokens: int | None = None) -> DataLoader:
+        """The rows in order, `batch_size` prompts per batch, within `max_tokens` padded tokens if given."""
+        if max_tokens is None:
+            return DataLoader(self.dataset.with_format(None), batch_size=batch_size, shuffle=False, collate_fn=self.collate)
+        costs = [(len(r), min(self.max_length, len(p) + max(map(len, r)))) for p, r in zip(self.dataset["prompt_ids"], self.dataset["response_ids"])]
+        return DataLoader(self.dataset.with_format(None), batch_sampler=batches_within(costs, batch_size, max_tokens), collate_fn=self.collate)
 
 
 def unpaired_records(records: Sequence[dict]) -> list[dict]:
@@ -225,8 +248,12 @@ class UnpairedDataModule(L.LightningDataModule):
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(self.dataset.with_format(None), batch_size=self.batch_size, shuffle=self.shuffle, collate_fn=self.collate, generator=generator)
 
-    def ordered_dataloader(self, batch_size: int) -> DataLoader:
-        return DataLoader(self.dataset.with_format(None), batch_size=batch_size, shuffle=False, collate_fn=self.collate)
+    def ordered_dataloader(self, batch_size: int, max_tokens: int | None = None) -> DataLoader:
+        """The rows in order, `batch_size` per batch, within `max_tokens` padded tokens if given."""
+        if max_tokens is None:
+            return DataLoader(self.dataset.with_format(None), batch_size=batch_size, shuffle=False, collate_fn=self.collate)
+        costs = [(1, min(self.max_length, len(p) + len(r))) for p, r in zip(self.dataset["prompt_ids"], self.dataset["response_ids"])]
+        return DataLoader(self.dataset.with_format(None), batch_sampler=batches_within(costs, batch_size, max_tokens), collate_fn=self.collate)
 
 
 @dataclass

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from alignbench.generation import sample
-from alignbench.logprobs import pack_sequences, sequence_logprobs
+from alignbench.logprobs import evaluation_mode, pack_sequences, sequence_logprobs
 from alignbench.models import TextCodec
 from alignbench.seeding import seeded_generator
 
@@ -141,9 +141,10 @@ def reference_logprobs(reference, codec: TextCodec, prompt_ids: list[list[int]],
     at `temperature` and `top_p` (−inf for a response with a token outside the reference's nucleus)."""
     device = next(reference.parameters()).device
     out = []
-    for start in range(0, len(prompt_ids), batch_size):
-        packed = pack_sequences(prompt_ids[start : start + batch_size], response_ids[start : start + batch_size], codec.pad_token_id).to(device)
-        out.append(sequence_logprobs(reference, packed, temperature=temperature, top_p=top_p)[1].cpu())
+    with evaluation_mode(reference):
+        for start in range(0, len(prompt_ids), batch_size):
+            packed = pack_sequences(prompt_ids[start : start + batch_size], response_ids[start : start + batch_size], codec.pad_token_id).to(device)
+            out.append(sequence_logprobs(reference, packed, temperature=temperature, top_p=top_p)[1].cpu())
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 

@@ -71,6 +71,8 @@ class LabelConfig:
             raise ValueError(f"labels.n_prompts={self.n_prompts} must be >= 10")
         if not 2 <= self.responses_per_prompt <= 9:
             raise ValueError(f"labels.responses_per_prompt={self.responses_per_prompt} must be in 2..9")
+        if not self.temperature > 0:  # at 0 (greedy) the K responses of a prompt are one response: nothing to compare
+            raise ValueError(f"labels.temperature={self.temperature} must be > 0")
 
 
 @dataclass
@@ -95,6 +97,29 @@ class ExperimentBase:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     data: DataConfig = field(default_factory=DataConfig)
     ai_labeler: AILabelerConfig = field(default_factory=AILabelerConfig)
+
+    def __post_init__(self):
+        check_folder_name("name", self.name)
+
+
+def check_folder_name(key: str, value: str) -> None:
+    """`value` (the setting `key`) names one folder under --out: no path separator, no '..', not
+    absolute, not empty, so that what a run writes stays inside --out (ValueError otherwise)."""
+    if not isinstance(value, str) or not value.strip() or value in (".", "..") or any(c in value for c in "/\\\0") or value != value.strip():
+        raise ValueError(f"{key}={value!r} must be a plain folder name (not empty, no '/' or '\\', not '.' or '..', no leading or "
+                         "trailing spaces): it names a folder under --out, and what a run writes stays inside --out")
+
+
+def output_folder(out: Path, *names: str) -> Path:
+    """OUT/<names...>, checked to resolve to a folder inside OUT (a symlink or a name that
+    points elsewhere is refused with a ConfigError): nothing a run writes lands outside --out."""
+    root = Path(out).resolve()
+    path = Path(out).joinpath(*names)
+    resolved = path.resolve()
+    if resolved == root or not resolved.is_relative_to(root):
+        raise ConfigError(f"{path} resolves to {resolved}, which is not a folder inside --out {root}; "
+                          "check the experiment's name and any symbolic link under --out")
+    return path
 
 
 _SHARED_SECTIONS = {f.name for f in dataclasses.fields(ExperimentBase)}
@@ -158,7 +183,7 @@ def load_experiment_data(name_or_path: str, _chain: tuple[Path, ...] = ()) -> di
     path = find_experiment(name_or_path).resolve()
     if path in _chain:
         raise ConfigError(f"'base' loops back to {path}: {' -> '.join(p.stem for p in _chain + (path,))}")
-    data = load_yaml(path)
+    data = load_yaml(path, allow_empty=False)
     if is_wandb_sweep(data):
         raise ConfigError(f"{path} is a W&B sweep config, not an experiment: start it with `wandb sweep {path}`, then `wandb agent SWEEP_ID`")
     data.setdefault("name", path.stem)

@@ -9,6 +9,7 @@ Shape conventions: ``B`` rows, ``T`` padded sequence length, ``V`` vocabulary si
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -16,8 +17,20 @@ from torch import Tensor, nn
 
 __all__ = [
     "PackedBatch", "pack_sequences", "position_ids_from_mask", "token_logprobs", "target_logprobs",
-    "sampling_logprobs", "sequence_logprobs",
+    "sampling_logprobs", "sequence_logprobs", "evaluation_mode",
 ]
+
+
+@contextmanager
+def evaluation_mode(model: nn.Module):
+    """`model` in eval mode (dropout off) for the block, its own mode restored after: log-probs
+    scored for evaluation or as a reference must not depend on dropout's random masks."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 @dataclass

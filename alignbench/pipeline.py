@@ -20,6 +20,7 @@ import torch
 from datasets import Dataset
 
 from alignbench.data import preference_rows
+from alignbench.records import environment
 from alignbench.evaluation import EvalConfig, Evaluator, PolicyResponses
 from alignbench.judges import GoldJudge
 from alignbench.log import log  # noqa: F401  (re-exported: `from alignbench.pipeline import log` still works)
@@ -91,7 +92,7 @@ class Pipeline:
         self.world = self.source.world
         self.codec = TextCodec(self.source.tokenizer())
         self.device = self.source.device  # where stages sample and score outside training
-        self.cache = StageCache(self.out)
+        self.cache = StageCache(self.out, built_with=lambda: environment(self.device, self.config.trainer.accelerator))
 
     def stage(self, name: str, key: dict, build: Callable[[Path], dict], version: int = 1) -> tuple[Path, dict]:
         """Stage `name`'s folder and summary: read from the cache, or built by `build(tmp_dir)`."""
@@ -130,7 +131,8 @@ class Pipeline:
     def proxy(self) -> ProxyReward:
         """The shared reward models, combined as Llama 2 does (the proxy reward)."""
         rm_dir, _ = self.reward_models()
-        return ProxyReward(self.codec, RewardModel.load(rm_dir / "helpfulness"), RewardModel.load(rm_dir / "safety") if (rm_dir / "safety").exists() else None)
+        return ProxyReward(self.codec, RewardModel.load(rm_dir / "helpfulness"), RewardModel.load(rm_dir / "safety") if (rm_dir / "safety").exists() else None,
+                           max_length=self.config.reward_model.max_length)
 
     # --- the context of one run ----------------------------------------------------------
     def context(self, seed: int | None = None) -> RunContext:

@@ -127,10 +127,14 @@ class RewardModelTraining(L.LightningModule):
         return batch.to(device)
 
 
+MAX_CHARS_PER_TOKEN = 64
+
+
 @torch.no_grad()
-def score_texts(model: RewardModel, codec: TextCodec, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 512, max_length: int | None = None) -> torch.Tensor:
-    """Raw reward-model scores [N] of responses to prompts (`max_length`: cut longer texts'
-    responses; by default the model reads the whole text, however long a dataset's prompt).
+def score_texts(model: RewardModel, codec: TextCodec, prompts: Sequence[str], responses: Sequence[str], *, max_length: int, batch_size: int = 512) -> torch.Tensor:
+    """Raw reward-model scores [N] of responses to prompts, each prompt + response cut to
+    `max_length` tokens (the end of the response goes, as in training: reward_model.max_length), so
+    that no text, however long a dataset's response, asks for unbounded memory.
 
     Each distinct (prompt, response) is scored once (a tiny policy repeats itself: 29% of the world
     SFT policy's best-of-16 candidates repeat another), in batches of similar length: less padding
@@ -142,7 +146,10 @@ def score_texts(model: RewardModel, codec: TextCodec, prompts: Sequence[str], re
     distinct: dict[tuple[str, str], int] = {}
     where = torch.tensor([distinct.setdefault(pair, len(distinct)) for pair in zip(prompts, responses)], dtype=torch.long)
     prompt_ids = codec.encode_prompts([p for p, _ in distinct])
-    response_ids = codec.encode_responses([y for _, y in distinct])
+    # A token covers at least one character, and no tokenizer's tokens average anywhere near
+    # MAX_CHARS_PER_TOKEN; cutting the text there first keeps a 20 MB response from being tokenised
+    # whole, and leaves the first max_length tokens as they are.
+    response_ids = codec.encode_responses([y[: max_length * MAX_CHARS_PER_TOKEN] for _, y in distinct])
     by_length = sorted(range(len(distinct)), key=lambda i: len(prompt_ids[i]) + len(response_ids[i]))
     scores = torch.zeros(len(distinct))
     for start in range(0, len(by_length), batch_size):
@@ -202,8 +209,10 @@ class ProxyReward:
     """The proxy reward a method optimises: the helpfulness RM, or Llama 2's combination
     of the helpfulness and safety RMs. Scores are probabilities in (0, 1)."""
 
-    def __init__(self, codec: TextCodec, helpfulness: RewardModel, safety: RewardModel | None = None):
+    def __init__(self, codec: TextCodec, helpfulness: RewardModel, safety: RewardModel | None = None, *, max_length: int):
         self.codec, self.helpfulness, self.safety = codec, helpfulness, safety
+        self.max_length = max_length
+        """Longest prompt + response read (reward_model.max_length, what the models were trained on)."""
 
     def to(self, device) -> "ProxyReward":
         self.helpfulness.to(device)
@@ -213,9 +222,9 @@ class ProxyReward:
 
     def score(self, prompts: Sequence[str], responses: Sequence[str], harmful: Sequence[bool] | None = None) -> torch.Tensor:
         """R_c per response [N]; `harmful` marks safety prompts (unknown -> threshold only)."""
-        help_prob = self.helpfulness.probability(score_texts(self.helpfulness, self.codec, prompts, responses))
+        help_prob = self.helpfulness.probability(score_texts(self.helpfulness, self.codec, prompts, responses, max_length=self.max_length))
         if self.safety is None:
             return help_prob
-        safe_prob = self.safety.probability(score_texts(self.safety, self.codec, prompts, responses))
+        safe_prob = self.safety.probability(score_texts(self.safety, self.codec, prompts, responses, max_length=self.max_length))
         flagged = torch.zeros_like(safe_prob, dtype=torch.bool) if harmful is None else torch.tensor(list(harmful), dtype=torch.bool)
         return torch.where(flagged | (safe_prob < SAFETY_THRESHOLD), safe_prob, help_prob)

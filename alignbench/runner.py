@@ -44,11 +44,13 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import ParallelStrategy
 
 from alignbench.config import ConfigError
+from alignbench.records import UnreadableResult, environment, file_sha256, read_result
 from alignbench.evaluation import evaluate_at_temperatures
-from alignbench.experiment import RunSpec, finished_config_mismatch, resolve_run, run_config_dict
-from alignbench.log import log
+from alignbench.experiment import RunSpec, finished_config_mismatch, output_folder, resolve_run, run_config_dict
+from alignbench.log import log, warn
 from alignbench.pipeline import Pipeline, RunContext
 from alignbench.seeding import seeded_generator
+from alignbench.sources import inference_device
 from alignbench.tracking import HistoryLogger, HistoryWriter, make_wandb_logger, write_json_atomic
 from alignbench.training import ResumableLoader, make_trainer, rng_state, set_rng_state, steps_per_epoch
 
@@ -155,7 +157,7 @@ def run_one(
     follow_parent_process()
     spec = resolve_run(config, method, seed)
     config, name = spec.config, spec.name
-    run_dir = Path(out) / config.name / name
+    run_dir = output_folder(out, config.name, name)
     metrics_path = run_dir / "metrics.json"
     if (finished := finished_result(run_dir, config)) is not None:
         log(f"{config.name}/{name} is finished; skipping (delete {metrics_path} to run it again)")
@@ -175,7 +177,11 @@ def finished_result(run_dir: Path, config) -> dict[str, Any] | None:
     path = run_dir / "metrics.json"
     if not path.exists():
         return None
-    result = json.loads(path.read_text())
+    try:
+        result = read_result(path)
+    except UnreadableResult as err:  # the run is made again; `_run` keeps the bad file beside it
+        warn(f"{err}; the run is not finished and runs again")
+        return None
     changed = finished_config_mismatch(result.get("config", {}), config)
     if changed:
         raise ConfigError(
@@ -206,6 +212,9 @@ def _run(spec: RunSpec, run_dir: Path, out: Path, group, pipeline, split: str, o
     history_path = run_dir / "history.jsonl"
     if primary:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if (run_dir / "metrics.json").exists():  # unreadable (finished_result said so): kept, not overwritten
+            os.replace(run_dir / "metrics.json", run_dir / "metrics.json.unreadable")
+            log(f"moved the unreadable {run_dir / 'metrics.json'} to metrics.json.unreadable")
         (run_dir / "samples.jsonl").unlink(missing_ok=True)
         if resume is None:  # nothing to resume from: partial files are started afresh
             history_path.unlink(missing_ok=True)
@@ -229,6 +238,8 @@ def _run(spec: RunSpec, run_dir: Path, out: Path, group, pipeline, split: str, o
         if not primary:  # rank 0 evaluates and writes the results
             failed = False
             return {**result, "metrics": {}, "versions": versions()}
+        device = inference_device(config.trainer)
+        move_for_evaluation(module, context, device)
         responses = module.respond(context.evaluator.prompts[split], seeded_generator(config.seed, "policy", split), desc=f"evaluating {config.method} ({split})")
         metrics, records = context.evaluator.evaluate(responses, split=split, prefix="eval" if split == "test" else split)
         metrics.update(context.rm_metrics)
@@ -244,7 +255,10 @@ def _run(spec: RunSpec, run_dir: Path, out: Path, group, pipeline, split: str, o
             wandb_logger.experiment.summary.update(metrics)
         with open(run_dir / "samples.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
-        result = {**result, "metrics": metrics, "versions": versions()}
+        # What the numbers also depend on (threads, device; not in the run's name), and the checksums
+        # of the files written beside metrics.json.
+        result = {**result, "metrics": metrics, "versions": versions(), "environment": environment(device, config.trainer.accelerator),
+                  "sha256": {name: file_sha256(run_dir / name) for name in ("samples.jsonl", "history.jsonl") if (run_dir / name).exists()}}
         write_json_atomic(run_dir / "metrics.json", result)
         checkpoints.clear()  # only an unfinished run needs them
         failed = False
@@ -254,6 +268,14 @@ def _run(spec: RunSpec, run_dir: Path, out: Path, group, pipeline, split: str, o
             import wandb
 
             wandb.finish(exit_code=1 if failed else 0)
+
+
+def move_for_evaluation(module, context: RunContext, device: torch.device | str) -> None:
+    """Put the trained policy (and the frozen reference) on the run's device for the final
+    evaluation: after a fit on a GPU, Lightning moves the module back to the CPU."""
+    module.to(device)
+    if isinstance(context.reference, torch.nn.Module) and any(True for _ in context.reference.parameters()):
+        context.reference.to(device)
 
 
 # --- resume ------------------------------------------------------------------------------
@@ -272,6 +294,11 @@ class ResumePoint:
         return f"its checkpoint at {where}"
 
 
+# Test-only (tests/test_resume.py): SIGKILL the run right after its N-th mid-fit checkpoint is put
+# in place, the window in which a kill once lost the step's history row.
+KILL_AFTER_CHECKPOINT = "ALIGNBENCH_TEST_KILL_AFTER_CHECKPOINT"
+
+
 class Checkpoints:
     """A run's resume files: `fit-NNN-last.ckpt`, Lightning's latest checkpoint inside fit NNN,
     and `fit-NNN-end.pt`, the state at the end of fit NNN. Both carry the runner's state
@@ -281,6 +308,8 @@ class Checkpoints:
 
     def __init__(self, directory: Path, primary: bool = True):
         self.directory, self.primary = directory, primary
+        self._pending_mid: tuple[Path, Path] | None = None  # (written, its place) until `promote_mid`
+        self._promoted = 0
 
     def mid_path(self, fit: int) -> Path:
         return self.directory / f"fit-{fit:03d}-last.ckpt"
@@ -289,29 +318,72 @@ class Checkpoints:
         return self.directory / f"fit-{fit:03d}-end.pt"
 
     def resume_point(self) -> ResumePoint | None:
-        completed = 0
+        """The latest checkpoint that loads. One that does not (truncated, damaged) is set aside
+        (`*.unreadable`), with everything saved after it, and the run falls back to the checkpoint
+        before it, or starts afresh; the log says which."""
+        completed, history = 0, None
         while self.end_path(completed).exists():
-            completed += 1
+            state = self._readable(self.end_path(completed))
+            if state is None:
+                break
+            completed, history = completed + 1, state["history"]
+        saved = [p for p in self.directory.glob("fit-*") if p.name.endswith(("-last.ckpt", "-end.pt"))] if self.directory.exists() else []
+        for later in sorted(saved):
+            fit = int(later.name.split("-")[1])
+            if fit > completed or (fit == completed and later.name.endswith("-end.pt")):  # after the damaged one: built on it
+                self._set_aside(later, "it was saved after a checkpoint that cannot be read")
         mid = self.mid_path(completed)
         if mid.exists():
-            return ResumePoint(completed, mid, self.load(mid)[self.RUN_STATE]["history"])
+            state = self._readable(mid)
+            if state is not None:
+                return ResumePoint(completed, mid, state["history"])
         if completed:
-            return ResumePoint(completed, None, self.load(self.end_path(completed - 1))[self.RUN_STATE]["history"])
+            return ResumePoint(completed, None, history)
         return None
+
+    def _readable(self, path: Path) -> dict | None:
+        """The runner's state in checkpoint `path`; None (the file set aside, and said so) where it cannot be read."""
+        try:
+            return self.load(path)[self.RUN_STATE]
+        except Exception as err:  # noqa: BLE001 -- torch.load raises many types for a damaged file
+            self._set_aside(path, f"it cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})")
+            return None
+
+    def _set_aside(self, path: Path, why: str) -> None:
+        if not path.exists():
+            return
+        warn(f"resume checkpoint {path} is not used: {why}; the run continues from the checkpoint before it, or from the start")
+        if self.primary:
+            os.replace(path, path.with_name(path.name + ".unreadable"))
 
     @staticmethod
     def load(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
 
     def save_mid(self, trainer, fit: int) -> None:
-        """Lightning's checkpoint (every rank takes part; rank 0 writes), renamed into place."""
+        """Lightning's checkpoint (every rank takes part; rank 0 writes), taken in a step's
+        `on_train_batch_end`. It is renamed into place by `promote_mid`, once Lightning has written
+        that step's history row: renamed at once, a kill before the row was written resumed after
+        the step and lost its row for good."""
         path = self.mid_path(fit)
         tmp = path.with_name(path.name + ".tmp")
         if self.primary:
             path.parent.mkdir(parents=True, exist_ok=True)
         trainer.save_checkpoint(tmp, weights_only=False)  # optimiser and loop state too
         if self.primary:
-            os.replace(tmp, path)
+            self._pending_mid = (tmp, path)
+
+    def promote_mid(self) -> None:
+        """Put the checkpoint `save_mid` took in place (the step's history row is written by now)."""
+        pending, self._pending_mid = self._pending_mid, None
+        if pending is None:
+            return
+        os.replace(*pending)
+        self._promoted += 1
+        if os.environ.get(KILL_AFTER_CHECKPOINT) == str(self._promoted):
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def save_end(self, fit: int, module, run_state: dict) -> None:
         if not self.primary:
@@ -386,6 +458,8 @@ class FitState(Callback):
         return state
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if self.fitter.checkpoints is not None:
+            self.fitter.checkpoints.promote_mid()  # the previous step's history row is written by now
         if self._rng_to_restore is not None:  # right where the checkpointed run went on
             set_rng_state(self._rng_to_restore)
             self._rng_to_restore = None
@@ -412,6 +486,8 @@ class FitState(Callback):
         self._rng_to_restore = state["rng"]
 
     def on_train_end(self, trainer, module):
+        if self.fitter.checkpoints is not None:
+            self.fitter.checkpoints.promote_mid()  # the last step's row is written
         self.budget.load_state_dict(self.global_budget(trainer))
 
 

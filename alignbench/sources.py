@@ -274,9 +274,10 @@ class WorldSource(DataSource):
         on the annotators' safe/unsafe labels so that R_s < 0.15 means "unsafe"."""
         labelled = read_jsonl(labels_dir / "safety_labels.jsonl")
         prompts, responses = [r["prompt"] for r in labelled], [r["response"] for r in labelled]
-        centre(models["helpfulness"], p.codec, prompts, responses)
+        length = self.config.reward_model.max_length
+        centre(models["helpfulness"], p.codec, prompts, responses, length)
         if "safety" in models:
-            scale, bias = fit_calibration(score_texts(models["safety"], p.codec, prompts, responses), torch.tensor([r["safe"] for r in labelled], dtype=torch.float64))
+            scale, bias = fit_calibration(score_texts(models["safety"], p.codec, prompts, responses, max_length=length), torch.tensor([r["safe"] for r in labelled], dtype=torch.float64))
             models["safety"].calibration.copy_(torch.tensor([scale, bias]))
 
     def reward_accuracy(self, p, models, labels_dir: Path) -> dict:
@@ -284,7 +285,8 @@ class WorldSource(DataSource):
         from alignbench.reward import ProxyReward
 
         prompts, firsts, seconds = holdout_pairs(read_jsonl(labels_dir / "holdout.jsonl"))
-        proxy = ProxyReward(p.codec, models["helpfulness"], models.get("safety"))
+        length = self.config.reward_model.max_length
+        proxy = ProxyReward(p.codec, models["helpfulness"], models.get("safety"), max_length=length)
         harmful = [self.world.is_harmful(x) for x in prompts]
         checks = {"rm/helpfulness_accuracy": ("helpfulness", "helpfulness"), "rm/safety_accuracy": ("safety", "harmlessness"), "rm/accuracy": (None, "reward")}
         results = {}
@@ -292,7 +294,7 @@ class WorldSource(DataSource):
             if axis is None:
                 sa, sb = proxy.score(prompts, firsts, harmful), proxy.score(prompts, seconds, harmful)
             elif axis in models:
-                sa, sb = score_texts(models[axis], p.codec, prompts, firsts), score_texts(models[axis], p.codec, prompts, seconds)
+                sa, sb = score_texts(models[axis], p.codec, prompts, firsts, max_length=length), score_texts(models[axis], p.codec, prompts, seconds, max_length=length)
             else:
                 continue
             results[name] = self.agreement_with_gold(prompts, firsts, seconds, sa.numpy() > sb.numpy(), gold_axis)
@@ -404,15 +406,16 @@ class DatasetSource(DataSource):
         model = models["helpfulness"].to(self.device)
         pairs = read_jsonl(labels_dir / "overall.jsonl")
         scored = list(dict.fromkeys((r["prompt"], y) for r in pairs for y in (r["chosen"], r["rejected"])))[:CALIBRATION_RESPONSES]
-        centre(model, p.codec, [x for x, _ in scored], [y for _, y in scored])
+        centre(model, p.codec, [x for x, _ in scored], [y for _, y in scored], self.config.reward_model.max_length)
 
     def reward_accuracy(self, p, models, labels_dir: Path) -> dict:
         """Held-out accuracy against the dataset's own labels (`rm/*`): there is no gold reward.
         The proxy reward is this one model, so `rm/accuracy` is the same number."""
         pairs = read_jsonl(labels_dir / "holdout_pairs.jsonl")
         prompts, model = [r["prompt"] for r in pairs], models["helpfulness"]
-        chosen = score_texts(model, p.codec, prompts, [r["chosen"] for r in pairs])
-        rejected = score_texts(model, p.codec, prompts, [r["rejected"] for r in pairs])
+        length = self.config.reward_model.max_length
+        chosen = score_texts(model, p.codec, prompts, [r["chosen"] for r in pairs], max_length=length)
+        rejected = score_texts(model, p.codec, prompts, [r["rejected"] for r in pairs], max_length=length)
         accuracy = float((chosen > rejected).float().mean()) if pairs else float("nan")
         return {"rm/helpfulness_accuracy": accuracy, "rm/accuracy": accuracy, "rm/holdout_pairs": len(pairs)}
 

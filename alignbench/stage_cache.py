@@ -12,7 +12,14 @@ when no finished copy exists:
   crash never leaves a stage that a later run mistakes for finished;
 - a file lock keeps parallel sweep workers from building the same stage twice;
 - the build runs under the preserved global random state: built here or read from the cache,
-  the caller's random stream is the same afterwards.
+  the caller's random stream is the same afterwards;
+- `stage.json` records the SHA-256 of every file of the stage (`sha256`) and what it was built
+  with beyond its settings (`environment`: torch threads, device, torch version; not in the key).
+  A stage is verified the first time a process reuses it: a file that is missing, truncated or
+  changed gets a warning naming it, and the stage is rebuilt, never used;
+- temporary folders of builds that died (`.<stage>-<hash>.tmp-<PID>`) are removed once nobody
+  holds their stage's lock;
+- a process that waits for another one's lock says so, and on what.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 import time
 from contextlib import contextmanager
@@ -27,8 +35,11 @@ from pathlib import Path
 from typing import Callable
 
 from alignbench.config import config_hash
-from alignbench.log import log
+from alignbench.records import checksum_problems, environment, folder_checksums
+from alignbench.log import log, warn
 from alignbench.seeding import preserved_global_random_state
+
+SUMMARY = "stage.json"
 
 
 def versioned_key(key: dict, version: int) -> dict:
@@ -39,22 +50,107 @@ def versioned_key(key: dict, version: int) -> dict:
 
 
 @contextmanager
-def _lock(path: Path):
+def _lock(path: Path, what: str):
+    """Hold the lock file `path` (for `what`, named in the message shown while waiting for it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for another process that holds {what} (lock {path}); it is building or reading that stage")
+            started = time.perf_counter()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            log(f"got {what} after waiting {time.perf_counter() - started:.0f}s")
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def cached_stage(out: Path, name: str, key: dict, build: Callable[[Path], dict]) -> tuple[Path, dict]:
-    """`OUT/cache/<name>-<hash(key)>/` and its summary (`stage.json`), built first if needed."""
+_TEMPORARY = re.compile(r"^\.(?P<stage>.+)\.tmp-(?P<pid>\d+)$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(cache: Path) -> None:
+    """Remove the temporary folders of stage builds that died: their process is gone (or is this
+    one) and nobody holds their stage's lock (a live build on another machine of a shared cache
+    holds it, whatever its PID means here)."""
+    if not cache.is_dir():
+        return
+    for tmp in cache.iterdir():
+        found = _TEMPORARY.match(tmp.name)
+        if found is None or not tmp.is_dir() or _alive(int(found["pid"])) and int(found["pid"]) != os.getpid():
+            continue
+        with open(cache / f".{found['stage']}.lock", "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its stage is being built right now
+            try:
+                shutil.rmtree(tmp, ignore_errors=True)
+                log(f"removed {tmp}, the temporary folder of a {found['stage']} build whose process (PID {found['pid']}) ended before finishing")
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# Stages verified by this process: folder -> the (size, mtime) of its stage.json when verified.
+_VERIFIED: dict[Path, tuple[int, int]] = {}
+
+
+def verified_summary(directory: Path) -> dict | None:
+    """The summary of the finished stage in `directory`, its files checked against the checksums
+    in its stage.json (once per process); None, after a warning naming the file, where a file is
+    missing, truncated or changed, or stage.json cannot be read: the stage must be rebuilt."""
+    path = directory / SUMMARY
+    try:
+        summary = json.loads(path.read_text())
+        if not isinstance(summary, dict):
+            raise ValueError(f"holds {type(summary).__name__}, not a mapping")
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        warn(f"{path} cannot be read ({err}); rebuilding the stage")
+        return None
+    stat = path.stat()
+    if _VERIFIED.get(directory) == (stat.st_size, stat.st_mtime_ns):
+        return summary
+    recorded = summary.get("sha256")
+    if recorded is None:
+        # Built before stages recorded checksums: record them now, so later corruption is caught.
+        summary["sha256"] = folder_checksums(directory, leave_out=(SUMMARY,))
+        _write_summary(directory, summary)
+        log(f"{directory} was built before stages recorded checksums; recorded them now")
+    else:
+        problems = checksum_problems(directory, recorded)
+        if problems:
+            warn(f"cached stage {directory} is damaged: {'; '.join(problems)}. It is rebuilt, not used")
+            return None
+    stat = path.stat()
+    _VERIFIED[directory] = (stat.st_size, stat.st_mtime_ns)
+    return summary
+
+
+def _write_summary(directory: Path, summary: dict) -> None:
+    tmp = directory / f".{SUMMARY}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, directory / SUMMARY)
+
+
+def cached_stage(out: Path, name: str, key: dict, build: Callable[[Path], dict], built_with: Callable[[], dict] | None = None) -> tuple[Path, dict]:
+    """`OUT/cache/<name>-<hash(key)>/` and its summary (`stage.json`), built first if needed.
+    `built_with()`: the environment recorded in a stage built now, asked once it is built (a build may
+    set the thread count: trainer.threads); by default torch's threads on the CPU."""
     directory = Path(out) / "cache" / f"{name}-{config_hash(key)}"
-    with _lock(directory.parent / f".{directory.name}.lock"):
-        if (directory / "stage.json").exists():
-            summary = json.loads((directory / "stage.json").read_text())
+    remove_stale_temporaries(directory.parent)
+    with _lock(directory.parent / f".{directory.name}.lock", f"the lock of the {name} stage {directory.name}"):
+        if (directory / SUMMARY).exists() and (summary := verified_summary(directory)) is not None:
             log(f"reusing cached {name} stage {directory} (built in {summary.get('seconds', 0):.0f}s)")
             return directory, summary
         tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
@@ -65,10 +161,14 @@ def cached_stage(out: Path, name: str, key: dict, build: Callable[[Path], dict])
         with preserved_global_random_state():
             summary = build(tmp)
         summary["seconds"] = round(time.perf_counter() - started, 1)
+        summary["environment"] = built_with() if built_with is not None else environment("cpu")
         (tmp / "key.json").write_text(json.dumps(key, indent=2))
-        (tmp / "stage.json").write_text(json.dumps(summary, indent=2))
+        summary["sha256"] = folder_checksums(tmp, leave_out=(SUMMARY,))
+        (tmp / SUMMARY).write_text(json.dumps(summary, indent=2))
         shutil.rmtree(directory, ignore_errors=True)
         os.replace(tmp, directory)
+        stat = (directory / SUMMARY).stat()
+        _VERIFIED[directory] = (stat.st_size, stat.st_mtime_ns)
         log(f"{name} stage done in {summary['seconds']:.0f}s")
         return directory, summary
 
@@ -76,8 +176,10 @@ def cached_stage(out: Path, name: str, key: dict, build: Callable[[Path], dict])
 class StageCache:
     """The stages of one output folder, each built or read once for the life of this object."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, built_with: Callable[[], dict] | None = None):
         self.out = Path(out)
+        self.built_with = built_with
+        """What a stage built now records as its environment (called when it is built)."""
         self._seen: dict[tuple[str, str], tuple[Path, dict]] = {}
 
     def stage(self, name: str, key: dict, build: Callable[[Path], dict], version: int = 1) -> tuple[Path, dict]:
@@ -85,7 +187,7 @@ class StageCache:
         key = versioned_key(key, version)
         memo = (name, config_hash(key))
         if memo not in self._seen:
-            self._seen[memo] = cached_stage(self.out, name, key, build)
+            self._seen[memo] = cached_stage(self.out, name, key, build, self.built_with)
         return self._seen[memo]
 
 

@@ -212,7 +212,7 @@ def _tail(path: Path, lines: int = 15) -> str:
 def run_sweep(experiment: str, overrides: list[str], out: Path, workers: int = 1) -> tuple[list[SweepRun], dict[str, Any]]:
     """Run every unfinished run of a sweep in up to `workers` processes; returns the runs and
     the status written to OUT/<sweep>/sweep.json ({"runs": [...], "failed": [...]})."""
-    from alignbench.experiment import find_experiment
+    from alignbench.experiment import find_experiment, output_folder
     from alignbench.log import log
     from alignbench.runner import finished_result
     from alignbench.tracking import write_json_atomic
@@ -221,7 +221,7 @@ def run_sweep(experiment: str, overrides: list[str], out: Path, workers: int = 1
         raise ConfigError(f"--workers={workers} must be >= 1")
     runs, spec = expand(experiment, overrides)
     sweep_name = runs[0].config.name
-    folder = out / sweep_name
+    folder = output_folder(out, sweep_name)
     todo = [r for r in runs if finished_result(folder / r.name, r.config) is None]
     log(f"sweep {sweep_name}: {len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run in {workers} worker process(es)")
     status = {r.name: {"run_name": r.name, "method": r.method, "seed": r.seed, "values": r.values, "attempts": 0, "status": "finished"} for r in runs}

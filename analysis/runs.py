@@ -21,6 +21,8 @@ import numpy as np
 
 from alignbench.analysis.stats import Interval, metric_interval, replicate_interval, two_level_replicates
 from alignbench.config import ConfigError, flatten
+from alignbench.log import warn
+from alignbench.records import UnreadableResult, checksum_problems, read_result
 
 
 def find_run_dirs(directory: Path) -> list[Path]:
@@ -109,15 +111,33 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def load_local_runs(directory: Path) -> list[Run]:
-    """Every finished run (with a metrics.json) under an experiment directory."""
+    """Every finished run (with a metrics.json) under an experiment directory. A metrics.json that
+    cannot be read is skipped, and a history.jsonl or samples.jsonl that differs from the checksum
+    its metrics.json recorded is not used; each with a warning naming the file."""
     runs = []
     for run_dir in find_run_dirs(Path(directory)):
-        result = json.loads((run_dir / "metrics.json").read_text())
-        samples = run_dir / "samples.jsonl"
+        try:
+            result = read_result(run_dir / "metrics.json")
+        except UnreadableResult as err:
+            warn(f"{err}; that run is left out (run it again to replace it)")
+            continue
+        recorded = result.get("sha256") or {}
+        intact = {}
+        for name in ("history.jsonl", "samples.jsonl"):
+            path = run_dir / name
+            problems = checksum_problems(run_dir, {name: recorded[name]}) if name in recorded else []
+            if problems:
+                warn(f"{problems[0]}; its run's {name} is not used")
+            intact[name] = path if path.exists() and not problems else None
+        try:
+            history = _read_jsonl(intact["history.jsonl"]) if intact["history.jsonl"] is not None else []
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            warn(f"{run_dir / 'history.jsonl'} cannot be read ({err}); its run's curves are left out")
+            history = []
         runs.append(Run(
             experiment=result["experiment"], name=result["run_name"], method=result["method"], seed=int(result["seed"]),
-            config=result.get("config", {}), metrics=result.get("metrics", {}), history=_read_jsonl(run_dir / "history.jsonl"),
-            samples_path=samples if samples.exists() else None, settings=_settings(result.get("config", {})),
+            config=result.get("config", {}), metrics=result.get("metrics", {}), history=history,
+            samples_path=intact["samples.jsonl"], settings=_settings(result.get("config", {})),
         ))
     return runs
 

@@ -118,7 +118,7 @@ class Constitutional(PPO):
         preference_model, pm_summary = cai_preference_model(context.stages, config, sl_dir, context.seed) if config.rl else (None, {})
         # RL-CAI is PPO from the SL-CAI policy, penalised by its KL to the SL-CAI policy, on the preference model.
         own = dataclasses.replace(context, sft_dir=sl_dir, reference=sl_reference, reward_model_labels=0,
-                                  proxy=ProxyReward(context.codec, preference_model) if preference_model is not None else context.proxy)
+                                  proxy=ProxyReward(context.codec, preference_model, max_length=context.config.reward_model.max_length) if preference_model is not None else context.proxy)
         super().__init__(config, own)
         # Kept outside the module tree: the frozen SFT reference is neither trained nor checkpointed.
         object.__setattr__(self, "sft_reference", context.reference)

@@ -24,7 +24,7 @@ import torch
 
 from alignbench.config import ConfigError
 from alignbench.data import PreferenceBatch, PreferenceDataModule, UnpairedBatch, UnpairedDataModule
-from alignbench.logprobs import PackedBatch, sequence_logprobs
+from alignbench.logprobs import PackedBatch, evaluation_mode, sequence_logprobs
 from alignbench.methods.base import AlignmentMethod, MethodConfig
 from alignbench.training import check_finite
 
@@ -56,6 +56,10 @@ class ResponseLogProbs:
     def mean(self) -> torch.Tensor:
         """[N] length-normalised log-probs (1/|y|) Σ_t log π(y_t | …) (0 for an empty response)."""
         return self.summed / self.lengths.clamp_min(1)
+
+
+REFERENCE_LOGITS = 2**27
+"""Most logits (tokens x vocabulary, float32: 512 MB) in one batch of the reference's precomputation."""
 
 
 class Objective(NamedTuple):
@@ -108,10 +112,14 @@ class OfflineMethod(AlignmentMethod):
 
     @torch.no_grad()
     def _precompute_reference(self, data) -> torch.Tensor:
-        """[num_responses] summed reference log-probs of every distinct response, in dataset order."""
+        """[num_responses] summed reference log-probs of every distinct response, in dataset order:
+        64 prompts a batch (as always on the world), fewer where their logits would pass
+        REFERENCE_LOGITS (a 152k vocabulary at 512 tokens once asked for tens of GB)."""
         out = torch.empty(data.num_responses)
-        for batch in data.ordered_dataloader(batch_size=64):
-            out[batch.response_index] = sequence_logprobs(self.context.reference, batch.responses)[1].cpu()
+        max_tokens = max(1, REFERENCE_LOGITS // len(self.context.codec.tokenizer))
+        with evaluation_mode(self.context.reference):
+            for batch in data.ordered_dataloader(batch_size=64, max_tokens=max_tokens):
+                out[batch.response_index] = sequence_logprobs(self.context.reference, batch.responses)[1].cpu()
         return out
 
     def score(self, responses: PackedBatch, response_index: torch.Tensor) -> tuple[ResponseLogProbs, ResponseLogProbs | None]:

@@ -373,7 +373,7 @@ class OnlineRLMethod(AlignmentMethod):
             return self.judge.score_batch(prompts, responses).astype(np.float32)
         if self.config.reward == "helpfulness":
             rm = ctx.proxy.helpfulness
-            return rm.probability(score_texts(rm, ctx.codec, prompts, responses)).numpy()
+            return rm.probability(score_texts(rm, ctx.codec, prompts, responses, max_length=ctx.proxy.max_length)).numpy()
         return super().reward_scores(prompts, responses)
 
     @torch.no_grad()

@@ -56,7 +56,7 @@ class RLAIF(PPO):
             raise ConfigError(f"{self.name} builds a reward model through the run's stages; run it with `alignbench run`")
         reward_model, summary = pair_reward_model(context.stages, self.labeler, config.n_labels)
         # This run's reward is its own reward model; the shared human RMs stay the evaluation's proxy.
-        own = dataclasses.replace(context, proxy=ProxyReward(context.codec, reward_model), reward_model_labels=0)
+        own = dataclasses.replace(context, proxy=ProxyReward(context.codec, reward_model, max_length=context.config.reward_model.max_length), reward_model_labels=0)
         super().__init__(config, own)
         if self.labeler == "ai":
             self.budget.ai_labels += summary["labels"]

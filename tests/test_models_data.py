@@ -127,7 +127,7 @@ def test_a_reward_model_with_a_likelihood_term_saves_and_loads_identically(codec
     assert loaded.likelihood == "mean" and float(loaded.likelihood_weight.detach()) == pytest.approx(0.4)
     assert (loaded.lm_head is None) == tied
     prompts, responses = ["count from 4 to 9", "sort 3 1 2"], ["4 5 6", "1 2 3"]
-    assert torch.allclose(score_texts(rm, codec, prompts, responses), score_texts(loaded, codec, prompts, responses), atol=1e-5)
+    assert torch.allclose(score_texts(rm, codec, prompts, responses, max_length=64), score_texts(loaded, codec, prompts, responses, max_length=64), atol=1e-5)
 
 
 def test_a_ranking_expands_to_all_pairs_in_one_row_with_each_response_once(codec):
@@ -204,7 +204,73 @@ def test_score_texts_scores_each_text_as_alone_whatever_its_duplicates_and_batch
     rm = RewardModel.from_policy(build_tiny_policy("world-tiny", codec.tokenizer, seed=1)).eval()
     prompts = ["count from 4 to 9", "sort 3 1 2", "count from 4 to 9", "repeat cat 3 times", "sort 3 1 2"]
     responses = ["4 5 6 7 8 9", "1 2 3", "4 5 6 7 8 9", "cat", "3 2 1"]
-    batched = score_texts(rm, codec, prompts, responses, batch_size=2)
-    alone = torch.stack([score_texts(rm, codec, [p], [y])[0] for p, y in zip(prompts, responses)])
+    batched = score_texts(rm, codec, prompts, responses, batch_size=2, max_length=64)
+    alone = torch.stack([score_texts(rm, codec, [p], [y], max_length=64)[0] for p, y in zip(prompts, responses)])
     assert torch.allclose(batched, alone, atol=1e-5)
     assert batched[0] == batched[2] and batched[1] != batched[4]
+
+
+def test_scoring_a_huge_response_reads_only_max_length_tokens(codec):
+    """A 20 MB dataset response is cut to the reward model's max_length (issue 21: scoring it whole
+    asked for terabytes): its score is that of its first tokens."""
+    from alignbench.reward import ProxyReward, score_texts
+
+    rm = RewardModel.from_policy(build_tiny_policy("world-tiny", codec.tokenizer, seed=1)).eval()
+    prompt, words = "count from 4 to 9", "4 5 6 7 8 9 "
+    huge = words * (20_000_000 // len(words))
+    assert len(huge) > 19_000_000
+    cut = len(codec.encode_prompt(prompt)) + len(codec.encode_responses([words * 3])[0]) - 1  # words * 3 without its EOS
+    scored = score_texts(rm, codec, [prompt, prompt], [huge, words * 3], max_length=cut)
+    assert scored[0] == pytest.approx(float(scored[1]), abs=1e-5)
+    proxy = ProxyReward(codec, rm, max_length=cut)  # what methods and evaluation score with
+    assert proxy.score([prompt], [huge])[0] == pytest.approx(float(proxy.score([prompt], [words * 3])[0]), abs=1e-6)
+
+
+def test_batches_within_a_token_budget_keep_order_rows_and_the_budget():
+    from alignbench.data import batches_within
+
+    costs = [(2, 10), (4, 12), (1, 100), (3, 5), (3, 5), (2, 8)]
+    batches = batches_within(costs, max_rows=64, max_tokens=50)
+    assert [i for b in batches for i in b] == list(range(len(costs)))
+    for batch in batches:
+        padded = sum(costs[i][0] for i in batch) * max(costs[i][1] for i in batch)
+        assert padded <= 50 or len(batch) == 1  # a row over the budget goes alone
+    assert batches == [[0], [1], [2], [3, 4], [5]]
+    assert batches_within(costs, max_rows=2, max_tokens=10**9) == [[0, 1], [2, 3], [4, 5]]
+
+
+def test_the_reference_scored_by_token_budget_equals_the_plain_batches(codec):
+    """`_precompute_reference` batches by tokens: the log-probs are those of the 64-prompt batches."""
+    records = [{"prompt": f"count from {a} to 9", "chosen": " ".join(map(str, range(a, 10))), "rejected": "no " * (a + 1)} for a in range(1, 9)]
+    data = PreferenceDataModule(preference_rows(records), codec, batch_size=4, max_length=32)
+    policy = build_tiny_policy("world-tiny", codec.tokenizer, seed=3).eval()
+
+    def scored(loader) -> torch.Tensor:
+        out = torch.empty(data.num_responses)
+        with torch.no_grad():
+            for batch in loader:
+                out[batch.response_index] = sequence_logprobs(policy, batch.responses)[1]
+        return out
+
+    small = data.ordered_dataloader(batch_size=64, max_tokens=40)
+    assert len(small) > 1 == len(data.ordered_dataloader(batch_size=64))
+    assert torch.allclose(scored(small), scored(data.ordered_dataloader(batch_size=64)), atol=1e-5)
+
+
+def test_reference_log_probs_are_scored_with_dropout_off_and_the_mode_restored(codec):
+    """A model with dropout (any GPT-2) left in training mode scores the same log-probs as in eval
+    mode: evaluation and the reference never see dropout's masks. (The world's models have no dropout.)"""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from alignbench.evaluation import reference_logprobs
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(codec.tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                       resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5))
+    prompts = codec.encode_prompts(["count from 4 to 9", "sort 3 1 2"])
+    responses = codec.encode_responses(["4 5 6 7 8 9", "1 2 3"])
+    expected = reference_logprobs(model.eval(), codec, prompts, responses)
+    model.train()
+    first, second = (reference_logprobs(model, codec, prompts, responses) for _ in range(2))
+    assert model.training
+    assert first == pytest.approx(expected, abs=1e-5) and second == pytest.approx(expected, abs=1e-5)

@@ -338,7 +338,7 @@ def test_a_sequence_classification_reward_model_loads_in_transformers(real, tmp_
         ids = torch.tensor([codec.encode_prompt(prompt) + codec.encode_responses([response])[0]])
         with torch.no_grad():
             expected = classifier(input_ids=ids).logits[0, 0]
-        assert score_texts(reward_model, codec, [prompt], [response])[0] == pytest.approx(float(expected), abs=1e-5)
+        assert score_texts(reward_model, codec, [prompt], [response], max_length=512)[0] == pytest.approx(float(expected), abs=1e-5)
 
 
 @pytest.fixture(scope="module")

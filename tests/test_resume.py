@@ -142,3 +142,76 @@ def test_a_run_killed_part_way_resumes_and_ends_as_an_uninterrupted_run(experime
     wandb_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(wandb_runs) == 2 and {r.name.rsplit("-", 1)[1] for r in wandb_runs} == {_stable_run_id("resumed", run_dir.name)}
     assert not (run_dir / "checkpoints").exists()  # a finished run keeps none
+
+
+# --- a damaged resume checkpoint ------------------------------------------------------
+def _checkpoints(tmp_path, files: dict[str, int | str]):
+    """Checkpoints whose files hold a run state with history mark `bytes` (an int) or are damaged ('cut')."""
+    from alignbench.runner import Checkpoints
+
+    checkpoints = Checkpoints(tmp_path / "checkpoints")
+    checkpoints.directory.mkdir()
+    for name, mark in files.items():
+        path = checkpoints.directory / name
+        torch.save({Checkpoints.RUN_STATE: {"history": {"bytes": mark if mark != "cut" else 0, "pending_step": None}}, "state_dict": {"w": torch.ones(64)}}, path)
+        if mark == "cut":
+            path.write_bytes(path.read_bytes()[:100])
+    return checkpoints
+
+
+def test_a_damaged_mid_fit_checkpoint_falls_back_to_the_end_of_the_fit_before(tmp_path, capsys):
+    checkpoints = _checkpoints(tmp_path, {"fit-000-end.pt": 10, "fit-001-last.ckpt": "cut"})
+    point = checkpoints.resume_point()
+    assert point.completed_fits == 1 and point.mid_fit is None and point.history["bytes"] == 10
+    err = capsys.readouterr().err
+    assert f"resume checkpoint {checkpoints.directory / 'fit-001-last.ckpt'} is not used: it cannot be read" in err
+    assert (checkpoints.directory / "fit-001-last.ckpt.unreadable").exists()
+
+
+def test_a_damaged_end_of_fit_checkpoint_falls_back_and_sets_aside_what_came_after(tmp_path, capsys):
+    checkpoints = _checkpoints(tmp_path, {"fit-000-end.pt": 10, "fit-001-end.pt": "cut", "fit-002-last.ckpt": 30})
+    point = checkpoints.resume_point()
+    assert point.completed_fits == 1 and point.mid_fit is None and point.history["bytes"] == 10
+    assert sorted(p.name for p in checkpoints.directory.iterdir()) == ["fit-000-end.pt", "fit-001-end.pt.unreadable", "fit-002-last.ckpt.unreadable"]
+    assert "fit-001-end.pt is not used: it cannot be read" in capsys.readouterr().err
+
+
+def test_a_damaged_first_checkpoint_starts_the_run_afresh(tmp_path, capsys):
+    checkpoints = _checkpoints(tmp_path, {"fit-000-last.ckpt": "cut"})
+    assert checkpoints.resume_point() is None
+    assert "fit-000-last.ckpt is not used" in capsys.readouterr().err
+
+
+def test_the_final_evaluation_runs_on_the_runs_device():
+    """After a fit on a GPU Lightning moves the module back to the CPU; the runner moves the policy
+    and the reference to the run's device before evaluating (here the meta device stands in for it)."""
+    from types import SimpleNamespace
+
+    from alignbench.runner import move_for_evaluation
+    from alignbench.sources import inference_device
+
+    module, reference = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    move_for_evaluation(module, SimpleNamespace(reference=reference), "meta")
+    assert module.weight.device.type == "meta" and reference.weight.device.type == "meta"
+    assert inference_device(SimpleNamespace(accelerator="cpu")).type == "cpu"
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert inference_device(SimpleNamespace(accelerator="gpu")).type == expected
+
+
+def test_a_kill_right_after_a_checkpoint_is_put_in_place_loses_no_history_row(experiment, capsys):
+    """The resume race of issue 21: a kill between the mid-fit checkpoint's rename and the step's
+    history row lost that row for good. The test-only hook kills the run at that exact moment."""
+    from alignbench.cli import main
+    from alignbench.runner import KILL_AFTER_CHECKPOINT
+
+    path, out = experiment
+    assert main(["run", str(path), "method=ppo", "--out", str(out)]) == 0
+    reference = _run_dir(out, "uninterrupted", "ppo")
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"} | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", KILL_AFTER_CHECKPOINT: "2"}
+    command = [sys.executable, "-m", "alignbench", "run", str(path), "method=ppo", "name=raced", "--out", str(out)]
+    assert subprocess.run(command, env=env, capture_output=True, timeout=600).returncode == -signal.SIGKILL
+    run_dir = _run_dir(out, "raced", "ppo")
+    assert (run_dir / "checkpoints" / "fit-000-last.ckpt").exists() and not (run_dir / "metrics.json").exists()
+    assert main(["run", str(path), "method=ppo", "name=raced", "--out", str(out)]) == 0
+    assert "resuming raced/" in capsys.readouterr().out
+    assert [r["step"] for r in _history(run_dir)] == [r["step"] for r in _history(reference)]

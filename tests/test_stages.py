@@ -211,3 +211,119 @@ def test_feedback_is_declared_and_read_through_feedback_of():
     dpo = resolve_run(load_experiment("quickstart"), "dpo", 3)
     assert dpo.method_class.feedback_of(dpo.method_config) == "preferences"
     assert dpo.seed == 3 and dpo.method == "dpo" and dpo.name.startswith("dpo-seed3-") and dpo.method_config is dpo.config.dpo
+
+
+# --- checksums, environment, stale temporary folders, waiting ---------------------------
+def _toy_build(builds: list):
+    def build(tmp: Path) -> dict:
+        builds.append(tmp)
+        (tmp / "model").mkdir()
+        (tmp / "model" / "weights.bin").write_bytes(bytes(range(256)) * 64)
+        (tmp / "rows.jsonl").write_text('{"a": 1}\n')
+        return {"n": len(builds)}
+    return build
+
+
+def _new_process():
+    """What a new process forgets: which stages it has verified."""
+    from alignbench import stage_cache
+
+    stage_cache._VERIFIED.clear()
+
+
+def test_a_stage_records_the_checksum_of_each_file_and_what_it_was_built_with(tmp_path):
+    import hashlib
+    import json
+
+    import torch
+
+    from alignbench.stage_cache import StageCache
+
+    directory, summary = StageCache(tmp_path).stage("toy", {"a": 1}, _toy_build([]))
+    recorded = json.loads((directory / "stage.json").read_text())
+    assert set(recorded["sha256"]) == {"model/weights.bin", "rows.jsonl", "key.json"}
+    assert recorded["sha256"]["rows.jsonl"] == hashlib.sha256(b'{"a": 1}\n').hexdigest()
+    assert recorded["environment"] == {"threads": torch.get_num_threads(), "device": "cpu", "torch": torch.__version__}
+    assert summary["sha256"] == recorded["sha256"]
+
+
+@pytest.mark.parametrize("damage", ["zeroed", "truncated", "missing", "summary"])
+def test_a_damaged_stage_is_rebuilt_never_used_and_the_file_is_named(tmp_path, damage, capsys):
+    from alignbench.stage_cache import StageCache
+
+    builds = []
+    directory, _ = StageCache(tmp_path).stage("toy", {"a": 1}, _toy_build(builds))
+    weights = directory / "model" / "weights.bin"
+    if damage == "zeroed":
+        data = bytearray(weights.read_bytes())
+        data[4000:8000] = bytes(4000)
+        weights.write_bytes(bytes(data))
+    elif damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif damage == "missing":
+        weights.unlink()
+    else:
+        (directory / "stage.json").write_text('{"n": 1, "sha')
+    _new_process()
+    capsys.readouterr()
+    again, summary = StageCache(tmp_path).stage("toy", {"a": 1}, _toy_build(builds))
+    err = capsys.readouterr().err
+    assert again == directory and len(builds) == 2 and summary["n"] == 2
+    named = directory / ("stage.json" if damage == "summary" else "model/weights.bin")
+    assert "warning: " in err and str(named) in err and ("rebuilt" in err or "rebuilding" in err)
+    assert weights.read_bytes() == bytes(range(256)) * 64
+    _new_process()
+    StageCache(tmp_path).stage("toy", {"a": 1}, _toy_build(builds))
+    assert len(builds) == 2  # the rebuilt stage verifies
+
+
+def test_a_stage_built_before_checksums_gets_them_on_first_reuse(tmp_path):
+    import json
+
+    from alignbench.stage_cache import StageCache
+
+    builds = []
+    directory, _ = StageCache(tmp_path).stage("toy", {"a": 1}, _toy_build(builds))
+    summary = json.loads((directory / "stage.json").read_text())
+    recorded = summary.pop("sha256")
+    (directory / "stage.json").write_text(json.dumps(summary))
+    _new_process()
+    StageCache(tmp_path).stage("toy", {"a": 1}, _toy_build(builds))
+    assert len(builds) == 1 and json.loads((directory / "stage.json").read_text())["sha256"] == recorded
+
+
+def test_temporary_folders_of_dead_builds_are_removed_and_live_ones_kept(tmp_path):
+    import subprocess
+    import sys
+
+    from alignbench.stage_cache import StageCache
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    cache = tmp_path / "cache"
+    stale = cache / f".other-0123456789ab.tmp-{dead.pid}"
+    live = cache / f".other-0123456789ab.tmp-{os.getppid()}"  # a process that is still running
+    for folder in (stale, live):
+        (folder / "model").mkdir(parents=True)
+    StageCache(tmp_path).stage("toy", {"a": 1}, _toy_build([]))
+    assert not stale.exists() and live.exists()
+
+
+def test_a_process_waiting_for_a_stage_lock_says_what_it_waits_for(tmp_path, capsys):
+    import fcntl
+    import threading
+
+    from alignbench.config import config_hash
+    from alignbench.stage_cache import StageCache
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    lock = cache / f".toy-{config_hash({'a': 1})}.lock"
+    holder = open(lock, "w")
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    release = threading.Timer(0.5, lambda: (fcntl.flock(holder, fcntl.LOCK_UN), holder.close()))
+    release.start()
+    StageCache(tmp_path).stage("toy", {"a": 1}, _toy_build([]))
+    release.join()
+    out = capsys.readouterr().out
+    assert f"waiting for another process that holds the lock of the toy stage toy-{config_hash({'a': 1})}" in out and str(lock) in out

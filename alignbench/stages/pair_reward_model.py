@@ -46,7 +46,7 @@ def build(p: "Pipeline", tmp: Path, labeler: str, n_pairs: int) -> dict:
 def trained_on_pairs(p: "Pipeline", sft_dir: Path, records: list[dict], seed: int) -> RewardModel:
     """A reward model from the SFT policy trained on pair records, its scores centred on the labelled responses."""
     model = train_reward_model(sft_dir / "policy", p.codec, records, p.config.reward_model, p.config.model, p.config.trainer, seed)
-    centre(model, p.codec, [r["prompt"] for r in records for _ in (0, 1)], [y for r in records for y in (r["chosen"], r["rejected"])])
+    centre(model, p.codec, [r["prompt"] for r in records for _ in (0, 1)], [y for r in records for y in (r["chosen"], r["rejected"])], p.config.reward_model.max_length)
     return model
 
 
@@ -58,5 +58,6 @@ def holdout_accuracy(p: "Pipeline", model: RewardModel) -> dict[str, float]:
         return {}
     labels_dir, _ = p.labels()
     prompts, firsts, seconds = holdout_pairs(read_jsonl(labels_dir / "holdout.jsonl"))
-    better = score_texts(model, p.codec, prompts, firsts).numpy() > score_texts(model, p.codec, prompts, seconds).numpy()
+    length = p.config.reward_model.max_length
+    better = score_texts(model, p.codec, prompts, firsts, max_length=length).numpy() > score_texts(model, p.codec, prompts, seconds, max_length=length).numpy()
     return {"rm/accuracy": p.source.agreement_with_gold(prompts, firsts, seconds, better)}

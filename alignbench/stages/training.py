@@ -66,9 +66,10 @@ def train_reward_model(policy_dir: Path, codec: TextCodec, records: list[dict], 
     return reward_model
 
 
-def centre(model: RewardModel, codec: TextCodec, prompts: Sequence[str], responses: Sequence[str]) -> None:
-    """Calibrate `model` in place so that its mean score on these responses is 0 (scale 1)."""
-    raw = score_texts(model, codec, list(prompts), list(responses))
+def centre(model: RewardModel, codec: TextCodec, prompts: Sequence[str], responses: Sequence[str], max_length: int) -> None:
+    """Calibrate `model` in place so that its mean score on these responses (cut to `max_length`
+    tokens, as scored) is 0 (scale 1)."""
+    raw = score_texts(model, codec, list(prompts), list(responses), max_length=max_length)
     model.calibration.copy_(torch.tensor([1.0, -float(raw.mean())]))
 
 

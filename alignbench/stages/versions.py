@@ -21,23 +21,26 @@ class Build(NamedTuple):
 
 
 SHARED = ("stages/training.py", "sources.py")
+# Hashes recorded without a version bump when reward-model scoring was cut to reward_model.max_length
+# (issue 21): world texts are far shorter (prompt <= 10 + response <= 16 tokens < 48), so nothing the
+# world builds changed; only a dataset whose prompt + response passes max_length is scored differently.
 
 BUILD: dict[str, Build] = {
-    "sft": Build(1, ("stages/sft.py", *SHARED), "287261eecb4ce72e"),
-    "labels": Build(1, ("stages/labels.py", *SHARED), "18b820714b9a2703"),
+    "sft": Build(1, ("stages/sft.py", *SHARED), "45542cad2d210909"),
+    "labels": Build(1, ("stages/labels.py", *SHARED), "d2978777c17314db"),
     # 2: the safety RM's Platt calibration no longer diverges (`fit_calibration`).
-    "reward_models": Build(2, ("stages/reward_models.py", *SHARED), "d70444007cd964d2"),
-    "reference_samples": Build(1, ("stages/reference_samples.py", *SHARED), "5cf0e337a1d6d7f8"),
-    "candidates": Build(1, ("stages/candidates.py", *SHARED), "f11236cf83261faa"),
-    "ai_labeler": Build(1, ("stages/ai_labeler.py", "ai_feedback.py", *SHARED), "1f2eb37bea3758cd"),
-    "ai_labels": Build(1, ("stages/ai_labels.py", "stages/ai_labeler.py", *SHARED), "32a4900115c9c92f"),
+    "reward_models": Build(2, ("stages/reward_models.py", *SHARED), "ccec0f1ecf85741c"),
+    "reference_samples": Build(1, ("stages/reference_samples.py", *SHARED), "1798e7dcfd3f8781"),
+    "candidates": Build(1, ("stages/candidates.py", *SHARED), "ef356c910ec6ecec"),
+    "ai_labeler": Build(1, ("stages/ai_labeler.py", "ai_feedback.py", *SHARED), "18b014d4b0de3c84"),
+    "ai_labels": Build(1, ("stages/ai_labels.py", "stages/ai_labeler.py", *SHARED), "c28e92d280e61ebc"),
     # 2: trained by the one `train_reward_model`, which honours reward_model.architecture and LoRA
     # (version 1 always built the backbone + head, without adapters).
-    "pair_reward_model": Build(2, ("stages/pair_reward_model.py", *SHARED), "0834bd9ffbf96065"),
-    "helpful_only": Build(1, ("stages/helpful_only.py", *SHARED), "30930d5efdc83e00"),
-    "sl_cai": Build(1, ("stages/sl_cai.py", "stages/helpful_only.py", *SHARED), "02985316489a473d"),
+    "pair_reward_model": Build(2, ("stages/pair_reward_model.py", *SHARED), "aeab134cf53eca58"),
+    "helpful_only": Build(1, ("stages/helpful_only.py", *SHARED), "b75e7451b020e90c"),
+    "sl_cai": Build(1, ("stages/sl_cai.py", "stages/helpful_only.py", *SHARED), "fc48fe73547a0bb5"),
     # 2: as pair_reward_model.
-    "cai_preference_model": Build(2, ("stages/cai_preference_model.py", "stages/pair_reward_model.py", *SHARED), "df98cda1d82643eb"),
+    "cai_preference_model": Build(2, ("stages/cai_preference_model.py", "stages/pair_reward_model.py", *SHARED), "4f3b56d667701598"),
 }
 
 

@@ -1,0 +1,81 @@
+"""What stages and runs record beside their results, and reading it back.
+
+- The environment: torch's thread count, the device and the torch version. Each can change the
+  numbers (float sums in another order) without changing a setting, so stages and runs record them
+  (stage.json, metrics.json) rather than hash them into cache keys or run names, which must stay
+  what the settings alone make them.
+- SHA-256 checksums of the files written, checked where they are read back.
+- A run's metrics.json, read back with an error naming the file when it cannot be.
+
+Light to import (no torch until `environment` is called): `alignbench results` reads runs with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+
+def environment(device, accelerator: str | None = None) -> dict:
+    """{"threads", "device", "torch"} now (and the trainer's accelerator, where given): threads is
+    `torch.get_num_threads()`, the count actually used (OMP_NUM_THREADS or trainer.threads set it)."""
+    import torch
+
+    found = {"threads": torch.get_num_threads(), "device": str(device), "torch": torch.__version__}
+    if accelerator is not None:
+        found["accelerator"] = accelerator
+    return found
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def folder_checksums(folder: Path, leave_out: tuple[str, ...] = ()) -> dict[str, str]:
+    """SHA-256 of every file under `folder` (relative POSIX path -> hex digest), except `leave_out`."""
+    folder = Path(folder)
+    return {path.relative_to(folder).as_posix(): file_sha256(path) for path in sorted(folder.rglob("*"))
+            if path.is_file() and path.relative_to(folder).as_posix() not in leave_out}
+
+
+def checksum_problems(folder: Path, recorded: dict[str, str]) -> list[str]:
+    """What differs from the recorded checksums: 'FILE is missing' / 'FILE has changed (...)'."""
+    problems = []
+    for name, expected in recorded.items():
+        path = Path(folder) / name
+        try:
+            actual = file_sha256(path)
+        except FileNotFoundError:
+            problems.append(f"{path} is missing")
+            continue
+        except OSError as err:
+            problems.append(f"{path} cannot be read ({err.strerror or err})")
+            continue
+        if actual != expected:
+            problems.append(f"{path} has changed since it was written (sha256 {actual[:12]}…, recorded {expected[:12]}…; truncated or overwritten)")
+    return problems
+
+
+class UnreadableResult(ValueError):
+    """A run's metrics.json that cannot be read back (truncated, not JSON, not a run's result)."""
+
+
+RESULT_KEYS = ("experiment", "run_name", "method", "seed", "metrics")
+
+
+def read_result(path: Path) -> dict[str, Any]:
+    """A finished run's metrics.json; UnreadableResult names the file and what is wrong with it."""
+    try:
+        result = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UnreadableResult(f"{path} cannot be read ({err}); it was cut short or overwritten") from None
+    missing = [k for k in RESULT_KEYS if not isinstance(result, dict) or k not in result]
+    if missing:
+        raise UnreadableResult(f"{path} is not a run's result (no {', '.join(missing)})")
+    return result

@@ -1,0 +1,292 @@
+"""Hostile inputs (issue 21), one test per case: each asserts the exit code, the message, and that
+nothing outside --out changed (nor, where a cache exists, anything in it). In-process through
+`alignbench.cli.main`, which returns the exit code."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from alignbench.cli import main
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file under `root` (relative path -> sha256), and every folder (-> 'dir')."""
+    found = {}
+    for path in sorted(Path(root).rglob("*")):
+        key = str(path.relative_to(root))
+        found[key] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    capsys.readouterr()
+    rc = main(argv)
+    captured = capsys.readouterr()
+    return rc, captured.err
+
+
+@pytest.fixture
+def world(tmp_path):
+    """A folder holding an input file area and --out; the test's whole tree is compared after."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "work").mkdir()
+    return tmp_path
+
+
+@pytest.mark.parametrize("name", ["../../escape", "/tmp/alignbench-escape-abs", "a/b", "..", "", " x"])
+def test_an_experiment_name_that_would_leave_out_is_refused_in_the_yaml(world, name, capsys):
+    experiment = world / "in" / "exp.yaml"
+    experiment.write_text(f"base: quickstart\nname: {name!r}\nmethod: sft\n")
+    before = snapshot(world)
+    rc, err = run_cli(["run", str(experiment), "--out", str(world / "work" / "out")], capsys)
+    assert rc == 2
+    assert f"name={name!r} must be a plain folder name" in err and "inside --out" in err
+    assert snapshot(world) == before
+    assert not Path("/tmp/alignbench-escape-abs").exists()
+
+
+def test_an_absolute_experiment_name_on_the_command_line_is_refused(world, capsys):
+    target = world / "elsewhere"
+    before = snapshot(world)
+    rc, err = run_cli(["run", "quickstart", "method=sft", f"name={target}", "--out", str(world / "work" / "out")], capsys)
+    assert rc == 2 and f"name={str(target)!r} must be a plain folder name" in err
+    assert snapshot(world) == before and not target.exists()
+
+
+def test_an_output_folder_that_a_symlink_takes_outside_out_is_refused(world):
+    from alignbench.config import ConfigError
+    from alignbench.experiment import output_folder
+
+    out = world / "work" / "out"
+    out.mkdir(parents=True)
+    (out / "quickstart").symlink_to(world / "in", target_is_directory=True)
+    with pytest.raises(ConfigError, match="not a folder inside --out"):
+        output_folder(out, "quickstart", "sft-seed0-abc")
+    assert output_folder(out, "other", "sft-seed0-abc") == out / "other" / "sft-seed0-abc"
+
+
+@pytest.mark.parametrize("where", ["out", "parent"])
+def test_out_pointing_at_a_file_is_refused(world, where, capsys):
+    blocker = world / "work" / "results.txt"
+    blocker.write_text("not a folder\n")
+    out = blocker if where == "out" else blocker / "runs"
+    before = snapshot(world)
+    rc, err = run_cli(["run", "quickstart", "method=sft", "--out", str(out)], capsys)
+    assert rc == 2 and f"--out {out}" in err and "is a file, not a folder" in err
+    assert snapshot(world) == before
+
+
+def test_an_empty_experiment_file_is_refused_naming_it(world, capsys):
+    experiment = world / "in" / "empty.yaml"
+    experiment.write_text("# nothing here yet\n")
+    before = snapshot(world)
+    rc, err = run_cli(["run", str(experiment), "--out", str(world / "work" / "out")], capsys)
+    assert rc == 2 and f"{experiment} is empty" in err
+    assert snapshot(world) == before
+
+
+def _sampling_and_learning_rate_keys() -> list[tuple[str, list]]:
+    """Every temperature, learning rate and top_p of the experiment config, with values it must refuse."""
+    from alignbench.config import describe
+    from alignbench.experiment import ExperimentConfig
+
+    cases = []
+    for key, type_name, _, _ in describe(ExperimentConfig):
+        leaf = key.split(".")[-1]
+        if leaf.endswith("temperatures"):
+            cases.append((key, [[-0.5], [float("nan")], [float("inf")]]))
+        elif leaf.endswith("temperature") and type_name == "float":
+            cases.append((key, [-0.5, float("nan"), float("inf")]))
+        elif leaf == "lr" or leaf.endswith("_lr"):
+            cases.append((key, [0.0, -1e-4, float("nan"), float("inf")]))
+        elif leaf == "top_p":
+            cases.append((key, [0.0, 1.5, float("nan")]))
+    return cases
+
+
+def test_every_temperature_learning_rate_and_top_p_is_checked_naming_its_key():
+    from alignbench.config import ConfigError, apply_overrides
+    from alignbench.experiment import experiment_from_data
+
+    cases = _sampling_and_learning_rate_keys()
+    keys = {key for key, _ in cases}
+    assert {"eval.temperature", "eval.temperatures", "labels.temperature", "eval.top_p", "sft.optim.lr", "ppo.value_lr", "dpo.optim.lr"} <= keys
+    accepted = []
+    for key, values in cases:
+        for value in values:
+            try:
+                experiment_from_data(apply_overrides({"name": "x"}, {key: value}))
+            except ConfigError as err:
+                leaf = key.split(".")[-1]
+                assert leaf in str(err), (key, value, str(err))
+            else:
+                accepted.append((key, value))
+    assert accepted == []
+
+
+@pytest.mark.parametrize("override, message", [
+    ("eval.temperature=.nan", "config key 'eval.temperature' must be a finite number"),
+    ("labels.temperature=-1", "labels.temperature=-1.0 must be > 0"),
+    ("dpo.optim.lr=.inf", "config key 'dpo.optim.lr' must be a finite number"),
+    ("dpo.optim.lr=0", "lr=0.0 must be a positive number"),
+    ("eval.top_p=0", "eval.top_p=0.0 must be in (0, 1]"),
+    ("seed=-1", "seed=-1: a seed must be an integer >= 0"),
+])
+def test_a_bad_value_on_the_command_line_exits_2_naming_it(world, override, message, capsys):
+    before = snapshot(world)
+    rc, err = run_cli(["run", "quickstart", "method=dpo", override, "--out", str(world / "work" / "out")], capsys)
+    assert rc == 2 and message in err
+    assert snapshot(world) == before
+
+
+# --- damaged files of a finished experiment ----------------------------------------------
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny experiment file, its output folder and one finished `sft` run (stages built once)."""
+    import yaml
+
+    from tests.conftest import TINY_OVERRIDES
+
+    folder = tmp_path_factory.mktemp("hostile")
+    data: dict = {}
+    for override in TINY_OVERRIDES + ["tracking.wandb=disabled"]:
+        key, value = override.split("=", 1)
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump({"name": "tiny", "methods": ["sft"], **data}))
+    out = folder / "runs"
+    assert main(["run", str(path), "method=sft", "--out", str(out)]) == 0
+    return path, out
+
+
+def _run_dir(out: Path, method: str = "sft") -> Path:
+    (found,) = (out / "tiny").glob(f"{method}-seed0-*")
+    return found
+
+
+def test_a_finished_run_records_its_environment_and_the_checksums_of_its_files(tiny):
+    import json
+
+    import torch
+
+    _, out = tiny
+    run_dir = _run_dir(out)
+    result = json.loads((run_dir / "metrics.json").read_text())
+    assert result["environment"] == {"threads": torch.get_num_threads(), "device": "cpu", "torch": torch.__version__, "accelerator": "cpu"}
+    assert result["sha256"] == {name: hashlib.sha256((run_dir / name).read_bytes()).hexdigest() for name in ("samples.jsonl", "history.jsonl")}
+    (stage,) = (out / "cache").glob("sft-*")
+    assert json.loads((stage / "stage.json").read_text())["environment"]["threads"] == torch.get_num_threads()
+
+
+def test_a_sweep_worker_records_the_thread_count_the_sweep_gave_it(tiny, tmp_path, monkeypatch):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from alignbench.sweep import _run_environment
+
+    path, out = tiny
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    env = _run_environment(workers=os.cpu_count() or 1, slot=0)
+    assert env["OMP_NUM_THREADS"] == "1"
+    copy = tmp_path / "runs"
+    import shutil
+
+    shutil.copytree(out / "cache", copy / "cache")
+    command = [sys.executable, "-m", "alignbench", "run", str(path), "method=sft", "--out", str(copy)]
+    assert subprocess.run(command, env=env, capture_output=True).returncode == 0
+    result = json.loads((_run_dir(copy) / "metrics.json").read_text())
+    assert result["environment"]["threads"] == 1
+
+
+def test_results_and_plot_skip_a_truncated_metrics_json_naming_it(tiny, tmp_path, capsys):
+    import shutil
+
+    _, out = tiny
+    folder = tmp_path / "tiny"
+    shutil.copytree(_run_dir(out), folder / "sft-seed0-good")
+    shutil.copytree(_run_dir(out), folder / "sft-seed0-bad")
+    bad = folder / "sft-seed0-bad" / "metrics.json"
+    bad.write_bytes(bad.read_bytes()[:100])
+    before = snapshot(tmp_path)
+    rc = main(["results", str(folder), "--format", "csv"])
+    captured = capsys.readouterr()
+    assert rc == 0 and f"{bad} cannot be read" in captured.err and "left out" in captured.err
+    assert captured.out.startswith("policy") and "warning" not in captured.out
+    assert snapshot(tmp_path) == before
+
+    from alignbench.analysis.runs import load_local_runs
+
+    assert [r.name for r in load_local_runs(folder)] == [_run_dir(out).name]
+
+
+def test_a_samples_file_that_differs_from_its_checksum_is_not_used(tiny, tmp_path, capsys):
+    import shutil
+
+    from alignbench.analysis.runs import load_local_runs
+
+    _, out = tiny
+    folder = tmp_path / "tiny"
+    shutil.copytree(_run_dir(out), folder / "sft-seed0-x")
+    samples = folder / "sft-seed0-x" / "samples.jsonl"
+    samples.write_bytes(samples.read_bytes()[:-50])
+    (run,) = load_local_runs(folder)
+    assert run.samples_path is None and run.history
+    assert f"{samples} has changed since it was written" in capsys.readouterr().err
+
+
+def test_a_finished_run_with_a_truncated_metrics_json_runs_again_and_keeps_the_bad_file(tiny, tmp_path, capsys):
+    import json
+    import shutil
+
+    path, out = tiny
+    copy = tmp_path / "runs"
+    shutil.copytree(out, copy)
+    run_dir = _run_dir(copy)
+    good = json.loads((run_dir / "metrics.json").read_text())
+    bad = (run_dir / "metrics.json").read_bytes()[:200]
+    (run_dir / "metrics.json").write_bytes(bad)
+    cache = snapshot(copy / "cache")
+    rc, err = run_cli(["run", str(path), "method=sft", "--out", str(copy)], capsys)
+    assert rc == 0 and f"{run_dir / 'metrics.json'} cannot be read" in err
+    assert (run_dir / "metrics.json.unreadable").read_bytes() == bad
+    again = json.loads((run_dir / "metrics.json").read_text())
+    assert {k: v for k, v in again["metrics"].items() if k != "budget/wall_s"} == {k: v for k, v in good["metrics"].items() if k != "budget/wall_s"}
+    assert snapshot(copy / "cache") == cache
+
+
+def test_a_damaged_cached_sft_model_is_rebuilt_not_used(tiny, tmp_path, capsys):
+    """Issue 21's case: zeros in the middle of the cached SFT model.safetensors. The stage is named
+    in a warning and rebuilt; the run's numbers are those of the undamaged stage."""
+    import json
+    import shutil
+
+    from alignbench import stage_cache
+
+    path, out = tiny
+    copy = tmp_path / "runs"
+    shutil.copytree(out, copy)
+    shutil.rmtree(_run_dir(copy))
+    (stage,) = (copy / "cache").glob("sft-*")
+    (weights,) = stage.rglob("model.safetensors")
+    intact = weights.read_bytes()
+    data = bytearray(intact)
+    middle = len(data) // 2
+    data[middle : middle + len(data) // 4] = bytes(len(data) // 4)
+    weights.write_bytes(bytes(data))
+    stage_cache._VERIFIED.clear()  # as in a new process
+    rc, err = run_cli(["run", str(path), "method=sft", "--out", str(copy)], capsys)
+    assert rc == 0 and f"cached stage {stage} is damaged: {weights} has changed" in err and "rebuilt, not used" in err
+    assert weights.read_bytes() == intact
+    expected = json.loads((_run_dir(out) / "metrics.json").read_text())["metrics"]
+    got = json.loads((_run_dir(copy) / "metrics.json").read_text())["metrics"]
+    assert {k: v for k, v in got.items() if k != "budget/wall_s"} == {k: v for k, v in expected.items() if k != "budget/wall_s"}
