@@ -39,7 +39,7 @@ def test_quickstart_writes_every_contract_file_and_metric(quickstart_dir):
     assert set(runs) == set(load_experiment("quickstart").methods)  # every method and baseline the quickstart lists
     assert {"sft", "best_of_n", "dpo", "ppo", "rlaif", "constitutional"} <= set(runs)
     for method, result in runs.items():
-        assert set(result) == {"experiment", "run_name", "method", "seed", "config", "metrics", "versions"}
+        assert set(result) == {"experiment", "run_name", "method", "seed", "config", "metrics", "versions", "environment", "sha256"}
         missing = [k for k in CONTRACT_EVAL_KEYS if k not in result["metrics"]]
         assert not missing, (method, missing)
         m = result["metrics"]
