@@ -240,7 +240,7 @@ def draw_paired(runs: list[Run], n_boot: int = 1000) -> Drawn:
     seeds = sorted({c.seeds for c in result.comparisons})
     header = (f"Paired comparisons of every pair of policies on the same seeds and test prompts ({'/'.join(map(str, seeds))} seed(s)); "
               f"{result.describe()}; p-values Holm-adjusted over the pairs of each metric. "
-              + " ".join(f"Best group by {PAIRED_METRICS[k]} (not told apart from the best at 5%): {', '.join(result.best_group[k])}." for k in metrics))
+              + " ".join(f"Best group by {PAIRED_METRICS[k]} (not told apart from the best at 5%, Holm over the comparisons with the best): {', '.join(result.best_group[k])}." for k in metrics))
     caption = ("Significance matrices: the difference row − column in each metric, paired on seeds and prompts, starred where its "
                "Holm-adjusted p-value is below 0.05. " + header)
     tables = {"paired.md": header + "\n\n" + format_table(shown, "md"), "paired.csv": frame.to_csv(index=False),

@@ -6,7 +6,9 @@ policy, labels and reward models, the prompts drawn) cancels. Its interval and p
 the two-level bootstrap of the differences (analysis/stats.py): seeds, then prompts within each
 seed, the same draws for a and b. Holm's step-down adjustment runs over all pairs of one metric.
 The *best group* of a metric is the policy with the highest mean and every policy whose
-difference from it is not significant at 5% after the adjustment.
+difference from it is not significant at 5%, Holm-adjusted over the K − 1 comparisons with the
+best (the family of that question; the all-pairs adjustment of `p_holm` is far stricter: with 13
+policies and three seeds it sets almost nothing apart).
 """
 
 from __future__ import annotations
@@ -113,11 +115,10 @@ def paired_comparisons(groups: list[Group], metrics: dict[str, str] = PAIRED_MET
         means[key] = {label: float(v.values.mean()) for label, v in values.items()}
         top = max(means[key], key=means[key].get)
         best[key] = top
-        group = [top]
-        for c in found:
-            other = c.b if c.a == top else c.a if c.b == top else None
-            if other is not None and not c.significant:
-                group.append(other)
+        # The best group asks K − 1 questions (each policy against the best), not K(K − 1)/2: Holm
+        # over those comparisons only, so that three seeds can still set a policy apart from the best.
+        against_top = [c for c in found if top in (c.a, c.b)]
+        group = [top] + [c.b if c.a == top else c.a for c, adjusted in zip(against_top, holm([c.p for c in against_top])) if adjusted >= ALPHA]
         best_group[key] = [label for label in labels if label in group]
     return PairedResult(comparisons, means, best, best_group, intervals)
 

@@ -156,7 +156,7 @@ def results_table(runs, n_boot: int = 1000, fmt: str = "md") -> ResultsTable:
     header = (f"{', '.join(experiments)}: {len(groups)} policies (runs grouped by their whole config except the seed), "
               f"{'/'.join(map(str, seeds))} seed(s) each; quality metrics: mean ± half-width of its 95% interval over several seeds, "
               f"mean [low, high] for one seed; " + describe_intervals(intervals, what="intervals") + "; budgets: means over seeds.")
-    best = " ".join(f"{BEST_MARK} best group by {PAIRED_METRICS[k]}: {', '.join(v)} (not told apart from the best: paired bootstrap of the differences over seeds and prompts, Holm-adjusted p >= 0.05; figures/paired.md)."
+    best = " ".join(f"{BEST_MARK} best group by {PAIRED_METRICS[k]}: {', '.join(v)} (not told apart from the best: paired bootstrap of the differences over seeds and prompts, p >= 0.05 Holm-adjusted over the comparisons with the best; figures/paired.md)."
                     for k, v in paired.best_group.items())
     notes = (best + " " if best else "") + KL_NOTE
     return ResultsTable(pd.DataFrame(rows), pd.DataFrame(numbers), header, notes)

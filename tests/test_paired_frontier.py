@@ -238,3 +238,25 @@ def test_the_frontier_sweep_varies_every_kl_knob_five_times():
     for i in range(5):
         config = from_dict(ExperimentConfig, apply_overrides({**base, **data}, {k: v[i] for k, v in zipped.items()}))
         assert {m.split(".")[0] for m in zipped} <= set(config.methods)
+
+
+def test_the_best_group_adjusts_over_the_comparisons_with_the_best_not_every_pair(tmp_path):
+    """13 policies on 3 seeds: `good` beats twelve equal ones by 0.05 with a little seed noise. Holm
+    over all 78 pairs cannot set it apart (three seeds give p of a few thousandths at best); over
+    the 12 comparisons with the best it does."""
+    from alignbench.analysis.paired import paired_comparisons
+    from alignbench.analysis.stats import holm
+
+    rng = np.random.default_rng(1)
+    for seed in range(3):
+        base = np.clip(0.5 + rng.normal(0, 0.1) + rng.normal(0, 0.2, P), -5, 5)
+        write_run(tmp_path, "exp", "good", seed, base + 0.05 + rng.normal(0, 0.003), win=np.full(P, 0.5))
+        for k in range(12):
+            write_run(tmp_path, "exp", f"same{k:02d}", seed, base + rng.normal(0, 0.001, P), win=np.full(P, 0.5))
+    result = paired_comparisons(group_runs(load_local_runs(tmp_path / "exp")), n_boot=500)
+    gold = [c for c in result.comparisons if c.metric == "eval/gold_reward"]
+    against_good = [c for c in gold if "good" in (c.a, c.b)]
+    assert len(gold) == 78 and len(against_good) == 12
+    assert not any(c.significant for c in against_good)  # all-pairs Holm: nothing set apart
+    assert max(holm([c.p for c in against_good])) < 0.05
+    assert result.best["eval/gold_reward"] == "good" and result.best_group["eval/gold_reward"] == ["good"]
