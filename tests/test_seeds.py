@@ -78,11 +78,12 @@ def test_a_finished_run_made_under_another_default_is_refused_not_reused(tmp_pat
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     recorded = run_config_dict(config)
-    (run_dir / "metrics.json").write_text(json.dumps({"config": recorded, "metrics": {"eval/win_rate": 0.6}}))
+    identity = {"experiment": "quickstart", "run_name": "dpo-seed0-x", "method": "dpo", "seed": 0}
+    (run_dir / "metrics.json").write_text(json.dumps({**identity, "config": recorded, "metrics": {"eval/win_rate": 0.6}}))
     assert finished_result(run_dir, config)["metrics"] == {"eval/win_rate": 0.6}
     recorded["dpo"]["beta"] = 0.3  # as if dpo.beta's default were 0.3 when the run was made
     recorded["a_field_of_an_older_release"] = 1  # keys one side lacks are not compared
-    (run_dir / "metrics.json").write_text(json.dumps({"config": recorded, "metrics": {}}))
+    (run_dir / "metrics.json").write_text(json.dumps({**identity, "config": recorded, "metrics": {}}))
     with pytest.raises(ConfigError, match=r"dpo\.beta: 0\.3 -> 0\.1.*Delete"):
         finished_result(run_dir, config)
 
