@@ -17,8 +17,9 @@ the response of another example of the batch, which does not answer it), detache
 On the world the labels are binary thumbs from the simulated annotators on the labels stage's
 sampled responses (one label per response, counted in `budget/human_labels`); `examples: pairs`
 takes them from the preference pairs instead (chosen → desirable, rejected → undesirable, the
-paper's ablation). Defaults: β = 0.1 and λ_D = λ_U = 1, the authors' (about half of the world's
-sampled responses are desirable, so no reweighting is needed, sec. 4.2); batches of 32, HALOs'
+paper's ablation). Defaults: β = 1 (the authors' 0.1 drifts far from the reference on the world:
+see `beta`) and λ_D = λ_U = 1, the authors' (about half of the world's sampled responses are
+desirable, so no reweighting is needed, sec. 4.2); batches of 32, HALOs'
 default, so that each z₀ averages enough mismatched pairs.
 """
 
@@ -68,8 +69,10 @@ def kto_loss(
 class KTOConfig(OfflineConfig):
     """KTO on desirable / undesirable responses."""
 
-    beta: float = 0.1
-    """β: how sharply the value saturates (higher stays closer to the reference)."""
+    beta: float = 1.0
+    """β: how sharply the value saturates (higher stays closer to the reference). The paper's 0.1
+    lets the world's tiny policy push undesirable responses down without bound (quickstart labels,
+    one seed: β 0.1 win rate 0.413 at KL 9.5; 0.5: 0.518 at KL 2.65; 1.0: 0.547 [0.528, 0.565] at KL 1.32)."""
     desirable_weight: float = 1.0
     """λ_D, the weight of the desirable responses' losses."""
     undesirable_weight: float = 1.0

@@ -13,7 +13,7 @@ is used: the regulariser plays the KL term's part. The SFT targets y_ref are her
 responses of the pairs, the data the run holds (HALOs does the same); the summed NLL of each
 pair's chosen response is its regulariser.
 
-Defaults: δ = 1 and λ = 0.1, HALOs' SLiC config. The implicit reward logged is log π(y|x).
+Defaults: δ = 10 (HALOs' SLiC config has 1, which barely moves the world's policy: see `delta`) and λ = 0.1, HALOs'. The implicit reward logged is log π(y|x).
 """
 
 from __future__ import annotations
@@ -43,8 +43,10 @@ def slic_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Te
 class SLiCConfig(OfflineConfig):
     """SLiC-HF on the experiment's preference pairs."""
 
-    delta: float = 1.0
-    """Margin δ of the hinge, in nats of summed log-likelihood."""
+    delta: float = 10.0
+    """Margin δ of the hinge, in nats of summed log-likelihood. The paper's 1.0 is met by most of the
+    world's pairs from the start, so the policy barely moves (quickstart labels, one seed: δ 1 win
+    rate 0.504; 5: 0.545 at KL 0.52; 10: 0.584 [0.566, 0.602] at KL 0.36)."""
     reg_weight: float = 0.1
     """Weight λ of the regulariser, the summed NLL of each pair's chosen response (0: none)."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_ratio=0.1))
