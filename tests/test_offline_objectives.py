@@ -259,7 +259,7 @@ def test_kto_step_scores_mismatched_pairs_and_logs_the_shared_statistics(codec, 
     assert torch.equal(batch.desirable, torch.tensor([True] * 5 + [False] * 5))
     # Prompt i is scored with the response of example i + 1.
     assert batch.mismatched.input_ids[0].tolist()[: len(codec.encode_prompt(prompts[0]))] == codec.encode_prompt(prompts[0])
-    method = make_method(KTO, KTOConfig(precompute_reference=False), codec, policy, reference)
+    method = make_method(KTO, KTOConfig(beta=0.1, precompute_reference=False), codec, policy, reference)
     loss, logged = run_step(method, batch)
     with torch.no_grad():
         lr = sequence_logprobs(policy, batch.responses)[1] - sequence_logprobs(reference, batch.responses)[1]
@@ -328,13 +328,13 @@ def test_bad_configs_name_the_key_the_value_and_what_is_accepted(cls, kwargs, me
         cls(**kwargs)
 
 
-def test_defaults_follow_the_papers_and_the_authors_code():
+def test_defaults_follow_the_papers_and_the_authors_code_except_where_the_world_needs_otherwise():
     assert (IPOConfig().tau, IPOConfig().length_normalized) == (0.1, False)
-    assert (SLiCConfig().delta, SLiCConfig().reg_weight) == (1.0, 0.1)
+    assert (SLiCConfig().delta, SLiCConfig().reg_weight) == (10.0, 0.1)  # HALOs: delta 1, too small a margin on the world
     assert (SimPOConfig().beta, SimPOConfig().gamma_beta_ratio) == (2.0, 0.5)
     assert ORPOConfig().lam == 0.1
     k = KTOConfig()
-    assert (k.beta, k.desirable_weight, k.undesirable_weight, k.examples) == (0.1, 1.0, 1.0, "thumbs")
+    assert (k.beta, k.desirable_weight, k.undesirable_weight, k.examples) == (1.0, 1.0, 1.0, "thumbs")  # the paper: beta 0.1
     assert (DPOConfig().label_smoothing, DPOConfig().soft_labels) == (0.0, True)
     assert not SimPO.needs_reference and not ORPO.needs_reference and not SLiC.needs_reference
     assert IPO.needs_reference and KTO.needs_reference and DPO.needs_reference
