@@ -27,6 +27,7 @@ import numpy as np
 from alignbench.config import ConfigError
 from alignbench.judges import LMJudge
 from alignbench.models import TextCodec
+from alignbench.reward import MAX_CHARS_PER_TOKEN
 from alignbench.training import OptimConfig
 from alignbench.world import (
     GENERAL_RULE,
@@ -145,6 +146,7 @@ def world_judge(model, codec: TextCodec, c: AILabelerConfig, world: AssistantWor
         comparison_template=c.comparison_template or JUDGMENT_REQUEST, answer_words=c.answer_words or JUDGMENT_ANSWERS,
         rating_template=c.rating_template or RATING_REQUEST, rating_words=c.rating_words or RATING_ANSWERS,
         principle_sampling=principle_sampling, min_answer_mass=c.min_answer_mass,
+        max_response_chars=c.max_length * MAX_CHARS_PER_TOKEN,  # a response longer than the whole request may be is cut
     )
 
 

@@ -163,7 +163,7 @@ class LMJudge:
     def __init__(
         self, model, codec, principles: Sequence[str], comparison_template: str, answer_words: Sequence[str] = ("A", "B"),
         rating_template: str | None = None, rating_words: Sequence[str] = (), principle_sampling: str = "all",
-        min_answer_mass: float = 1e-3, batch_size: int = 256,
+        min_answer_mass: float = 1e-3, batch_size: int = 256, max_response_chars: int | None = None,
     ):
         if not principles:
             raise ValueError("an LM judge needs at least one principle")
@@ -174,16 +174,23 @@ class LMJudge:
         self.model, self.codec, self.principles = model.eval(), codec, list(principles)
         self.comparison_template, self.rating_template = comparison_template, rating_template
         self.principle_sampling, self.min_answer_mass, self.batch_size = principle_sampling, min_answer_mass, batch_size
+        # A response is cut before it enters a request, so that no response (a 20 MB dataset row)
+        # makes the judge tokenise and attend over it whole; None: responses go in as they are.
+        self.max_response_chars = max_response_chars
         self.answer_ids = answer_token_ids(codec.tokenizer, answer_words)
         self.rating_ids = answer_token_ids(codec.tokenizer, rating_words) if rating_words else []
         self.rating_values = torch.tensor([float(w) for w in rating_words]) if rating_words else None
         self.abstentions = 0
         self.queries = 0
 
+    def _cut(self, response: str) -> str:
+        return response if self.max_response_chars is None else response[: self.max_response_chars]
+
     # --- one order ---------------------------------------------------------------------
     def first_preferred(self, prompts: Sequence[str], firsts: Sequence[str], seconds: Sequence[str], principles: Sequence[str]) -> np.ndarray:
         """P(the response shown first is better) for each request, in one presentation order."""
-        requests = [self.comparison_template.format(rule=r, prompt=p, a=a, b=b) for p, a, b, r in zip(prompts, firsts, seconds, principles)]
+        cut = self._cut
+        requests = [self.comparison_template.format(rule=r, prompt=p, a=cut(a), b=cut(b)) for p, a, b, r in zip(prompts, firsts, seconds, principles)]
         self.queries += len(requests)
         logprobs = next_token_logprobs(self.model, self.codec, requests, self.answer_ids, self.batch_size)
         mass = logprobs.exp().sum(-1)
@@ -225,7 +232,7 @@ class LMJudge:
         if self.rating_template is None or self.rating_values is None:
             raise ValueError("this LM judge has no rating template and rating words, so it cannot score single responses")
         prompts, responses = list(prompts), list(responses)
-        requests = [self.rating_template.format(rule=r, prompt=p, response=y) for p, y in zip(prompts, responses) for r in self.principles]
+        requests = [self.rating_template.format(rule=r, prompt=p, response=self._cut(y)) for p, y in zip(prompts, responses) for r in self.principles]
         self.queries += len(requests)
         probs = torch.softmax(next_token_logprobs(self.model, self.codec, requests, self.rating_ids, self.batch_size), dim=-1)
         expected = (probs * self.rating_values).sum(-1) / self.rating_values.max()

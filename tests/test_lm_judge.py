@@ -108,3 +108,14 @@ def test_simulated_annotator_profiles_have_the_accuracy_and_position_bias_they_a
     assert gap > 0
     correct = [annotator.label_pair(prompt, better, worse, rng).chosen == better for _ in range(n)]
     assert abs(np.mean(correct) - flip(sigmoid(gap / config.temperature + config.position_bias))) < 0.02
+
+
+def test_a_huge_response_is_cut_before_it_enters_the_judges_request(saved_judge_model):
+    """A 20 MB response is judged (and rated) as its first max_response_chars characters: the
+    request never holds it whole."""
+    judge = make_judge(saved_judge_model, max_response_chars=200)
+    prompt, short = "list 3 fruits", "apple banana cherry"
+    huge = ("banana " * 3_000_000)[: 20_000_000]
+    cut = huge[:200]
+    np.testing.assert_array_equal(judge.prefer_batch([prompt], [huge], [short]), judge.prefer_batch([prompt], [cut], [short]))
+    np.testing.assert_array_equal(judge.score_batch([prompt], [huge]), judge.score_batch([prompt], [cut]))

@@ -32,7 +32,7 @@ BUILD: dict[str, Build] = {
     "reward_models": Build(2, ("stages/reward_models.py", *SHARED), "ccec0f1ecf85741c"),
     "reference_samples": Build(1, ("stages/reference_samples.py", *SHARED), "1798e7dcfd3f8781"),
     "candidates": Build(1, ("stages/candidates.py", *SHARED), "ef356c910ec6ecec"),
-    "ai_labeler": Build(1, ("stages/ai_labeler.py", "ai_feedback.py", *SHARED), "18b014d4b0de3c84"),
+    "ai_labeler": Build(1, ("stages/ai_labeler.py", "ai_feedback.py", *SHARED), "9efe3748dad713a0"),
     "ai_labels": Build(1, ("stages/ai_labels.py", "stages/ai_labeler.py", *SHARED), "c28e92d280e61ebc"),
     # 2: trained by the one `train_reward_model`, which honours reward_model.architecture and LoRA
     # (version 1 always built the backbone + head, without adapters).
