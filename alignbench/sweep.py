@@ -282,9 +282,13 @@ def run_seeds_in_processes(experiment: str, overrides: list[str], out: Path, fol
 
     (folder / "logs").mkdir(parents=True, exist_ok=True)
     pending, running, free, failed = deque(seeds), {}, list(range(workers)), []
-    started = time.perf_counter()
+    started = last_report = time.perf_counter()
     try:
         while pending or running:
+            if time.perf_counter() - last_report > 60:  # the seeds' logs are files: say where each one is
+                last_report = time.perf_counter()
+                for seed, _, log_path in running.values():
+                    log(f"seed {seed} at {last_report - started:.0f}s: {_last_step(log_path)}")
             while pending and free:
                 seed, slot = pending.popleft(), free.pop(0)
                 log_path = folder / "logs" / f"seed{seed}.log"
@@ -308,6 +312,15 @@ def run_seeds_in_processes(experiment: str, overrides: list[str], out: Path, fol
         raise
     if failed:
         raise ConfigError(f"seed(s) {', '.join(map(str, failed))} failed; their logs are in {folder / 'logs'}. Run the same command again to resume them")
+
+
+def _last_step(log_path: Path) -> str:
+    """The last line alignbench logged (progress bars aside) in a seed's log."""
+    try:
+        lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.startswith("[alignbench]")]
+    except FileNotFoundError:
+        return "starting"
+    return lines[-1].removeprefix("[alignbench] ") if lines else "starting"
 
 
 def summary(runs: list[SweepRun], folder: Path) -> str:
