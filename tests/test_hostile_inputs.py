@@ -148,17 +148,11 @@ def tiny(tmp_path_factory):
     """A tiny experiment file, its output folder and one finished `sft` run (stages built once)."""
     import yaml
 
+    from alignbench.config import apply_overrides, parse_overrides
     from tests.conftest import TINY_OVERRIDES
 
     folder = tmp_path_factory.mktemp("hostile")
-    data: dict = {}
-    for override in TINY_OVERRIDES + ["tracking.wandb=disabled"]:
-        key, value = override.split("=", 1)
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+    data = apply_overrides({}, parse_overrides(TINY_OVERRIDES + ["tracking.wandb=disabled"]))  # the overrides as a YAML file's sections
     path = folder / "tiny.yaml"
     path.write_text(yaml.safe_dump({"name": "tiny", "methods": ["sft"], **data}))
     out = folder / "runs"

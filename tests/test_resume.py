@@ -70,14 +70,9 @@ def experiment(tmp_path_factory):
         "ppo.iterations=6", "rejection_sampling.rounds=3", "rejection_sampling.kl_every=2", "eval.eval_every=2",
         "trainer.checkpoint_every=1", "tracking.wandb=disabled",
     ]
-    data = {}
-    for override in overrides:
-        key, value = override.split("=", 1)
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+    from alignbench.config import apply_overrides, parse_overrides
+
+    data = apply_overrides({}, parse_overrides(overrides))  # the overrides as a YAML file's sections
     path = folder / "tiny.yaml"
     path.write_text(yaml.safe_dump({"name": "uninterrupted", "methods": ["ppo"], **data}))
     out = folder / "runs"
