@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import lightning as L
+import numpy as np
 import torch
 from datasets import Dataset
 from torch.utils.data import DataLoader
@@ -197,8 +198,9 @@ class UnpairedBatch:
 
     responses: PackedBatch [B, T]; desirable: BoolTensor [B]; response_index: [B] position of each
     response in the dataset (for precomputed reference log-probs); mismatched: PackedBatch [B, T'],
-    prompt i followed by the response of example (i + 1) mod B: responses that do not answer their
-    prompt, for KTO's estimate of KL(π‖π_ref) (Ethayarajh et al. 2024, sec. 4.1).
+    prompt i followed by the response of its mismatched partner (`mismatched_partners`): responses
+    that do not answer their prompt, for KTO's estimate of KL(π‖π_ref) (Ethayarajh et al. 2024,
+    sec. 4.1).
     """
 
     responses: PackedBatch
@@ -214,8 +216,24 @@ class UnpairedBatch:
         return UnpairedBatch(self.responses.to(device), self.desirable.to(device), self.response_index.to(device), self.mismatched.to(device))
 
 
+def mismatched_partners(num_records: int, seed: int) -> list[int]:
+    """For each record, the record whose response its prompt is scored with in KTO's mismatched
+    pairs: a seeded random permutation rotated by one, so no record is its own partner (with two
+    records or more) and the pairing is fixed for the whole run, as TRL's KTOTrainer fixes it when it
+    builds its dataset. Fixed pairs let the reference's log-probs of them be precomputed once. A
+    partner can answer the same prompt (another sample of it) only by chance: about one record in
+    (records / samples per prompt)."""
+    if num_records < 2:
+        return list(range(num_records))
+    order = np.random.default_rng(seed).permutation(num_records)
+    partners = np.empty(num_records, dtype=np.int64)
+    partners[order] = np.roll(order, -1)
+    return partners.tolist()
+
+
 class UnpairedDataModule(L.LightningDataModule):
     """Single labelled responses ({prompt, response, desirable}), `batch_size` per batch, shuffled.
+    Each record also carries a mismatched response, that of its partner (`mismatched_partners`).
 
     num_labels: the labels spent on them (one per record unless given, e.g. the pairs they came from)."""
 
@@ -233,15 +251,17 @@ class UnpairedDataModule(L.LightningDataModule):
             lambda row: {"prompt_ids": codec.encode_prompt(row["prompt"]), "response_ids": codec.encode_responses([row["response"]])[0]},
             desc="tokenising labelled responses",
         )
+        response_ids = self.dataset["response_ids"]
+        partners = mismatched_partners(len(records), seed)
+        self.dataset = self.dataset.add_column("mismatched_ids", [response_ids[j] for j in partners])
 
     def collate(self, rows: list[dict]) -> UnpairedBatch:
         prompts, responses = [r["prompt_ids"] for r in rows], [r["response_ids"] for r in rows]
-        shifted = responses[1:] + responses[:1]
         return UnpairedBatch(
             responses=pack_sequences(prompts, responses, self.codec.pad_token_id, max_length=self.max_length),
             desirable=torch.tensor([r["desirable"] for r in rows], dtype=torch.bool),
             response_index=torch.tensor([r["index"] for r in rows]),
-            mismatched=pack_sequences(prompts, shifted, self.codec.pad_token_id, max_length=self.max_length),
+            mismatched=pack_sequences(prompts, [r["mismatched_ids"] for r in rows], self.codec.pad_token_id, max_length=self.max_length),
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -252,7 +272,8 @@ class UnpairedDataModule(L.LightningDataModule):
         """The rows in order, `batch_size` per batch, within `max_tokens` padded tokens if given."""
         if max_tokens is None:
             return DataLoader(self.dataset.with_format(None), batch_size=batch_size, shuffle=False, collate_fn=self.collate)
-        costs = [(1, min(self.max_length, len(p) + len(r))) for p, r in zip(self.dataset["prompt_ids"], self.dataset["response_ids"])]
+        rows = zip(self.dataset["prompt_ids"], self.dataset["response_ids"], self.dataset["mismatched_ids"])
+        costs = [(1, min(self.max_length, len(p) + max(len(r), len(m)))) for p, r, m in rows]
         return DataLoader(self.dataset.with_format(None), batch_sampler=batches_within(costs, batch_size, max_tokens), collate_fn=self.collate)
 
 

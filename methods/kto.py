@@ -11,8 +11,10 @@ more likely under the policy than the policy's average drift (eq. 8):
               λ_U σ(β (z₀ − r(x, y)))   if y is undesirable
     L_KTO   = E[ λ_y − v(x, y) ].
 
-z₀ is estimated as the authors' code does: the mean log-ratio of mismatched pairs (prompt i with
-the response of another example of the batch, which does not answer it), detached and clamped at 0.
+z₀ is estimated as the authors' code does: the mean log-ratio of the batch's mismatched pairs (each
+example's prompt with the response of another example, which does not answer it), detached and
+clamped at 0. As in TRL, each example's partner is fixed for the run, so the reference's log-probs
+of the mismatched pairs are precomputed with the others' and each step scores only the policy.
 
 On the world the labels are binary thumbs from the simulated annotators on the labels stage's
 sampled responses (one label per response, counted in `budget/human_labels`); `examples: pairs`

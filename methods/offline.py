@@ -93,11 +93,13 @@ class OfflineMethod(AlignmentMethod):
     feedback = "preferences"
     needs_token_logprobs: ClassVar[bool] = False
     """The objective reads per-token log-probs and the response mask, not only their sums."""
+    reference_scored: ClassVar[tuple[str, ...]] = ("responses",)
+    """The batch's PackedBatch fields whose reference log-probs are precomputed, one value per record."""
 
     def __init__(self, config, context):
         super().__init__(config, context)
-        self._reference_cache: torch.Tensor | None = None
-        """[num_responses] summed reference log-probs, when precomputed (`on_data`)."""
+        self._reference_cache: dict[str, torch.Tensor] = {}
+        """Field of `reference_scored` -> [num_responses] summed reference log-probs, when precomputed (`on_data`)."""
 
     def on_data(self, data) -> None:
         """Count the data's labels and precompute the reference on its responses if the config asks."""
@@ -111,16 +113,22 @@ class OfflineMethod(AlignmentMethod):
             self._reference_cache = self._precompute_reference(data)
 
     @torch.no_grad()
-    def _precompute_reference(self, data) -> torch.Tensor:
-        """[num_responses] summed reference log-probs of every distinct response, in dataset order:
-        64 prompts a batch (as always on the world), fewer where their logits would pass
-        REFERENCE_LOGITS (a 152k vocabulary at 512 tokens once asked for tens of GB)."""
-        out = torch.empty(data.num_responses)
+    def _precompute_reference(self, data) -> dict[str, torch.Tensor]:
+        """For each field of `reference_scored`, [num_responses] summed reference log-probs of every
+        distinct response, in dataset order: 64 prompts a batch (as always on the world), fewer where
+        their logits would pass REFERENCE_LOGITS (a 152k vocabulary at 512 tokens once asked for tens of GB)."""
+        out = {name: torch.empty(data.num_responses) for name in self.reference_scored}
         max_tokens = max(1, REFERENCE_LOGITS // len(self.context.codec.tokenizer))
         with evaluation_mode(self.context.reference):
             for batch in data.ordered_dataloader(batch_size=64, max_tokens=max_tokens):
-                out[batch.response_index] = sequence_logprobs(self.context.reference, batch.responses)[1].cpu()
+                for name, values in out.items():
+                    values[batch.response_index] = sequence_logprobs(self.context.reference, getattr(batch, name))[1].cpu()
         return out
+
+    def precomputed_reference(self, name: str, response_index: torch.Tensor, device) -> torch.Tensor | None:
+        """The precomputed summed reference log-probs of field `name` of a batch's records, or None."""
+        cache = self._reference_cache.get(name)
+        return None if cache is None else cache.to(device)[response_index]
 
     def score(self, responses: PackedBatch, response_index: torch.Tensor) -> tuple[ResponseLogProbs, ResponseLogProbs | None]:
         """The policy's log-probs of `responses` (one forward, with gradients) and, when the objective
@@ -132,8 +140,8 @@ class OfflineMethod(AlignmentMethod):
         policy = ResponseLogProbs(summed, lengths, per_token if tokens else None, mask if tokens else None)
         if not self.needs_reference:
             return policy, None
-        if self._reference_cache is not None:
-            return policy, ResponseLogProbs(self._reference_cache.to(summed.device)[response_index], lengths)
+        if (cached := self.precomputed_reference("responses", response_index, summed.device)) is not None:
+            return policy, ResponseLogProbs(cached, lengths)
         with torch.no_grad():
             ref_tokens, ref_summed = sequence_logprobs(self.context.reference, responses)
         ref_summed = ref_summed.to(summed.device)
@@ -181,9 +189,12 @@ class UnpairedPreferenceMethod(OfflineMethod):
     """Learns from single responses labelled desirable or undesirable (KTO); subclasses implement
     `unpaired_data` (the labelled records) and `loss`.
 
-    Each batch also holds mismatched examples (prompt i with another example's response) for an
-    estimate of KL(π‖π_ref) that needs no preference (KTO's reference point); they are scored under
-    no_grad by the policy and the reference."""
+    Each record also has a mismatched example (its prompt with another record's response, fixed for
+    the run) for an estimate of KL(π‖π_ref) that needs no preference (KTO's reference point); they
+    are scored under no_grad by the policy, and by the reference once before training (with
+    `precompute_reference`) or in each step."""
+
+    reference_scored = ("responses", "mismatched")
 
     def unpaired_data(self) -> tuple[list[dict], int]:
         """The records ({prompt, response, desirable}) and the number of labels behind them."""
@@ -208,7 +219,11 @@ class UnpairedPreferenceMethod(OfflineMethod):
         policy, reference = self.score(batch.responses, batch.response_index)
         with torch.no_grad():
             policy_mismatched = sequence_logprobs(self.policy, batch.mismatched)[1]
-            reference_mismatched = sequence_logprobs(self.context.reference, batch.mismatched)[1].to(policy_mismatched.device) if self.needs_reference else None
+            reference_mismatched = None
+            if self.needs_reference:
+                reference_mismatched = self.precomputed_reference("mismatched", batch.response_index, policy_mismatched.device)
+                if reference_mismatched is None:
+                    reference_mismatched = sequence_logprobs(self.context.reference, batch.mismatched)[1].to(policy_mismatched.device)
         objective = self.loss(policy, reference, policy_mismatched, reference_mismatched, batch)
         return self.log_objective(objective, batch.responses, batch.size)
 

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from alignbench.annotator import AnnotatorConfig, SimulatedAnnotator, thumbs_records
-from alignbench.data import PreferenceDataModule, UnpairedDataModule, preference_rows, unpaired_from_pairs
-from alignbench.logprobs import sequence_logprobs
+from alignbench.data import PreferenceDataModule, UnpairedDataModule, mismatched_partners, preference_rows, unpaired_from_pairs
+from alignbench.logprobs import pack_sequences, sequence_logprobs
 from alignbench.methods.dpo import DPOConfig, DPO, dpo_loss
 from alignbench.methods.ipo import IPO, IPOConfig, ipo_loss
 from alignbench.methods.kto import KTO, KTOConfig, kto_loss
@@ -257,10 +257,22 @@ def test_kto_step_scores_mismatched_pairs_and_logs_the_shared_statistics(codec, 
     data = UnpairedDataModule(records, codec, batch_size=10, max_length=40, shuffle=False)
     batch = next(iter(data.train_dataloader()))
     assert torch.equal(batch.desirable, torch.tensor([True] * 5 + [False] * 5))
-    # Prompt i is scored with the response of example i + 1.
-    assert batch.mismatched.input_ids[0].tolist()[: len(codec.encode_prompt(prompts[0]))] == codec.encode_prompt(prompts[0])
+    # Record i's prompt is scored with the response of its partner, another record.
+    partners = mismatched_partners(10, seed=0)
+    assert sorted(partners) == list(range(10)) and all(j != i for i, j in enumerate(partners))
+    expected = pack_sequences([codec.encode_prompt(r["prompt"]) for r in records],
+                              [codec.encode_responses([records[j]["response"]])[0] for j in partners], codec.pad_token_id, max_length=40)
+    assert torch.equal(batch.mismatched.input_ids, expected.input_ids)
+    assert torch.equal(next(iter(data.train_dataloader())).mismatched.input_ids, expected.input_ids)  # fixed across epochs
     method = make_method(KTO, KTOConfig(beta=0.1, precompute_reference=False), codec, policy, reference)
     loss, logged = run_step(method, batch)
+    # Precomputing the reference's log-probs (of the responses and of the mismatched pairs) changes nothing.
+    precomputed = make_method(KTO, KTOConfig(beta=0.1, precompute_reference=True), codec, policy, reference)
+    precomputed.on_data(data)
+    assert set(precomputed._reference_cache) == {"responses", "mismatched"}
+    loss_precomputed, logged_precomputed = run_step(precomputed, batch)
+    assert torch.allclose(loss_precomputed, loss, atol=1e-6)
+    assert torch.allclose(logged_precomputed["reference_point"], logged["reference_point"], atol=1e-6)
     with torch.no_grad():
         lr = sequence_logprobs(policy, batch.responses)[1] - sequence_logprobs(reference, batch.responses)[1]
         z0 = (sequence_logprobs(policy, batch.mismatched)[1] - sequence_logprobs(reference, batch.mismatched)[1]).mean().clamp(min=0)
