@@ -10,6 +10,7 @@ figure with its caption, or raises `Skipped` saying which runs it needs.
 6. helpfulness vs harmlessness across iterations (Llama 2)      `draw_iterations`
 7. gold and proxy reward vs √KL (Gao et al. 2022)               `draw_overoptimization`
 8. training curves with seed bands                              `draw_training_curves`
+   gold reward vs policy samples and vs KL of online methods    `draw_sample_efficiency`
 (9, the results table, is in `tables.py`.)
 """
 
@@ -557,7 +558,7 @@ def _best_of_n_curves(runs: list[Run]) -> list[tuple[Group, dict[int, list[Run]]
     """Methods swept over their own `n` (best-of-n), with a KL known in closed form."""
     curves = []
     for curve in group_runs(runs, ignore=lambda key, method: key == f"{method}.n"):
-        points = _by_setting([r for r in curve.runs if GOLD in r.metrics and PROXY in r.metrics], lambda r: r.settings.get(f"{r.method}.n"))
+        points = _by_setting([r for r in curve.runs if all(k in r.metrics for k in (GOLD, PROXY, KL))], lambda r: r.settings.get(f"{r.method}.n"))
         if len(points) >= 2:
             curves.append((curve, points))
     return curves
@@ -576,8 +577,6 @@ def _checkpoint_curves(runs: list[Run]) -> list[tuple[Group, list[float], list[d
 
 
 def draw_overoptimization(runs: list[Run]) -> Drawn:
-    from alignbench.evaluation import best_of_n_kl
-
     best_of_n, checkpoints = _best_of_n_curves(runs), _checkpoint_curves(runs)
     if not best_of_n and not checkpoints:
         raise Skipped("needs best-of-n runs at two or more n, or PPO runs with two or more periodic checkpoints (eval.eval_every > 0): experiments/paper/overoptimization.yaml")
@@ -593,7 +592,8 @@ def draw_overoptimization(runs: list[Run]) -> Drawn:
             if kind == "best_of_n":
                 points = entry[1]
                 ns = list(points)
-                x = [math.sqrt(best_of_n_kl(int(n))) for n in ns]
+                # Each run's own eval/kl: tie-aware, from its candidates (log n − (n−1)/n only without ties).
+                x = [math.sqrt(max(seed_interval([r.metrics[KL] for r in points[n]]).mean, 0.0)) for n in ns]
                 gold = [seed_interval([r.metrics[GOLD] for r in points[n]]).mean for n in ns]
                 proxy = [seed_interval([r.metrics[PROXY] for r in points[n]]).mean for n in ns]
                 for xi, n, g in zip(x, ns, gold):
@@ -609,11 +609,12 @@ def draw_overoptimization(runs: list[Run]) -> Drawn:
             ax.plot(x, proxy, color=colour, marker=marker_of(index), linestyle="--", markerfacecolor="white", label=f"{curve.label}: proxy (RM)")
         ax.set_xlabel("√KL(π ‖ π_SFT)  (√nats)")
         ax.set_ylabel("Reward")
-        ax.set_title("Best-of-n over n (analytic KL, test prompts)" if kind == "best_of_n" else "Over training (validation checkpoints)")
+        ax.set_title("Best-of-n over n (test prompts)" if kind == "best_of_n" else "Over training (validation checkpoints)")
         _legend(ax)
         _despine(ax)
         if kind == "best_of_n":
-            caption.append("best-of-n at each n against √KL with KL = log n − (n−1)/n (analytic), test prompts")
+            caption.append("best-of-n at each n against √KL with each run's eval/kl (tie-aware, from its candidates' log-probabilities; "
+                           "log n − (n−1)/n holds only when no two candidates tie), test prompts")
         else:
             caption.append("periodic validation checkpoints over training, in step order (first and last labelled), KL estimated on the policy's samples")
     seeds = sorted({len(entry[0].runs) for entry in best_of_n + checkpoints})
@@ -698,3 +699,65 @@ def draw_training_curves(runs: list[Run]) -> Drawn:
     fig.suptitle(band, x=0.0, ha="left", fontsize=5, color="0.35")
     caption = f"Training curves per policy (rows): loss, estimated KL to SFT, the objective's own metric and the validation win rate where logged; {band}."
     return Drawn("training_curves", "Training curves", fig, caption)
+
+
+# --- 8b. sample efficiency of the online methods --------------------------------------------------
+_SAMPLE_CURVES = ("val/gold_reward", "val/kl")
+
+
+def rollouts_per_step(run: Run) -> int | None:
+    """Policy samples an online method's run draws per training step (an iteration: batch_size
+    prompts × samples_per_prompt), from its config; None for a method that does not sample."""
+    section = run.config.get(run.method)
+    if not isinstance(section, dict) or not {"batch_size", "samples_per_prompt", "iterations"} <= set(section):
+        return None
+    return int(section["batch_size"]) * int(section["samples_per_prompt"])
+
+
+def draw_sample_efficiency(runs: list[Run]) -> Drawn:
+    """Validation gold reward against the policy samples drawn so far and against the validation
+    KL, for every online method with periodic validation (the rlvr experiment): which method turns
+    samples into gold reward fastest, and at what KL."""
+    curves = []
+    for group in group_runs(runs):
+        per_step = {rollouts_per_step(r) for r in group.runs}
+        if len(per_step) == 1 and None not in per_step and all(len(_series(r, "val/gold_reward")[0]) >= 2 for r in group.runs):
+            curves.append((group, per_step.pop()))
+    if not curves:
+        raise Skipped("needs online methods (ppo, grpo, rloo, ...) validated at two or more steps (eval.eval_every > 0): experiments/rlvr.yaml")
+    plt, colours = _plt(), _group_colours(runs, [group for group, _ in curves])
+    fig, (by_samples, by_kl) = plt.subplots(1, 2, figsize=(FULL_WIDTH, 2.2 + 0.15 * math.ceil(len(curves) / 2)), layout="constrained")
+    seeds, rows = set(), []
+    for index, (group, per_step) in enumerate(curves):
+        colour, marker = colours[group.label], marker_of(index)
+        steps, gold, low, high, n = _seed_band(group.runs, "val/gold_reward")
+        seeds.add(n)
+        samples = steps * per_step
+        by_samples.plot(samples, gold, color=colour, marker=marker, markersize=2.5, linewidth=0.9, label=group.label)
+        if n > 1:
+            by_samples.fill_between(samples, low, high, color=colour, alpha=0.2, linewidth=0)
+        kl_band = _seed_band(group.runs, "val/kl")
+        if kl_band is not None:
+            kl_steps, kl = kl_band[0], kl_band[1]
+            shared = np.intersect1d(steps, kl_steps)
+            by_kl.plot(kl[np.isin(kl_steps, shared)], gold[np.isin(steps, shared)], color=colour, marker=marker, markersize=2.5, linewidth=0.9, label=group.label)
+        rows.append((group.label, n, dict(zip(samples.astype(int).tolist(), gold.tolist()))))
+    by_samples.set_xlabel("Policy samples drawn")
+    by_kl.set_xlabel("KL(π ‖ π_SFT), validation (nats)")
+    for ax in (by_samples, by_kl):
+        ax.set_ylabel("Gold reward (validation)")
+        _despine(ax)
+    # Below both panels: a policy's label carries its settings, too long for inside an axes.
+    handles, labels = by_samples.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(2, len(labels)), frameon=False)
+    counts = "/".join(map(str, sorted(seeds)))
+    band = f"bands: range (min–max) over {counts} seeds around the mean" if max(seeds) > 1 else "one seed per policy (no band)"
+    caption = ("Sample efficiency of the online methods: gold reward on the validation split against the policy samples drawn so "
+               f"far (left; training step × batch_size × samples_per_prompt) and against the KL to SFT at the same checkpoints "
+               f"(right, in training order). Means over {counts} seed(s); {band}; validation points have no intervals "
+               "(gold_vs_samples.md lists them).")
+    columns = sorted({samples for _, _, values in rows for samples in values})
+    table = [f"Gold reward on the validation split after each number of policy samples (mean over {counts} seed(s)).", "",
+             "| policy | seeds | " + " | ".join(map(str, columns)) + " |", "|---|---|" + "---|" * len(columns)]
+    table += [f"| {label} | {n} | " + " | ".join(f"{values[c]:.3f}" if c in values else "" for c in columns) + " |" for label, n, values in rows]
+    return Drawn("gold_vs_samples", "Gold reward vs policy samples (online methods)", fig, caption, {"gold_vs_samples.md": "\n".join(table) + "\n"})

@@ -25,6 +25,7 @@ FIGURES = (
     ("6", "helpfulness_vs_harmlessness", "draw_iterations"),
     ("7", "overoptimization", "draw_overoptimization"),
     ("8", "training_curves", "draw_training_curves"),
+    ("8b", "gold_vs_samples", "draw_sample_efficiency"),
 )
 
 
@@ -57,7 +58,7 @@ def _check_formats(formats: tuple[str, ...]) -> None:
 def plot_directory(directory: Path, wandb_path: str | None = None, formats: tuple[str, ...] = ("png", "pdf"), n_boot: int = 1000) -> list[Path]:
     """Draw every figure the runs support into `directory/figures/`; returns the files written.
 
-    Figures 1–8 as `formats` (PNG and PDF by default), their tables as Markdown and LaTeX (the
+    Figures 1–8b as `formats` (PNG and PDF by default), their tables as Markdown and LaTeX (the
     paired comparisons and the matched-KL table also as CSV), the results table (figure 9) as
     `results.md` / `results.tex` / `results.csv`, and `index.md` with each figure's caption and
     the figures skipped, with what they need. Intervals over several seeds are two-level

@@ -93,7 +93,7 @@ def write_fixture(root: Path) -> Path:
         ("best_of_n", {"n": 1}, 0.0, 0.0), ("best_of_n", {"n": 4}, 0.3, 0.64), ("best_of_n", {"n": 16}, 0.5, 1.84),
         ("dpo", {"beta": 0.05}, 0.6, 1.5), ("dpo", {"beta": 0.1}, 0.5, 0.8), ("dpo", {"beta": 0.5}, 0.2, 0.2),
         ("dpo", {"beta": 0.1, "model.name": "world-tiny"}, 0.3, 0.9),
-        ("ppo", {"kl_coef": 0.1}, 0.4, 0.7), ("rejection_sampling", {"rounds": 3}, 0.35, 0.9),
+        ("ppo", {"kl_coef": 0.1, "batch_size": 16, "samples_per_prompt": 2, "iterations": 30}, 0.4, 0.7), ("rejection_sampling", {"rounds": 3}, 0.35, 0.9),
     ]
     for method, settings, quality, kl in policies:
         for seed in SEEDS:
@@ -303,7 +303,8 @@ def test_overoptimization_gold_and_proxy_against_sqrt_kl(runs, draw):
     assert legend_labels(best_of_n_ax) == ["best_of_n: gold", "best_of_n: proxy (RM)"]
     assert legend_labels(ppo_ax) == ["ppo: gold", "ppo: proxy (RM)"]
     gold = next(line for line in best_of_n_ax.get_lines() if line.get_label() == "best_of_n: gold")
-    assert np.allclose(gold.get_xdata(), [math.sqrt(best_of_n_kl(n)) for n in (1, 4, 16)])
+    assert np.allclose(gold.get_xdata(), [math.sqrt(kl) for kl in (0.0, 0.64, 1.84)])  # the runs' own (tie-aware) eval/kl
+    assert not np.allclose(gold.get_xdata(), [math.sqrt(best_of_n_kl(n)) for n in (1, 4, 16)])  # not the tie-free formula
     ppo_gold = next(line for line in ppo_ax.get_lines() if line.get_label() == "ppo: gold")
     assert len(ppo_gold.get_xdata()) == 3
     assert all(ax.get_xlabel().startswith("√KL") and ax.get_ylabel() == "Reward" for ax in (best_of_n_ax, ppo_ax))
@@ -326,6 +327,34 @@ def test_training_curves_one_row_per_trained_policy_with_seed_bands(runs, draw):
     assert [ax.get_ylabel() for ax in ppo_row] == ["train/loss", "train/kl", "train/accuracy", "val/win_rate"]
 
 
+# --- figure 8b ------------------------------------------------------------------------------------
+def test_sample_efficiency_draws_validation_gold_against_policy_samples_and_kl(runs, draw):
+    from alignbench.analysis.figures import draw_sample_efficiency
+
+    drawn = draw(draw_sample_efficiency, runs)
+    by_samples, by_kl = drawn.figure.axes
+    (ppo,) = [g for g in group_runs(runs) if g.method == "ppo"]  # the only method that samples
+    (line,) = by_samples.get_lines()
+    assert line.get_label() == ppo.label
+    # Validation at steps 10, 20, 30; 16 prompts × 2 samples per step; the mean over the two seeds.
+    assert line.get_xdata().tolist() == [320, 640, 960]
+    expected = [np.mean([row["val/gold_reward"] for r in ppo.runs for row in r.history if row.get("step") == step and "val/gold_reward" in row]) for step in (10, 20, 30)]
+    assert np.allclose(line.get_ydata(), expected)
+    (kl_line,) = by_kl.get_lines()
+    assert np.allclose(kl_line.get_xdata(), [0.7 * step / 30 for step in (10, 20, 30)]) and np.allclose(kl_line.get_ydata(), expected)
+    table = drawn.tables["gold_vs_samples.md"]
+    assert "| 320 | 640 | 960 |" in table and f"| {ppo.label} | 2 | " + " | ".join(f"{v:.3f}" for v in expected) + " |" in table
+    assert "range (min–max) over 2 seeds" in drawn.caption
+
+
+def test_sample_efficiency_is_skipped_without_validated_online_runs(runs):
+    from alignbench.analysis.figures import draw_sample_efficiency
+    from alignbench.analysis.style import Skipped
+
+    with pytest.raises(Skipped, match="experiments/rlvr.yaml"):
+        draw_sample_efficiency([r for r in runs if r.method != "ppo"])
+
+
 # --- figure 9 and the whole command -------------------------------------------------------------------
 def test_plot_directory_writes_every_figure_and_the_tables(fixture_dir, tmp_path):
     import shutil
@@ -336,7 +365,7 @@ def test_plot_directory_writes_every_figure_and_the_tables(fixture_dir, tmp_path
     shutil.copytree(fixture_dir, target)
     written = plot_directory(target, formats=("png",), n_boot=100)
     names = {p.name for p in written}
-    for stem in ("win_rate_vs_sft", "head_to_head", "reward_vs_kl", "win_rate_vs_temperature", "win_rate_vs_model_size", "helpfulness_vs_harmlessness", "overoptimization", "training_curves"):
+    for stem in ("win_rate_vs_sft", "head_to_head", "reward_vs_kl", "win_rate_vs_temperature", "win_rate_vs_model_size", "helpfulness_vs_harmlessness", "overoptimization", "training_curves", "gold_vs_samples"):
         assert f"{stem}.png" in names
     assert {"results.md", "results.tex", "index.md", "bradley_terry.md", "head_to_head.tex"} <= names
     results = (target / "figures" / "results.md").read_text()
@@ -360,7 +389,7 @@ def test_a_directory_without_sweeps_lists_the_skipped_figures(fixture_dir, tmp_p
     written = {p.name for p in plot_directory(target, formats=("png",), n_boot=50)}
     assert {"win_rate_vs_sft.png", "head_to_head.png", "training_curves.png", "results.md"} <= written
     index = (target / "figures" / "index.md").read_text()
-    for stem in ("reward_vs_kl", "win_rate_vs_model_size", "helpfulness_vs_harmlessness", "overoptimization"):
+    for stem in ("reward_vs_kl", "win_rate_vs_model_size", "helpfulness_vs_harmlessness", "overoptimization", "gold_vs_samples"):
         assert f"(`{stem}`)" in index
     assert "figure 3 (reward_vs_kl) skipped: needs runs of one method at two or more settings" in capsys.readouterr().out
 
