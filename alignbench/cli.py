@@ -195,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command not in _NOT_WRITING_OUT:
             check_out_folder(args.out)
+            from alignbench.stage_cache import stage_cache_folder
+
+            stage_cache_folder(Path(args.out))  # a bad ALIGNBENCH_STAGE_CACHE is refused before anything is written
         args.func(args)
     except ConfigError as err:
         print(f"alignbench: error: {err}", file=sys.stderr)

@@ -1,5 +1,9 @@
 """The stage cache: `OUT/cache/<stage>-<hash>/`, content-addressed by the stage's key.
 
+The cache folder is `OUT/cache` unless the environment variable ALIGNBENCH_STAGE_CACHE names
+another one (`stage_cache_folder`): then every output folder reads and builds its stages there,
+so two experiments with different `--out` share the stages their settings have in common.
+
 `StageCache.stage(name, key, build)` returns a stage's folder and summary, building it first
 when no finished copy exists:
 
@@ -34,12 +38,34 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-from alignbench.config import config_hash
+from alignbench.config import ConfigError, config_hash
 from alignbench.records import checksum_problems, environment, folder_checksums
 from alignbench.log import log, warn
 from alignbench.seeding import preserved_global_random_state
 
 SUMMARY = "stage.json"
+
+STAGE_CACHE_VARIABLE = "ALIGNBENCH_STAGE_CACHE"
+"""The environment variable naming a stage cache folder shared by every output folder."""
+
+
+def stage_cache_folder(out: Path) -> Path:
+    """Where the stages of output folder `out` are cached: the folder ALIGNBENCH_STAGE_CACHE names
+    (made if missing; a relative path is taken from the working directory), or `OUT/cache` where it
+    is unset or empty. A value that cannot be a folder (it, or a folder above it, is a file) is a
+    ConfigError naming the variable and its value, raised before any stage is built."""
+    setting = os.environ.get(STAGE_CACHE_VARIABLE, "")
+    if not setting:
+        return Path(out) / "cache"
+    folder = Path(setting).expanduser()
+    for part in [folder, *folder.parents]:
+        if part.exists():
+            if not part.is_dir():
+                what = "is a file, not a folder" if part == folder else f"cannot be a folder: {part} is a file"
+                raise ConfigError(f"{STAGE_CACHE_VARIABLE}={setting} {what}; set it to a folder for the cached stages "
+                                  f"(made if missing), or unset it to cache them in OUT/cache")
+            break
+    return folder
 
 
 def versioned_key(key: dict, version: int) -> dict:
@@ -143,11 +169,12 @@ def _write_summary(directory: Path, summary: dict) -> None:
     os.replace(tmp, directory / SUMMARY)
 
 
-def cached_stage(out: Path, name: str, key: dict, build: Callable[[Path], dict], built_with: Callable[[], dict] | None = None) -> tuple[Path, dict]:
-    """`OUT/cache/<name>-<hash(key)>/` and its summary (`stage.json`), built first if needed.
+def cached_stage(cache: Path, name: str, key: dict, build: Callable[[Path], dict], built_with: Callable[[], dict] | None = None) -> tuple[Path, dict]:
+    """`<cache>/<name>-<hash(key)>/` and its summary (`stage.json`), built first if needed; `cache`
+    is a stage cache folder (`stage_cache_folder(out)`: `OUT/cache` by default).
     `built_with()`: the environment recorded in a stage built now, asked once it is built (a build may
     set the thread count: trainer.threads); by default torch's threads on the CPU."""
-    directory = Path(out) / "cache" / f"{name}-{config_hash(key)}"
+    directory = Path(cache) / f"{name}-{config_hash(key)}"
     remove_stale_temporaries(directory.parent)
     with _lock(directory.parent / f".{directory.name}.lock", f"the lock of the {name} stage {directory.name}"):
         if (directory / SUMMARY).exists() and (summary := verified_summary(directory)) is not None:
@@ -178,6 +205,8 @@ class StageCache:
 
     def __init__(self, out: Path, built_with: Callable[[], dict] | None = None):
         self.out = Path(out)
+        self.folder = stage_cache_folder(self.out)
+        """Where the stages are: `OUT/cache`, or the folder ALIGNBENCH_STAGE_CACHE names."""
         self.built_with = built_with
         """What a stage built now records as its environment (called when it is built)."""
         self._seen: dict[tuple[str, str], tuple[Path, dict]] = {}
@@ -187,7 +216,7 @@ class StageCache:
         key = versioned_key(key, version)
         memo = (name, config_hash(key))
         if memo not in self._seen:
-            self._seen[memo] = cached_stage(self.out, name, key, build, self.built_with)
+            self._seen[memo] = cached_stage(self.folder, name, key, build, self.built_with)
         return self._seen[memo]
 
 

@@ -79,7 +79,12 @@ def run_measured(command: list[str], log_path: Path) -> tuple[float, float]:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+        # Without ALIGNBENCH_STAGE_CACHE: a shared stage cache would hand the quickstart stages built
+        # before, and the benchmark times every stage built from scratch in OUT/cache.
+        from alignbench.stage_cache import STAGE_CACHE_VARIABLE
+
+        env = {k: v for k, v in os.environ.items() if k != STAGE_CACHE_VARIABLE}
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         peak, done = [0], threading.Event()
 
         def sample() -> None:

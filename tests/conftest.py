@@ -55,7 +55,8 @@ def isolated_environment(tmp_path_factory):
     }
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    for key in ("WANDB_MODE", "WANDB_API_KEY"):
+    # ALIGNBENCH_STAGE_CACHE too: the tests' stages go in temporary folders, never in a user's stage cache.
+    for key in ("WANDB_MODE", "WANDB_API_KEY", "ALIGNBENCH_STAGE_CACHE"):
         os.environ.pop(key, None)
     yield Path(home)
     for k, v in old.items():
@@ -63,6 +64,17 @@ def isolated_environment(tmp_path_factory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+def stage_folders_in_log(log: str, stage: str) -> set[Path]:
+    """The folders of stage `stage` that a run's log names as built (`building sft stage -> DIR`)
+    or reused (`reusing cached sft stage DIR (built in 3s)`): the stages the run used, in whichever
+    stage cache they are."""
+    import re
+
+    built = re.findall(rf"building {re.escape(stage)} stage -> (\S+)", log)
+    reused = re.findall(rf"reusing cached {re.escape(stage)} stage (\S+) \(built in", log)
+    return {Path(folder) for folder in built + reused}
 
 
 @pytest.fixture

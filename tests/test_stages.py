@@ -327,3 +327,85 @@ def test_a_process_waiting_for_a_stage_lock_says_what_it_waits_for(tmp_path, cap
     release.join()
     out = capsys.readouterr().out
     assert f"waiting for another process that holds the lock of the toy stage toy-{config_hash({'a': 1})}" in out and str(lock) in out
+
+
+# --- ALIGNBENCH_STAGE_CACHE: one stage cache for every output folder ------------------------
+def test_without_the_variable_each_output_folder_caches_its_stages_in_out_cache(tmp_path, monkeypatch):
+    from alignbench.stage_cache import STAGE_CACHE_VARIABLE, StageCache
+
+    monkeypatch.delenv(STAGE_CACHE_VARIABLE, raising=False)
+    directory, _ = StageCache(tmp_path / "a").stage("toy", {"a": 1}, _toy_build([]))
+    assert directory.parent == tmp_path / "a" / "cache"
+    monkeypatch.setenv(STAGE_CACHE_VARIABLE, "")  # empty: unset
+    directory, _ = StageCache(tmp_path / "b").stage("toy", {"a": 1}, _toy_build([]))
+    assert directory.parent == tmp_path / "b" / "cache"
+
+
+def test_with_the_variable_two_output_folders_build_a_stage_once_and_verify_it(tmp_path, monkeypatch, capsys):
+    """Built once for both output folders, in the variable's folder, with the checksums of any
+    stage: a file damaged there is named and the stage rebuilt."""
+    from alignbench.stage_cache import STAGE_CACHE_VARIABLE, StageCache
+
+    shared = tmp_path / "stages" / "made-if-missing"
+    monkeypatch.setenv(STAGE_CACHE_VARIABLE, str(shared))
+    builds = []
+    first, _ = StageCache(tmp_path / "a").stage("toy", {"a": 1}, _toy_build(builds))
+    _new_process()
+    second, summary = StageCache(tmp_path / "b").stage("toy", {"a": 1}, _toy_build(builds))
+    assert first == second and first.parent == shared and len(builds) == 1 and summary["n"] == 1
+    assert [p.name for p in shared.iterdir() if not p.name.startswith(".")] == [first.name]  # no temporary folder left
+    assert not (tmp_path / "a" / "cache").exists() and not (tmp_path / "b" / "cache").exists()
+    (first / "rows.jsonl").write_text('{"a": 2}\n')
+    _new_process()
+    capsys.readouterr()
+    StageCache(tmp_path / "c").stage("toy", {"a": 1}, _toy_build(builds))
+    assert len(builds) == 2 and f"{first / 'rows.jsonl'} has changed" in capsys.readouterr().err
+
+
+def test_two_experiments_in_different_output_folders_share_their_stages(tmp_path, monkeypatch, capsys):
+    """`alignbench run` into two --out folders with ALIGNBENCH_STAGE_CACHE set: the first builds
+    every stage in that folder, the second reuses each of them and builds none, and both give the
+    same metrics."""
+    import json
+
+    from alignbench.cli import main
+    from alignbench.stage_cache import STAGE_CACHE_VARIABLE
+    from tests.conftest import TINY_OVERRIDES, stage_folders_in_log
+
+    shared = tmp_path / "stages"
+    monkeypatch.setenv(STAGE_CACHE_VARIABLE, str(shared))
+    logs, metrics = [], []
+    for out in (tmp_path / "a", tmp_path / "b"):
+        capsys.readouterr()
+        assert main(["run", "quickstart", "method=sft", "tracking.wandb=disabled", "--out", str(out), *TINY_OVERRIDES]) == 0
+        logs.append(capsys.readouterr().out)
+        (result,) = (out / "quickstart").glob("sft-seed0-*/metrics.json")
+        metrics.append({k: v for k, v in json.loads(result.read_text())["metrics"].items() if k != "budget/wall_s"})
+        assert not (out / "cache").exists()
+    first, second = logs
+    stages = sorted(p for p in shared.iterdir() if not p.name.startswith("."))
+    assert {p.name.rsplit("-", 1)[0] for p in stages} == {"sft", "labels", "reward_models", "reference_samples"}
+    for stage in stages:
+        name = stage.name.rsplit("-", 1)[0]
+        assert f"building {name} stage -> {stage}" in first and stage_folders_in_log(second, name) == {stage}
+    assert " stage -> " not in second  # nothing built twice
+    assert metrics[0] == metrics[1]
+
+
+@pytest.mark.parametrize("where", ["file", "below a file"])
+def test_a_stage_cache_variable_that_cannot_be_a_folder_is_refused_naming_it(tmp_path, monkeypatch, capsys, where):
+    from alignbench.cli import main
+    from alignbench.config import ConfigError
+    from alignbench.stage_cache import STAGE_CACHE_VARIABLE, StageCache
+
+    blocker = tmp_path / "stages.txt"
+    blocker.write_text("not a folder\n")
+    value = str(blocker if where == "file" else blocker / "cache")
+    monkeypatch.setenv(STAGE_CACHE_VARIABLE, value)
+    capsys.readouterr()
+    assert main(["run", "quickstart", "method=sft", "--out", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert f"{STAGE_CACHE_VARIABLE}={value}" in err and "is a file" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stages.txt"] and blocker.read_text() == "not a folder\n"  # nothing written
+    with pytest.raises(ConfigError, match=STAGE_CACHE_VARIABLE):
+        StageCache(tmp_path / "runs")  # the pipeline's cache, outside the command line too
