@@ -66,6 +66,34 @@ def isolated_environment(tmp_path_factory):
             os.environ[k] = v
 
 
+@pytest.fixture(scope="session")
+def session_stage_cache(tmp_path_factory) -> Path:
+    """One stage cache folder for the whole pytest run: the tiny SFT policy, labels, reward models,
+    AI labeler ... are built once in it, by whichever test needs them first (`shared_stage_cache`)."""
+    return tmp_path_factory.mktemp("stage-cache")
+
+
+@pytest.fixture(scope="module")
+def shared_stage_cache(session_stage_cache):
+    """For a test module whose runs only *use* stages: ALIGNBENCH_STAGE_CACHE names the session's
+    stage cache while the module runs, so its output folders (and subprocesses, which inherit the
+    variable) reuse what earlier modules built. A module opts in with
+    `pytestmark = pytest.mark.usefixtures("shared_stage_cache")`, and so does each of its module
+    fixtures that builds stages (fixtures of one scope are set up in the order they are asked for).
+
+    Not for a test that looks for stages in `OUT/cache`, counts stage folders, or damages or deletes
+    a stage's files: a stage is verified once per process (stage_cache._VERIFIED), so a file damaged
+    in the shared cache would be handed unchecked to every later test. Such a test keeps a private
+    cache: monkeypatch.delenv(STAGE_CACHE_VARIABLE) gives it `OUT/cache` again. (Nor does a run in
+    the shared cache touch every stage a private run builds: where a reward model exists, the labels
+    it was trained on are not read.)"""
+    from alignbench.stage_cache import STAGE_CACHE_VARIABLE
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(STAGE_CACHE_VARIABLE, str(session_stage_cache))
+        yield session_stage_cache
+
+
 def stage_folders_in_log(log: str, stage: str) -> set[Path]:
     """The folders of stage `stage` that a run's log names as built (`building sft stage -> DIR`)
     or reused (`reusing cached sft stage DIR (built in 3s)`): the stages the run used, in whichever

@@ -10,6 +10,8 @@ import pytest
 
 from alignbench.cli import main
 
+# Its runs read and build their stages in the session's stage cache (conftest.py), but for `ai_runs`.
+pytestmark = pytest.mark.usefixtures("shared_stage_cache")
 
 
 def run(out: Path, method: str, overrides: list[str]) -> dict:
@@ -24,15 +26,21 @@ def stage_summary(out: Path, stage: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def ai_runs(tmp_path_factory):
+def ai_runs(tmp_path_factory, shared_stage_cache):
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent))
     from conftest import TINY_OVERRIDES
 
+    from alignbench.stage_cache import STAGE_CACHE_VARIABLE
+
     out = tmp_path_factory.mktemp("ai-runs")
     overrides = list(TINY_OVERRIDES)  # includes the AI labeler's, rlaif's and constitutional's tiny settings
-    metrics = {m: run(out, m, overrides) for m in ("rlaif", "rlhf_one_rm", "rlaif_direct", "constitutional")}
+    # A private cache, OUT/cache: the tests read its stages, the only ones of their kind there (in
+    # the shared cache a reward model built before would leave its AI labels stage unread).
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv(STAGE_CACHE_VARIABLE)
+        metrics = {m: run(out, m, overrides) for m in ("rlaif", "rlhf_one_rm", "rlaif_direct", "constitutional")}
     return out, metrics
 
 

@@ -20,9 +20,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+# Its runs only use stages: they read and build them in the session's stage cache (conftest.py).
+pytestmark = pytest.mark.usefixtures("shared_stage_cache")
+
 
 @pytest.fixture(scope="module")
-def experiment(tmp_path_factory):
+def experiment(tmp_path_factory, shared_stage_cache):
     from alignbench.experiment import load_experiment
     from alignbench.pipeline import Pipeline
     from tests.conftest import TINY_OVERRIDES

@@ -10,6 +10,9 @@ import pytest
 
 from alignbench.cli import main
 
+# The quickstart's runs only use stages: they read and build them in the session's stage cache.
+pytestmark = pytest.mark.usefixtures("shared_stage_cache")
+
 CONTRACT_EVAL_KEYS = [
     "eval/win_rate", "eval/win_rate_ci_low", "eval/win_rate_ci_high",
     *[f"eval/{axis}{suffix}" for axis in ("gold_reward", "gold_helpfulness", "gold_harmlessness") for suffix in ("", "_ci_low", "_ci_high")],
@@ -20,7 +23,7 @@ CONTRACT_EVAL_KEYS = [
 
 
 @pytest.fixture(scope="module")
-def quickstart_dir(tmp_path_factory):
+def quickstart_dir(tmp_path_factory, shared_stage_cache):
     from tests.conftest import TINY_OVERRIDES
 
     out = tmp_path_factory.mktemp("runs")
@@ -138,7 +141,7 @@ def test_building_a_stage_leaves_the_callers_random_stream_alone(tmp_path):
     assert draws() == expected
 
 
-def test_reward_models_do_not_depend_on_what_ran_before_in_the_process(quickstart_dir, tmp_path):
+def test_reward_models_do_not_depend_on_what_ran_before_in_the_process(quickstart_dir, tmp_path, monkeypatch):
     """The quickstart built its SFT policy and then its reward models in one process; rebuilding
     only the reward models, from the cached SFT policy and labels and after other random draws,
     gives the same weights (the head's initialisation is seeded, not left to the global stream)."""
@@ -149,17 +152,19 @@ def test_reward_models_do_not_depend_on_what_ran_before_in_the_process(quickstar
 
     from alignbench.experiment import load_experiment
     from alignbench.pipeline import Pipeline
+    from alignbench.stage_cache import STAGE_CACHE_VARIABLE
     from tests.conftest import TINY_OVERRIDES
 
     config = load_experiment("quickstart", [*TINY_OVERRIDES, "eval.eval_every=4"])
     built = Pipeline(config, quickstart_dir)
+    monkeypatch.delenv(STAGE_CACHE_VARIABLE)  # the rebuild's own cache, OUT/cache, which lacks the reward models
     for stage in (built.sft()[0], built.labels()[0]):
         shutil.copytree(stage, tmp_path / "cache" / stage.name)
     torch.manual_seed(12345)
     torch.rand(17)
     rebuilt_dir, _ = Pipeline(config, tmp_path).reward_models()
     original_dir, _ = built.reward_models()
-    assert rebuilt_dir.name == original_dir.name
+    assert rebuilt_dir.name == original_dir.name and rebuilt_dir.parent == tmp_path / "cache"  # rebuilt, not found
     for axis in ("helpfulness", "safety"):
         original, rebuilt = load_file(original_dir / axis / "head.safetensors"), load_file(rebuilt_dir / axis / "head.safetensors")
         assert original.keys() == rebuilt.keys() and "likelihood_weight" in original

@@ -10,11 +10,14 @@ import pytest
 
 from alignbench.cli import main
 
+# Its runs only use stages: they read and build them in the session's stage cache (conftest.py).
+pytestmark = pytest.mark.usefixtures("shared_stage_cache")
+
 NEW_METHODS = ["ipo", "slic", "simpo", "orpo", "kto"]
 
 
 @pytest.fixture(scope="module")
-def runs_dir(tmp_path_factory):
+def runs_dir(tmp_path_factory, shared_stage_cache):
     return tmp_path_factory.mktemp("runs")
 
 

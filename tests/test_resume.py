@@ -22,6 +22,9 @@ from torch.utils.data import DataLoader
 from alignbench.runner import truncate_history
 from alignbench.training import ResumableLoader
 
+# Its runs only use stages: they read and build them in the session's stage cache (conftest.py).
+pytestmark = pytest.mark.usefixtures("shared_stage_cache")
+
 
 def test_history_is_cut_back_to_the_checkpoint_keeping_its_pending_training_row(tmp_path):
     rows = [{"step": 0, "train/loss": 1.0}, {"step": 2, "val/win_rate": 0.5}]
@@ -59,7 +62,7 @@ def test_resumable_loader_continues_the_interrupted_epoch_in_order():
 
 
 @pytest.fixture(scope="module")
-def experiment(tmp_path_factory):
+def experiment(tmp_path_factory, shared_stage_cache):
     """A tiny experiment file (stages built once, in this process) and its output folder."""
     from alignbench.experiment import load_experiment
     from alignbench.pipeline import Pipeline

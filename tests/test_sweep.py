@@ -15,6 +15,9 @@ from alignbench.config import ConfigError, to_dict
 from alignbench.experiment import load_experiment, run_config_dict, run_name
 from alignbench.sweep import expand
 
+# Its runs only use stages: they read and build them in the session's stage cache (conftest.py).
+pytestmark = pytest.mark.usefixtures("shared_stage_cache")
+
 
 def _write(path: Path, data: dict) -> Path:
     path.write_text(yaml.safe_dump(data))

@@ -18,6 +18,9 @@ import yaml
 from alignbench.config import ConfigError
 from alignbench.tune import Objective, load_tune, pruning_observer, run_trial
 
+# Its runs only use stages: they read and build them in the session's stage cache (conftest.py).
+pytestmark = pytest.mark.usefixtures("shared_stage_cache")
+
 
 def _write(path: Path, data: dict) -> Path:
     path.write_text(yaml.safe_dump(data))
