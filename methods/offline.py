@@ -112,15 +112,16 @@ class OfflineMethod(AlignmentMethod):
                 )
             self._reference_cache = self._precompute_reference(data)
 
-    @torch.no_grad()
     def _precompute_reference(self, data) -> dict[str, torch.Tensor]:
         """For each field of `reference_scored`, [num_responses] summed reference log-probs of every
-        distinct response, in dataset order: 64 prompts a batch (as always on the world), fewer where
-        their logits would pass REFERENCE_LOGITS (a 152k vocabulary at 512 tokens once asked for tens of GB)."""
+        distinct response, in dataset order: scored 64 prompts a batch (as always on the world), fewer
+        where their logits would pass REFERENCE_LOGITS (a 152k vocabulary at 512 tokens once asked for
+        tens of GB), in batches of similar length."""
         out = {name: torch.empty(data.num_responses) for name in self.reference_scored}
         max_tokens = max(1, REFERENCE_LOGITS // len(self.context.codec.tokenizer))
-        with evaluation_mode(self.context.reference):
-            for batch in data.ordered_dataloader(batch_size=64, max_tokens=max_tokens):
+        # Rows of similar length together (each value goes to its own index): less padding to score.
+        with evaluation_mode(self.context.reference), torch.inference_mode():
+            for batch in data.ordered_dataloader(batch_size=64, max_tokens=max_tokens, by_width=True):
                 for name, values in out.items():
                     values[batch.response_index] = sequence_logprobs(self.context.reference, getattr(batch, name))[1].cpu()
         return out

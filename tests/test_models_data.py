@@ -255,6 +255,20 @@ def test_the_reference_scored_by_token_budget_equals_the_plain_batches(codec):
     small = data.ordered_dataloader(batch_size=64, max_tokens=40)
     assert len(small) > 1 == len(data.ordered_dataloader(batch_size=64))
     assert torch.allclose(scored(small), scored(data.ordered_dataloader(batch_size=64)), atol=1e-5)
+    # Batches of similar widths (the reference's precomputation) score every response once, the same.
+    by_width = data.ordered_dataloader(batch_size=2, by_width=True)
+    indices = torch.cat([batch.response_index for batch in by_width])
+    assert sorted(indices.tolist()) == list(range(data.num_responses))
+    assert torch.allclose(scored(by_width), scored(data.ordered_dataloader(batch_size=64)), atol=1e-5)
+
+
+def test_batches_by_width_group_rows_of_similar_width_within_the_budgets():
+    from alignbench.data import batches_by_width
+
+    costs = [(2, 9), (1, 3), (2, 8), (1, 2), (3, 3)]  # (sequences, width) per row
+    assert batches_by_width(costs, max_rows=2, max_tokens=None) == [[3, 1], [4, 2], [0]]
+    # Rows 3 and 1 pad to (1 + 1) x 3 = 6 tokens; adding row 4 would make (2 + 3) x 3 = 15 > 12.
+    assert batches_by_width(costs, max_rows=5, max_tokens=12) == [[3, 1], [4], [2], [0]]
 
 
 def test_reference_log_probs_are_scored_with_dropout_off_and_the_mode_restored(codec):
