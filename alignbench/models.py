@@ -209,6 +209,20 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Every dropout of `model` set to 0, in train mode too (TRL's `disable_dropout`): `nn.Dropout`
+    modules and the attention dropout that Llama-style attention keeps as a float attribute. For RL
+    from the policy's own samples: the rollouts, their log-probs π_old and each update's π must be
+    the same function, or the importance ratio starts away from 1 and the KL measures dropout noise."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+    return model
+
+
 # --- real models: precision, LoRA, gradient checkpointing ---------------------------------
 _HALF_WEIGHTS = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}
 

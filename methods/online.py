@@ -40,6 +40,7 @@ from alignbench.data import PromptDataModule
 from alignbench.generation import sample
 from alignbench.logprobs import PackedBatch, sequence_logprobs
 from alignbench.methods.base import AlignmentMethod, MethodConfig
+from alignbench.models import disable_dropout
 from alignbench.reward import score_texts
 from alignbench.seeding import seeded_generator
 from alignbench.stages.ai_labeler import ai_judge
@@ -345,6 +346,7 @@ class OnlineRLMethod(AlignmentMethod):
                 raise ConfigError("reward=judge loads the AI labeler through the run's stages; run it with `alignbench run`")
             judge = ai_judge(context.stages)
         super().__init__(config, context)
+        disable_dropout(self.policy)  # the sampled, the scored (π_old) and the updated policy are one function
         self.judge = judge
         self.automatic_optimization = False
         self.max_grad_norm = config.optim.grad_clip

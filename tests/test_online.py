@@ -163,3 +163,30 @@ OPTIM = OptimConfig(lr=3e-3, warmup_ratio=0.0, schedule="constant", grad_clip=1.
 def test_each_online_method_raises_the_reward_of_a_bandit_task(method_cls, config):
     before, after = _fit_bandit(method_cls, config)
     assert before < 0.1 and after > 0.5, (before, after)
+
+
+def test_online_methods_train_without_dropout_so_the_rollouts_log_probs_are_the_updates():
+    """A policy with dropout (a Llama's attention dropout, a GPT-2's nn.Dropout modules) is sampled,
+    scored as π_old and updated as one function: the online base switches its dropout off."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from alignbench.methods.online import response_token_logprobs
+    from alignbench.models import disable_dropout
+
+    context = _bandit_context("apple")
+    with_dropout = context.load_policy()
+    for module in with_dropout.modules():
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.5
+    context.load_policy = lambda trainable=True: with_dropout.train()
+    module = GRPO(GRPOConfig(iterations=1, batch_size=4, samples_per_prompt=2, minibatch_size=8, reward="gold"), context)
+    assert module.policy.training and all(m.attention_dropout == 0.0 for m in module.policy.modules() if hasattr(m, "attention_dropout"))
+    rollout = module.generate_and_score(context.sample_train_prompts(4, seed=1))
+    assert torch.equal(response_token_logprobs(module.policy, rollout.batch, rollout.start), rollout.logprobs)  # ratio exactly 1 at the first update
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=16, n_layer=1, n_head=2, n_positions=16, resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5)).train()
+    ids = torch.randint(0, 32, (2, 8))
+    assert not torch.equal(gpt2(ids).logits, gpt2(ids).logits)  # dropout draws new masks
+    disable_dropout(gpt2)
+    assert gpt2.training and torch.equal(gpt2(ids).logits, gpt2.eval()(ids).logits)
