@@ -681,6 +681,9 @@ def draw_training_curves(runs: list[Run]) -> Drawn:
                 ax.set_axis_off()
                 continue
             band = _seed_band(group.runs, keys[col])
+            if band is None:  # the seeds logged this metric at steps they do not share (e.g. early stops): no common curve
+                ax.set_axis_off()
+                continue
             steps, mean, low, high, n = band
             colour = colours[group.label]
             ax.plot(steps, mean, color=colour, linewidth=0.9, label=group.label)

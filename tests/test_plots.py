@@ -327,6 +327,20 @@ def test_training_curves_one_row_per_trained_policy_with_seed_bands(runs, draw):
     assert [ax.get_ylabel() for ax in ppo_row] == ["train/loss", "train/kl", "train/accuracy", "val/win_rate"]
 
 
+def test_training_curves_leave_a_panel_empty_where_the_seeds_share_no_step(runs, draw):
+    """Two seeds that logged a metric at disjoint steps (one stopped early at its KL budget) have no
+    common curve: that panel is left empty, the others are drawn."""
+    import dataclasses
+
+    from alignbench.analysis.figures import draw_training_curves
+
+    dpo = [r for r in runs if r.method == "dpo" and r.settings.get("dpo.beta") == 0.1 and r.settings.get("model.name") == "world-small"]
+    early = dataclasses.replace(dpo[0], history=[{"step": 1, "train/kl": 0.1}, {"step": 2, "train/kl": 0.2}, *[row for row in dpo[0].history if "train/kl" not in row]])
+    late = dataclasses.replace(dpo[1], history=[{"step": 50, "train/kl": 0.5}, {"step": 60, "train/kl": 0.6}, *[row for row in dpo[1].history if "train/kl" not in row]])
+    drawn = draw(draw_training_curves, [early, late])
+    assert [ax.get_ylabel() for ax in drawn.figure.axes if ax.axison] == ["train/loss", "train/accuracy"]
+
+
 # --- figure 8b ------------------------------------------------------------------------------------
 def test_sample_efficiency_draws_validation_gold_against_policy_samples_and_kl(runs, draw):
     from alignbench.analysis.figures import draw_sample_efficiency
