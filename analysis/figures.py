@@ -705,13 +705,12 @@ def draw_training_curves(runs: list[Run]) -> Drawn:
 
 
 # --- 8b. sample efficiency of the online methods --------------------------------------------------
-_SAMPLE_CURVES = ("val/gold_reward", "val/kl")
-
-
 def rollouts_per_step(run: Run) -> int | None:
     """Policy samples an online method's run draws per training step (an iteration: batch_size
     prompts × samples_per_prompt), from its config; None for a method that does not sample."""
     section = run.config.get(run.method)
+    # `iterations` marks an online section: rejection sampling and ReST also have batch_size and
+    # samples_per_prompt, but sample per round, not per training step.
     if not isinstance(section, dict) or not {"batch_size", "samples_per_prompt", "iterations"} <= set(section):
         return None
     return int(section["batch_size"]) * int(section["samples_per_prompt"])
