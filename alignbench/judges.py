@@ -178,8 +178,10 @@ class LMJudge:
         # makes the judge tokenise and attend over it whole; None: responses go in as they are.
         self.max_response_chars = max_response_chars
         self.answer_ids = answer_token_ids(codec.tokenizer, answer_words)
-        self.rating_ids = answer_token_ids(codec.tokenizer, rating_words) if rating_words else []
-        self.rating_values = torch.tensor([float(w) for w in rating_words]) if rating_words else None
+        # Rating words are checked against the vocabulary when a rating is first asked for: a
+        # judge that only compares (RLAIF's labeler) works on a tokenizer without the numbers.
+        self.rating_words = list(rating_words)
+        self._rating_ids: list[int] | None = None
         self.abstentions = 0
         self.queries = 0
 
@@ -229,13 +231,16 @@ class LMJudge:
         return float(self.prefer_batch([prompt], [a], [b])[0])
 
     def score_batch(self, prompts, responses) -> np.ndarray:
-        if self.rating_template is None or self.rating_values is None:
+        if self.rating_template is None or not self.rating_words:
             raise ValueError("this LM judge has no rating template and rating words, so it cannot score single responses")
+        if self._rating_ids is None:
+            self._rating_ids = answer_token_ids(self.codec.tokenizer, self.rating_words)
+        values = torch.tensor([float(w) for w in self.rating_words])
         prompts, responses = list(prompts), list(responses)
         requests = [self.rating_template.format(rule=r, prompt=p, response=self._cut(y)) for p, y in zip(prompts, responses) for r in self.principles]
         self.queries += len(requests)
-        probs = torch.softmax(next_token_logprobs(self.model, self.codec, requests, self.rating_ids, self.batch_size), dim=-1)
-        expected = (probs * self.rating_values).sum(-1) / self.rating_values.max()
+        probs = torch.softmax(next_token_logprobs(self.model, self.codec, requests, self._rating_ids, self.batch_size), dim=-1)
+        expected = (probs * values).sum(-1) / values.max()
         return expected.view(len(prompts), len(self.principles)).mean(-1).double().numpy()
 
     def score(self, prompt: str, response: str) -> float:

@@ -65,6 +65,15 @@ def test_one_order_preference_is_the_softmax_of_the_two_answer_logprobs(saved_ju
     torch.testing.assert_close(together[:1], alone, atol=1e-5, rtol=1e-5)
 
 
+def test_rating_words_outside_the_vocabulary_fail_only_when_a_rating_is_asked_for(saved_judge_model):
+    """RLAIF's labeler only compares, so a tokenizer without the rating numbers must not stop it;
+    direct scoring then names the word it cannot represent."""
+    judge = make_judge(saved_judge_model, rating_words=["0", "5", "elevenish"])
+    np.testing.assert_allclose(judge.prefer_batch(PROMPTS, A, B) + judge.prefer_batch(PROMPTS, B, A), 1.0, atol=1e-9)
+    with pytest.raises(ValueError, match="answer word 'elevenish' is not in the judge's vocabulary"):
+        judge.score_batch(PROMPTS[:1], A[:1])
+
+
 def test_score_is_the_expected_rating_scaled_to_one(saved_judge_model):
     judge = make_judge(saved_judge_model)
     model, codec = saved_judge_model

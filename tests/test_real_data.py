@@ -42,8 +42,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def _vocabulary(texts: list[str]) -> list[str]:
     words = {w for text in texts for w in text.split()}
-    numbers = {str(i) for i in range(11)}  # an LM judge's rating answers (0..10), so a judge can be built on this model
-    return sorted(words | numbers | {"<user>", "<assistant>", "<system>", "SUBREDDIT:", "TITLE:", "POST:", "TL;DR:"})
+    return sorted(words | {"<user>", "<assistant>", "<system>", "SUBREDDIT:", "TITLE:", "POST:", "TL;DR:"})
 
 
 @pytest.fixture(scope="module")
