@@ -36,6 +36,19 @@ TINY_OVERRIDES = [
 ]
 
 
+def pytest_configure(config):
+    """pytest-xdist's workers (`-n 2` in pyproject.toml) run one torch thread each, and so do the
+    CLI subprocesses they start (they inherit the variables): two workers of two threads each on
+    two cores thrash. A run without workers keeps torch's default."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(variable, "1")
+        import sys
+
+        if "torch" in sys.modules:  # imported before this hook: the variable came too late for it
+            sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
 @pytest.fixture(autouse=True, scope="session")
 def isolated_environment(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
@@ -69,7 +82,13 @@ def isolated_environment(tmp_path_factory):
 @pytest.fixture(scope="session")
 def session_stage_cache(tmp_path_factory) -> Path:
     """One stage cache folder for the whole pytest run: the tiny SFT policy, labels, reward models,
-    AI labeler ... are built once in it, by whichever test needs them first (`shared_stage_cache`)."""
+    AI labeler ... are built once in it, by whichever test needs them first (`shared_stage_cache`).
+    pytest-xdist's workers share it too: their temporary folders have a common parent, and a stage
+    is built under a lock, so a worker that asks for a stage another is building waits for it."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        folder = tmp_path_factory.getbasetemp().parent / "stage-cache"
+        folder.mkdir(exist_ok=True)
+        return folder
     return tmp_path_factory.mktemp("stage-cache")
 
 
