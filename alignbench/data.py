@@ -15,7 +15,7 @@ or down), one row each.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import lightning as L
 import numpy as np
@@ -86,6 +86,18 @@ def batches_by_width(costs: Sequence[tuple[int, int]], max_rows: int, max_tokens
     order = sorted(range(len(costs)), key=lambda index: costs[index][1])
     batches = batches_within([costs[index] for index in order], max_rows, max_tokens if max_tokens is not None else 2**62)
     return [[order[position] for position in batch] for batch in batches]
+
+
+def ordered_batches(dataset: Dataset, collate: Callable, costs: Callable[[], list[tuple[int, int]]], batch_size: int, max_tokens: int | None, by_width: bool) -> DataLoader:
+    """A loader over `dataset`'s rows in order, `batch_size` rows per batch; within `max_tokens`
+    padded tokens if given (`batches_within`, from each row's `(sequences, width)` in `costs()`); with
+    `by_width`, batches of rows of similar length instead (`batches_by_width`). For passes that score
+    every row once (the reference's precomputation), never for training, whose order is the seed's."""
+    if max_tokens is None and not by_width:
+        return DataLoader(dataset.with_format(None), batch_size=batch_size, shuffle=False, collate_fn=collate)
+    sizes = costs()
+    batches = batches_by_width(sizes, batch_size, max_tokens) if by_width else batches_within(sizes, batch_size, max_tokens)
+    return DataLoader(dataset.with_format(None), batch_sampler=batches, collate_fn=collate)
 
 
 @dataclass
@@ -168,13 +180,10 @@ class PreferenceDataModule(L.LightningDataModule):
         )
 
     def ordered_dataloader(self, batch_size: int, max_tokens: int | None = None, by_width: bool = False) -> DataLoader:
-        """The rows in order, `batch_size` prompts per batch, within `max_tokens` padded tokens if
-        given; with `by_width`, batches of rows of similar length instead (`batches_by_width`)."""
-        if max_tokens is None and not by_width:
-            return DataLoader(self.dataset.with_format(None), batch_size=batch_size, shuffle=False, collate_fn=self.collate)
-        costs = [(len(r), min(self.max_length, len(p) + max(map(len, r)))) for p, r in zip(self.dataset["prompt_ids"], self.dataset["response_ids"])]
-        batches = batches_by_width(costs, batch_size, max_tokens) if by_width else batches_within(costs, batch_size, max_tokens)
-        return DataLoader(self.dataset.with_format(None), batch_sampler=batches, collate_fn=self.collate)
+        """The rows in order, `batch_size` prompts per batch (see `ordered_batches`); a row costs its
+        responses x its longest prompt + response."""
+        costs = lambda: [(len(r), min(self.max_length, len(p) + max(map(len, r)))) for p, r in zip(self.dataset["prompt_ids"], self.dataset["response_ids"])]  # noqa: E731
+        return ordered_batches(self.dataset, self.collate, costs, batch_size, max_tokens, by_width)
 
 
 def unpaired_records(records: Sequence[dict]) -> list[dict]:
@@ -281,14 +290,11 @@ class UnpairedDataModule(L.LightningDataModule):
         return DataLoader(self.dataset.with_format(None), batch_size=self.batch_size, shuffle=self.shuffle, collate_fn=self.collate, generator=generator)
 
     def ordered_dataloader(self, batch_size: int, max_tokens: int | None = None, by_width: bool = False) -> DataLoader:
-        """The rows in order, `batch_size` per batch, within `max_tokens` padded tokens if given;
-        with `by_width`, batches of rows of similar length instead (`batches_by_width`)."""
-        if max_tokens is None and not by_width:
-            return DataLoader(self.dataset.with_format(None), batch_size=batch_size, shuffle=False, collate_fn=self.collate)
-        rows = zip(self.dataset["prompt_ids"], self.dataset["response_ids"], self.dataset["mismatched_ids"])
-        costs = [(1, min(self.max_length, len(p) + max(len(r), len(m)))) for p, r, m in rows]
-        batches = batches_by_width(costs, batch_size, max_tokens) if by_width else batches_within(costs, batch_size, max_tokens)
-        return DataLoader(self.dataset.with_format(None), batch_sampler=batches, collate_fn=self.collate)
+        """The rows in order, `batch_size` per batch (see `ordered_batches`); a row costs one
+        sequence as wide as its prompt + the longer of its response and its mismatched one."""
+        columns = ("prompt_ids", "response_ids", "mismatched_ids")
+        costs = lambda: [(1, min(self.max_length, len(p) + max(len(r), len(m)))) for p, r, m in zip(*(self.dataset[c] for c in columns))]  # noqa: E731
+        return ordered_batches(self.dataset, self.collate, costs, batch_size, max_tokens, by_width)
 
 
 @dataclass
