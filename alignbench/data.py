@@ -23,7 +23,7 @@ import torch
 from datasets import Dataset
 from torch.utils.data import DataLoader
 
-from alignbench.logprobs import PackedBatch, pack_sequences
+from alignbench.logprobs import PackedBatch, SharedPromptBatch, pack_sequences, pack_shared_prompts
 from alignbench.models import TextCodec
 
 
@@ -109,7 +109,9 @@ class PreferenceBatch:
     label: [P] probability that the chosen response is better (1 for hard labels);
     group: [P] which prompt (0..num_groups-1) a pair belongs to;
     response_index: [R] position of each response in the whole dataset (for precomputed
-    reference log-probs).
+    reference log-probs);
+    shared: the same R responses packed one row per prompt (`SharedPromptBatch`), when the data
+    module was asked to share prompts.
     """
 
     responses: PackedBatch
@@ -120,6 +122,7 @@ class PreferenceBatch:
     num_groups: int
     response_index: torch.Tensor
     label: torch.Tensor | None = None
+    shared: SharedPromptBatch | None = None
 
     def pairs(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A per-response value [R, ...] on the chosen and on the rejected side of each pair ([P, ...] each)."""
@@ -129,16 +132,18 @@ class PreferenceBatch:
         return PreferenceBatch(
             self.responses.to(device), self.chosen.to(device), self.rejected.to(device), self.margin.to(device),
             self.group.to(device), self.num_groups, self.response_index.to(device),
-            None if self.label is None else self.label.to(device),
+            None if self.label is None else self.label.to(device), None if self.shared is None else self.shared.to(device),
         )
 
 
 class PreferenceDataModule(L.LightningDataModule):
-    """Preference comparisons, batched by prompt (`batch_size` prompts per batch)."""
+    """Preference comparisons, batched by prompt (`batch_size` prompts per batch); with
+    `share_prompts`, each batch also packs its responses one row per prompt (`PreferenceBatch.shared`)."""
 
-    def __init__(self, dataset: Dataset, codec: TextCodec, batch_size: int, max_length: int, seed: int = 0, shuffle: bool = True):
+    def __init__(self, dataset: Dataset, codec: TextCodec, batch_size: int, max_length: int, seed: int = 0, shuffle: bool = True, share_prompts: bool = False):
         super().__init__()
         self.codec, self.batch_size, self.max_length, self.seed, self.shuffle = codec, batch_size, max_length, seed, shuffle
+        self.share_prompts = share_prompts
         offsets, total = [], 0
         for n in (len(r) for r in dataset["responses"]):
             offsets.append(total)
@@ -170,6 +175,9 @@ class PreferenceDataModule(L.LightningDataModule):
             chosen=torch.tensor(chosen), rejected=torch.tensor(rejected),
             margin=torch.tensor(margin, dtype=torch.float32), group=torch.tensor(group), num_groups=len(rows),
             response_index=torch.tensor(response_index), label=torch.tensor(label, dtype=torch.float32),
+            shared=pack_shared_prompts(
+                [row["prompt_ids"] for row in rows], [row["response_ids"] for row in rows], self.codec.pad_token_id, max_length=self.max_length
+            ) if self.share_prompts else None,
         )
 
     def train_dataloader(self) -> DataLoader:

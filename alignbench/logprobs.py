@@ -16,8 +16,9 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
-    "PackedBatch", "pack_sequences", "position_ids_from_mask", "token_logprobs", "target_logprobs",
-    "sampling_logprobs", "sequence_logprobs", "evaluation_mode",
+    "PackedBatch", "pack_sequences", "SharedPromptBatch", "pack_shared_prompts", "position_ids_from_mask",
+    "token_logprobs", "target_logprobs", "sampling_logprobs", "sequence_logprobs", "shared_prompt_logprobs",
+    "evaluation_mode",
 ]
 
 
@@ -130,6 +131,101 @@ def pack_sequences(
     return PackedBatch(input_ids, attention_mask, response_mask)
 
 
+@dataclass
+class SharedPromptBatch:
+    """Responses packed one row per prompt: the prompt's tokens once, then each of its responses.
+
+    A block attention mask lets a response attend to the prompt and to its own earlier tokens only,
+    and its positions continue from the prompt's end, so each response is scored as it would be
+    after the prompt alone (:func:`pack_sequences`' layout) while the prompt goes through the model
+    once instead of once per response: on rankings of 4 responses, about half the tokens.
+
+    Attributes:
+        input_ids: ``LongTensor [G, T]``, one row per prompt, right-padded.
+        position_ids: ``LongTensor [G, T]``, each response's positions continue from its prompt's end.
+        segment: ``LongTensor [G, T]``, 0 at prompt tokens, ``k + 1`` at the row's k-th response's,
+            -1 at padding.
+        owner: ``LongTensor [G, T]``, the response (0..R-1, in the order packed) a token belongs to,
+            -1 at prompt tokens and padding.
+        source: ``LongTensor [G, T]``, the position whose logits predict the token here: the previous
+            one, or for a response's first token the prompt's last.
+        num_responses: R.
+    """
+
+    input_ids: Tensor
+    position_ids: Tensor
+    segment: Tensor
+    owner: Tensor
+    source: Tensor
+    num_responses: int
+
+    def to(self, device: torch.device | str) -> SharedPromptBatch:
+        """Return a copy of the batch with every tensor on ``device``."""
+        move = lambda t: t.to(device)  # noqa: E731
+        return SharedPromptBatch(*map(move, (self.input_ids, self.position_ids, self.segment, self.owner, self.source)), self.num_responses)
+
+    def attention_mask(self, dtype: torch.dtype) -> Tensor:
+        """``[G, 1, T, T]`` additive mask (0 where a query attends to a key, the dtype's minimum
+        elsewhere), in the form transformers takes a custom 4D mask for both SDPA and eager attention:
+        a key at or before the query that is a prompt token or in the query's own segment. Padding
+        queries see the prompt too, so no row of the softmax is empty."""
+        width = self.input_ids.shape[1]
+        causal = torch.ones(width, width, dtype=torch.bool, device=self.input_ids.device).tril()
+        query, key = self.segment[:, :, None], self.segment[:, None, :]
+        allowed = causal & ((key == 0) | (key == query))
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def pack_shared_prompts(prompt_ids: list[list[int]], response_ids: list[list[list[int]]], pad_token_id: int, max_length: int | None = None) -> SharedPromptBatch:
+    """Pack each prompt with all of its responses into one row (:class:`SharedPromptBatch`).
+
+    Args:
+        prompt_ids: ``G`` non-empty token lists.
+        response_ids: for each prompt, its responses' token lists (they end with EOS where the
+            response ended); responses are numbered in this order, prompt by prompt.
+        pad_token_id: token placed at padding positions (never attended to from a real token).
+        max_length: if given, each response is cut to ``max_length - len(prompt)`` tokens, as
+            :func:`pack_sequences` cuts a prompt + response row.
+
+    Raises:
+        ValueError: as :func:`pack_sequences` (names the prompt).
+    """
+    if len(prompt_ids) != len(response_ids):
+        raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} lists of responses")
+    if not prompt_ids:
+        raise ValueError("cannot pack an empty batch")
+    rows = []
+    for i, (prompt, responses) in enumerate(zip(prompt_ids, response_ids)):
+        if not prompt:
+            raise ValueError(f"prompt {i}: empty prompt; every response token needs a context")
+        if max_length is not None:
+            if len(prompt) > max_length:
+                raise ValueError(f"prompt {i}: prompt has {len(prompt)} tokens, more than max_length={max_length}")
+            responses = [response[: max_length - len(prompt)] for response in responses]
+        rows.append((list(prompt), [list(r) for r in responses]))
+    width = max(len(p) + sum(map(len, rs)) for p, rs in rows)
+    shape = (len(rows), width)
+    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
+    position_ids, segment = torch.zeros(shape, dtype=torch.long), torch.full(shape, -1, dtype=torch.long)
+    owner, source = torch.full(shape, -1, dtype=torch.long), torch.zeros(shape, dtype=torch.long)
+    response = 0
+    for g, (prompt, responses) in enumerate(rows):
+        end = len(prompt)
+        input_ids[g, :end] = torch.tensor(prompt, dtype=torch.long)
+        position_ids[g, :end] = torch.arange(end)
+        segment[g, :end] = 0
+        for k, tokens in enumerate(responses):
+            span = slice(end, end + len(tokens))
+            input_ids[g, span] = torch.tensor(tokens, dtype=torch.long)
+            position_ids[g, span] = torch.arange(len(prompt), len(prompt) + len(tokens))
+            segment[g, span], owner[g, span] = k + 1, response
+            source[g, span] = torch.arange(end - 1, end + len(tokens) - 1)
+            source[g, end] = len(prompt) - 1  # the first token is predicted from the prompt's end
+            end += len(tokens)
+            response += 1
+    return SharedPromptBatch(input_ids, position_ids, segment, owner, source, response)
+
+
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     """Position of each token among the real tokens of its row.
 
@@ -198,6 +294,29 @@ def sampling_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0,
     outside = torch.empty_like(outside_sorted).scatter_(-1, order, outside_sorted)
     kept = torch.log_softmax(logits / temperature, dim=-1).masked_fill(outside, float("-inf"))
     return kept.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(kept, dim=-1)
+
+
+def shared_prompt_logprobs(model: nn.Module, batch: SharedPromptBatch) -> tuple[Tensor, Tensor]:
+    """Score every response of ``batch`` under ``model`` (gradients flow), as
+    :func:`sequence_logprobs` scores the same responses packed one per row.
+
+    Returns:
+        ``per_sequence``: ``float32 [R]``, Σ_t log p(y_t | x, y_<t) of each response.
+        ``lengths``: ``LongTensor [R]``, its tokens.
+    """
+    device = _model_device(model)
+    batch = batch.to(device)
+    dtype = next(model.parameters()).dtype
+    logits = model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask(dtype), position_ids=batch.position_ids, use_cache=False
+    ).logits
+    scored = batch.owner >= 0
+    rows = torch.arange(batch.input_ids.shape[0], device=device)[:, None].expand_as(batch.source)[scored]
+    per_token = target_logprobs(logits[rows, batch.source[scored]], batch.input_ids[scored])
+    owners = batch.owner[scored]
+    per_sequence = torch.zeros(batch.num_responses, device=device, dtype=torch.float32).index_add(0, owners, per_token)
+    lengths = torch.zeros(batch.num_responses, device=device, dtype=torch.long).index_add(0, owners, torch.ones_like(owners))
+    return per_sequence, lengths
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -11,7 +11,8 @@ run) and runs without its periodic KL estimate (`kl_every=0`: TRL has none).
 Two data shapes: one pair per prompt (each response in one pair: the training loops alone), and
 the quickstart's rankings of 4 responses (all 6 pairs of a prompt in the same step, as InstructGPT
 batches them): there alignbench scores each distinct response once (4 sequences for 6 pairs)
-where TRL scores both sides of every pair (12).
+where TRL scores both sides of every pair (12). alignbench runs twice: as configured by default,
+a prompt's responses in one row with the prompt once (`share_prompts`), and one row per response.
 
 Steps per second are timed from the end of the warm-up steps to the last step (data loading,
 forward, backward, optimizer and logging included; tokenization and the reference precomputation
@@ -71,10 +72,11 @@ def main(argv: list[str] | None = None) -> None:
             pairs_per_step = args.prompts_per_step * responses_per_prompt * (responses_per_prompt - 1) // 2
             shape = "1 pair per prompt" if responses_per_prompt == 2 else f"rankings of {responses_per_prompt} ({pairs_per_step // args.prompts_per_step} pairs per prompt)"
             for precompute in (True, False):
-                runs = {"TRL DPOTrainer": [], "alignbench dpo": []}
+                runs = {"TRL DPOTrainer": [], "alignbench dpo": [], "alignbench dpo, one row per response": []}
                 for _ in range(repeats):
                     runs["TRL DPOTrainer"].append(trl_run(world, initial, records, args, pairs_per_step, precompute, Path(scratch)))
-                    runs["alignbench dpo"].append(alignbench_run(world, initial, records, args, precompute, Path(scratch)))
+                    runs["alignbench dpo"].append(alignbench_run(world, initial, records, args, precompute, Path(scratch), share_prompts=True))
+                    runs["alignbench dpo, one row per response"].append(alignbench_run(world, initial, records, args, precompute, Path(scratch), share_prompts=False))
                 medians = {name: _median(results) for name, results in runs.items()}
                 baseline = medians["TRL DPOTrainer"]["steps_per_s"]
                 for name, m in medians.items():
@@ -147,7 +149,7 @@ class _StepClock:
         return (len(self.times) - warmup) / (self.times[-1] - self.times[warmup - 1])
 
 
-def alignbench_run(world: World, initial: dict, records: list[dict], args, precompute: bool, scratch: Path) -> dict:
+def alignbench_run(world: World, initial: dict, records: list[dict], args, precompute: bool, scratch: Path, share_prompts: bool) -> dict:
     from alignbench.methods.dpo import DPO, DPOConfig
     from lightning.pytorch.callbacks import Callback
 
@@ -163,7 +165,7 @@ def alignbench_run(world: World, initial: dict, records: list[dict], args, preco
 
     started = time.perf_counter()
     context = _TrainingContext(world, initial, preference_rows(records))
-    config = DPOConfig(batch_size=args.prompts_per_step, max_length=args.max_length, precompute_reference=precompute, kl_every=0)
+    config = DPOConfig(batch_size=args.prompts_per_step, max_length=args.max_length, precompute_reference=precompute, kl_every=0, share_prompts=share_prompts)
     module = DPO(config, context)
     data = module.datamodule()  # tokenises, and precomputes the reference log-probs if asked
     history = HistoryLogger(HistoryWriter(scratch / "history.jsonl"))

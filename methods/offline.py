@@ -24,7 +24,7 @@ import torch
 
 from alignbench.config import ConfigError
 from alignbench.data import PreferenceBatch, PreferenceDataModule, UnpairedBatch, UnpairedDataModule
-from alignbench.logprobs import PackedBatch, evaluation_mode, sequence_logprobs
+from alignbench.logprobs import PackedBatch, SharedPromptBatch, evaluation_mode, sequence_logprobs, shared_prompt_logprobs
 from alignbench.methods.base import AlignmentMethod, MethodConfig
 from alignbench.training import check_finite
 
@@ -36,6 +36,11 @@ class OfflineConfig(MethodConfig):
     precompute_reference: bool = True
     """Score every training response under the frozen reference once, before training, instead of in
     every step (same values, one forward less per step). Objectives without a reference never score it."""
+    share_prompts: bool = True
+    """Score a prompt's responses in one row, the prompt once (`SharedPromptBatch`), instead of one row
+    per response: the same log-probs up to float rounding (~1e-7 relative), fewer tokens through the
+    model (on rankings of 4, about half). Objectives that read per-token log-probs (CPL) and unpaired
+    data (KTO) score one row per response whatever this says."""
 
 
 @dataclass
@@ -123,30 +128,44 @@ class OfflineMethod(AlignmentMethod):
         with evaluation_mode(self.context.reference), torch.inference_mode():
             for batch in data.ordered_dataloader(batch_size=64, max_tokens=max_tokens, by_width=True):
                 for name, values in out.items():
-                    values[batch.response_index] = sequence_logprobs(self.context.reference, getattr(batch, name))[1].cpu()
+                    # in the layout the policy is scored in during training (unpaired batches have no shared rows)
+                    shared = getattr(batch, "shared", None) if name == "responses" else None
+                    values[batch.response_index] = self.summed_logprobs(self.context.reference, getattr(batch, name), shared).cpu()
         return out
+
+    @staticmethod
+    def summed_logprobs(model, responses: PackedBatch, shared: SharedPromptBatch | None) -> torch.Tensor:
+        """[R] summed log-probs of the responses, from their shared-prompt rows where given."""
+        return sequence_logprobs(model, responses)[1] if shared is None else shared_prompt_logprobs(model, shared)[0]
 
     def precomputed_reference(self, name: str, response_index: torch.Tensor, device) -> torch.Tensor | None:
         """The precomputed summed reference log-probs of field `name` of a batch's records, or None."""
         cache = self._reference_cache.get(name)
         return None if cache is None else cache.to(device)[response_index]
 
-    def score(self, responses: PackedBatch, response_index: torch.Tensor) -> tuple[ResponseLogProbs, ResponseLogProbs | None]:
-        """The policy's log-probs of `responses` (one forward, with gradients) and, when the objective
-        needs it, the reference's (precomputed, or scored here under no_grad)."""
-        per_token, summed = sequence_logprobs(self.policy, responses)
+    def score(self, responses: PackedBatch, response_index: torch.Tensor, shared: SharedPromptBatch | None = None) -> tuple[ResponseLogProbs, ResponseLogProbs | None]:
+        """The policy's log-probs of `responses` (one forward, with gradients; over their shared-prompt
+        rows where given) and, when the objective needs it, the reference's (precomputed, or scored
+        here under no_grad)."""
+        tokens = self.needs_token_logprobs
+        if shared is not None and not tokens:
+            summed, _ = shared_prompt_logprobs(self.policy, shared)
+            per_token = None
+        else:
+            per_token, summed = sequence_logprobs(self.policy, responses)
         mask = responses.response_mask.to(summed.device)
         lengths = mask.sum(-1)
-        tokens = self.needs_token_logprobs
         policy = ResponseLogProbs(summed, lengths, per_token if tokens else None, mask if tokens else None)
         if not self.needs_reference:
             return policy, None
         if (cached := self.precomputed_reference("responses", response_index, summed.device)) is not None:
             return policy, ResponseLogProbs(cached, lengths)
         with torch.no_grad():
-            ref_tokens, ref_summed = sequence_logprobs(self.context.reference, responses)
-        ref_summed = ref_summed.to(summed.device)
-        return policy, ResponseLogProbs(ref_summed, lengths, ref_tokens.to(summed.device) if tokens else None, mask if tokens else None)
+            if tokens:
+                ref_tokens, ref_summed = sequence_logprobs(self.context.reference, responses)
+                return policy, ResponseLogProbs(ref_summed.to(summed.device), lengths, ref_tokens.to(summed.device), mask)
+            ref_summed = self.summed_logprobs(self.context.reference, responses, shared)
+        return policy, ResponseLogProbs(ref_summed.to(summed.device), lengths)
 
     def log_objective(self, objective: Objective, responses: PackedBatch, batch_size: int) -> torch.Tensor:
         """Check the loss, count the tokens and log the loss, the reward statistics and the terms."""
@@ -167,7 +186,8 @@ class OfflinePreferenceMethod(OfflineMethod):
 
     def datamodule(self) -> PreferenceDataModule:
         ctx = self.context
-        data = PreferenceDataModule(ctx.preferences, ctx.codec, self.config.batch_size, self.config.max_length, seed=ctx.seed)
+        share = self.config.share_prompts and not self.needs_token_logprobs
+        data = PreferenceDataModule(ctx.preferences, ctx.codec, self.config.batch_size, self.config.max_length, seed=ctx.seed, share_prompts=share)
         self.on_data(data)
         return data
 
@@ -179,7 +199,7 @@ class OfflinePreferenceMethod(OfflineMethod):
         raise NotImplementedError
 
     def training_step(self, batch: PreferenceBatch, batch_idx: int):
-        policy, reference = self.score(batch.responses, batch.response_index)  # each distinct response once
+        policy, reference = self.score(batch.responses, batch.response_index, batch.shared)  # each distinct response once
         return self.log_objective(self.loss(policy, reference, batch), batch.responses, batch.num_groups)
 
     def reward_statistics(self, objective: Objective) -> dict[str, torch.Tensor]:
