@@ -296,13 +296,19 @@ def sampling_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0,
     return kept.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(kept, dim=-1)
 
 
-def shared_prompt_logprobs(model: nn.Module, batch: SharedPromptBatch) -> tuple[Tensor, Tensor]:
+def shared_prompt_logprobs(model: nn.Module, batch: SharedPromptBatch, *, row_width: int | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """Score every response of ``batch`` under ``model`` (gradients flow), as
     :func:`sequence_logprobs` scores the same responses packed one per row.
+
+    Args:
+        row_width: also return the per-token log-probs laid out as :func:`pack_sequences` lays the
+            responses out one per row, right-padded to this width (a response's k-th token sits at
+            column len(prompt) + k, which is its position id).
 
     Returns:
         ``per_sequence``: ``float32 [R]``, Σ_t log p(y_t | x, y_<t) of each response.
         ``lengths``: ``LongTensor [R]``, its tokens.
+        ``per_token``: ``float32 [R, row_width]`` (0 off the responses), or None without ``row_width``.
     """
     device = _model_device(model)
     batch = batch.to(device)
@@ -316,7 +322,10 @@ def shared_prompt_logprobs(model: nn.Module, batch: SharedPromptBatch) -> tuple[
     owners = batch.owner[scored]
     per_sequence = torch.zeros(batch.num_responses, device=device, dtype=torch.float32).index_add(0, owners, per_token)
     lengths = torch.zeros(batch.num_responses, device=device, dtype=torch.long).index_add(0, owners, torch.ones_like(owners))
-    return per_sequence, lengths
+    if row_width is None:
+        return per_sequence, lengths, None
+    per_row = torch.zeros(batch.num_responses, row_width, device=device, dtype=torch.float32)
+    return per_sequence, lengths, per_row.index_put((owners, batch.position_ids[scored]), per_token)
 
 
 def _model_device(model: nn.Module) -> torch.device:

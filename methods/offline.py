@@ -39,8 +39,8 @@ class OfflineConfig(MethodConfig):
     share_prompts: bool = True
     """Score a prompt's responses in one row, the prompt once (`SharedPromptBatch`), instead of one row
     per response: the same log-probs up to float rounding (~1e-7 relative), fewer tokens through the
-    model (on rankings of 4, about half). Objectives that read per-token log-probs (CPL) and unpaired
-    data (KTO) score one row per response whatever this says."""
+    model (on rankings of 4, about half). Unpaired data (KTO) is scored one row per response
+    whatever this says."""
 
 
 @dataclass
@@ -130,13 +130,8 @@ class OfflineMethod(AlignmentMethod):
                 for name, values in out.items():
                     # in the layout the policy is scored in during training (unpaired batches have no shared rows)
                     shared = getattr(batch, "shared", None) if name == "responses" else None
-                    values[batch.response_index] = self.summed_logprobs(self.context.reference, getattr(batch, name), shared).cpu()
+                    values[batch.response_index] = self.logprobs(self.context.reference, getattr(batch, name), shared)[1].cpu()
         return out
-
-    @staticmethod
-    def summed_logprobs(model, responses: PackedBatch, shared: SharedPromptBatch | None) -> torch.Tensor:
-        """[R] summed log-probs of the responses, from their shared-prompt rows where given."""
-        return sequence_logprobs(model, responses)[1] if shared is None else shared_prompt_logprobs(model, shared)[0]
 
     def precomputed_reference(self, name: str, response_index: torch.Tensor, device) -> torch.Tensor | None:
         """The precomputed summed reference log-probs of field `name` of a batch's records, or None."""
@@ -148,11 +143,7 @@ class OfflineMethod(AlignmentMethod):
         rows where given) and, when the objective needs it, the reference's (precomputed, or scored
         here under no_grad)."""
         tokens = self.needs_token_logprobs
-        if shared is not None and not tokens:
-            summed, _ = shared_prompt_logprobs(self.policy, shared)
-            per_token = None
-        else:
-            per_token, summed = sequence_logprobs(self.policy, responses)
+        per_token, summed = self.logprobs(self.policy, responses, shared)
         mask = responses.response_mask.to(summed.device)
         lengths = mask.sum(-1)
         policy = ResponseLogProbs(summed, lengths, per_token if tokens else None, mask if tokens else None)
@@ -161,11 +152,18 @@ class OfflineMethod(AlignmentMethod):
         if (cached := self.precomputed_reference("responses", response_index, summed.device)) is not None:
             return policy, ResponseLogProbs(cached, lengths)
         with torch.no_grad():
-            if tokens:
-                ref_tokens, ref_summed = sequence_logprobs(self.context.reference, responses)
-                return policy, ResponseLogProbs(ref_summed.to(summed.device), lengths, ref_tokens.to(summed.device), mask)
-            ref_summed = self.summed_logprobs(self.context.reference, responses, shared)
-        return policy, ResponseLogProbs(ref_summed.to(summed.device), lengths)
+            ref_tokens, ref_summed = self.logprobs(self.context.reference, responses, shared)
+        ref_summed = ref_summed.to(summed.device)
+        return policy, ResponseLogProbs(ref_summed, lengths, ref_tokens.to(summed.device) if tokens else None, mask if tokens else None)
+
+    def logprobs(self, model, responses: PackedBatch, shared: SharedPromptBatch | None) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(per-token [R, T] in `responses`' layout, or None where the objective reads only sums;
+        summed [R]) log-probs of the responses under `model`, from their shared-prompt rows where given."""
+        if shared is None:
+            return sequence_logprobs(model, responses)
+        width = responses.input_ids.shape[1] if self.needs_token_logprobs else None
+        summed, _, per_token = shared_prompt_logprobs(model, shared, row_width=width)
+        return per_token, summed
 
     def log_objective(self, objective: Objective, responses: PackedBatch, batch_size: int) -> torch.Tensor:
         """Check the loss, count the tokens and log the loss, the reward statistics and the terms."""
@@ -186,8 +184,7 @@ class OfflinePreferenceMethod(OfflineMethod):
 
     def datamodule(self) -> PreferenceDataModule:
         ctx = self.context
-        share = self.config.share_prompts and not self.needs_token_logprobs
-        data = PreferenceDataModule(ctx.preferences, ctx.codec, self.config.batch_size, self.config.max_length, seed=ctx.seed, share_prompts=share)
+        data = PreferenceDataModule(ctx.preferences, ctx.codec, self.config.batch_size, self.config.max_length, seed=ctx.seed, share_prompts=self.config.share_prompts)
         self.on_data(data)
         return data
 

@@ -1,7 +1,8 @@
 """Shared-prompt rows (`pack_shared_prompts`, `shared_prompt_logprobs`): a prompt's responses packed
 into one row with a block attention mask score as they do one per row (`sequence_logprobs`), on a
 Llama and a GPT-2; a response never sees its row's other responses; and a DPO step over shared rows
-gives the loss and gradients of the step over one row per response."""
+(and a CPL step, which reads per-token log-probs) gives the loss and gradients of the step over one
+row per response."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 
 from alignbench.data import PreferenceDataModule, preference_rows
 from alignbench.logprobs import pack_sequences, pack_shared_prompts, sequence_logprobs, shared_prompt_logprobs
+from alignbench.methods.cpl import CPL, CPLConfig
 from alignbench.methods.dpo import DPO, DPOConfig
 from alignbench.models import build_tiny_policy
 from tests.test_offline_objectives import REFUSAL, make_method, run_step
@@ -38,9 +40,11 @@ def test_shared_rows_score_each_response_as_its_own_row_does(model):
     shared = pack_shared_prompts(PROMPTS, RESPONSES, pad_token_id=0, max_length=MAX_LENGTH)
     assert shared.num_responses == unshared.input_ids.shape[0] == 9
     assert shared.input_ids.numel() < unshared.input_ids.numel()
-    expected = sequence_logprobs(model, unshared)[1]
-    summed, lengths = shared_prompt_logprobs(model, shared)
+    expected_tokens, expected = sequence_logprobs(model, unshared)
+    summed, lengths, per_token = shared_prompt_logprobs(model, shared, row_width=unshared.input_ids.shape[1])
     torch.testing.assert_close(summed, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(per_token, expected_tokens, atol=1e-5, rtol=0)  # token by token, in the one-row layout
+    assert shared_prompt_logprobs(model, shared)[2] is None
     assert lengths.tolist() == unshared.response_mask.sum(-1).tolist() == [3, 1, 4, 2, 1, 0, 4, 2, 3]  # the long one cut to 9 - 5
     assert summed[5] == 0  # an empty response scores 0
     # and the gradients of any function of them agree
@@ -70,8 +74,9 @@ def test_packing_errors_name_the_prompt():
         pack_shared_prompts([[1, 2, 3]], [[[4]]], pad_token_id=0, max_length=2)
 
 
-@pytest.mark.parametrize("precompute", [False, True])
-def test_a_dpo_step_over_shared_rows_equals_the_step_over_one_row_per_response(world, codec, precompute):
+@pytest.mark.parametrize("method_class, config_class, precompute", [(DPO, DPOConfig, False), (DPO, DPOConfig, True), (CPL, CPLConfig, False)])
+def test_a_step_over_shared_rows_equals_the_step_over_one_row_per_response(world, codec, method_class, config_class, precompute):
+    """DPO (sums; the reference on the fly or precomputed) and CPL (per-token log-probs)."""
     prompts = [p for p in world.sample_prompts("train", 40, seed=3) if not world.is_harmful(p)][:6]
     # a ranking of 4 responses per prompt, 3 of its pairs: the prompt is shared by 4 responses
     pairs = lambda p: [(world.ideal_response(p), REFUSAL), (world.ideal_response(p), "no"), (REFUSAL, "maybe later")]  # noqa: E731
@@ -80,7 +85,8 @@ def test_a_dpo_step_over_shared_rows_equals_the_step_over_one_row_per_response(w
     def step(share: bool):
         torch.manual_seed(0)
         policy, reference = (build_tiny_policy("world-tiny", codec.tokenizer, seed=s) for s in (1, 2))
-        method = make_method(DPO, DPOConfig(beta=0.5, max_length=40, precompute_reference=precompute, share_prompts=share), codec, policy, reference, preferences=rows)
+        config = config_class(max_length=40, precompute_reference=precompute, share_prompts=share)
+        method = make_method(method_class, config, codec, policy, reference, preferences=rows)
         data = PreferenceDataModule(rows, codec, batch_size=6, max_length=40, shuffle=False, share_prompts=share)
         method.on_data(data)
         batch = next(iter(data.train_dataloader()))
@@ -92,7 +98,8 @@ def test_a_dpo_step_over_shared_rows_equals_the_step_over_one_row_per_response(w
     loss, logged, grads = step(share=True)
     loss_unshared, logged_unshared, grads_unshared = step(share=False)
     assert abs(loss.item() - loss_unshared.item()) < 1e-5
-    for name in ("rewards_chosen", "rewards_rejected", "margin"):
+    assert set(logged) == set(logged_unshared)
+    for name in logged:
         assert abs(logged[name].item() - logged_unshared[name].item()) < 1e-5
     for a, b in zip(grads, grads_unshared):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
