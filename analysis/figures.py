@@ -284,51 +284,29 @@ def _frontier_seed_band(frontier) -> tuple[np.ndarray, np.ndarray, np.ndarray] |
 def draw_reward_vs_kl(runs: list[Run], n_boot: int = 1000) -> Drawn:
     import pandas as pd
     from alignbench.analysis.frontier import KL_TARGETS, find_frontiers, form_text, gao_fits, matched_kl
-    from alignbench.analysis.stats import gao_curve
     from alignbench.analysis.tables import format_table, interval_cell
 
     frontiers = find_frontiers(runs)
     if not frontiers:
         raise Skipped("needs runs of one method at two or more settings of its own section (a sweep such as dpo.beta or ppo.init_kl_coef: experiments/frontier.yaml)")
     plt = _plt()
-    colours = _group_colours(runs, [f.group for f in frontiers])
     fits = {fit.label: fit for fit in gao_fits(frontiers, n_boot)}
-    fig, ax = plt.subplots(figsize=(COLUMN_WIDTH + 1.2, 2.8), layout="constrained")
+    panels = _frontier_panels(frontiers)
+    fig, axes = plt.subplots(1, len(panels), figsize=((COLUMN_WIDTH + 1.2) * len(panels), 2.8), layout="constrained", sharey=True, squeeze=False)
     intervals = []
-    for index, f in enumerate(frontiers):
-        colour = colours[f.label]
-        kl_points, gold_points = f.kl.mean(axis=1), f.gold.mean(axis=(1, 2))
-        golds = [policy_interval_of_point(f, k, n_boot) for k in range(len(f.settings))]
-        intervals += golds
-        name = ", ".join(k.removeprefix(f.group.method + ".") for k in f.swept)
-        order = np.argsort(kl_points)
-        _errorbar(ax, kl_points[order], [golds[i] for i in order], color=colour, marker=marker_of(index), linestyle="-", elinewidth=0.6, label=f"{f.label}: {name}")
-        if f.anchor_gold is not None:  # the curve starts at SFT (KL 0)
-            first = order[0]
-            ax.plot([0.0, kl_points[first]], [f.anchor_gold.mean(), gold_points[first]], color=colour, linestyle=":", linewidth=0.8, label="_from_sft")
-        band = _frontier_seed_band(f)
-        if band is not None:
-            ax.fill_between(band[0], band[1], band[2], color=colour, alpha=0.15, linewidth=0, label="_seed_band")
-        fit = fits.get(f.label)
-        if fit is not None and np.isfinite(fit.alpha.mean):
-            grid = np.linspace(0, max(kl_points.max(), 1e-6), 60)
-            ax.plot(grid, f.anchor_gold.mean() + gao_curve(np.sqrt(grid), fit.alpha.mean, fit.beta.mean, fit.form), color=colour, linestyle="--", linewidth=0.7, label="_gao_fit")
-        for x, interval, values in zip(kl_points, golds, f.settings):
-            ax.annotate(",".join(_format_setting(v) for v in values), (x, interval.mean), textcoords="offset points", xytext=(3, 2), fontsize=4.5, color="0.3")
-    sft = [r for r in runs if r.method == ANCHOR and KL in r.metrics and GOLD in r.metrics]
-    if sft:
-        ax.scatter([np.mean([r.metrics[KL] for r in sft])], [np.mean([r.metrics[GOLD] for r in sft])], marker="*", s=40, color="black", zorder=4, label="SFT")
-    if fits:
-        ax.plot([], [], color="0.3", linestyle="--", linewidth=0.7, label="Gao et al. fit")
-    for target in KL_TARGETS:
-        ax.axvline(target, color="0.85", linewidth=0.5, zorder=0, label="_target")
-    ax.set_xlabel("KL(π ‖ π_SFT) on test prompts (nats)")
-    ax.set_ylabel("Gold reward (test prompts)")
+    for ax, (family, members) in zip(axes[0], panels.items()):
+        # colours within a panel: a palette's colours repeat past ten curves, so each panel starts it afresh
+        colours = _group_colours([r for f in members for r in f.group.runs], [f.group for f in members])
+        intervals += _draw_frontier_panel(ax, members, colours, fits, runs, n_boot)
+        if len(panels) > 1:
+            ax.set_title(family, fontsize=7)
+        ax.set_xlabel("KL(π ‖ π_SFT) on test prompts (nats)")
+        _legend(ax, outside=True)
+        _despine(ax)
+    axes[0][0].set_ylabel("Gold reward (test prompts)")
     bars = describe_intervals(intervals)
     seeds = sorted({len(f.seeds) for f in frontiers})
-    _note(ax, bars)
-    _legend(ax, outside=True)
-    _despine(ax)
+    _note(axes[0][0], bars)
     # The matched-KL table: every curve's gold reward at each target, best group marked.
     rows = matched_kl(frontiers, n_boot=n_boot)
     matched = pd.DataFrame([{"policy": label, **{f"KL {t:g}": next(interval_cell(r.interval) + (" †" if r.best_group else "") for r in rows if r.label == label and r.kl == t) for t in KL_TARGETS}}
@@ -359,9 +337,72 @@ def draw_reward_vs_kl(runs: list[Run], n_boot: int = 1000) -> Drawn:
     swept_keys = sorted({k for f in frontiers for k in f.swept})
     caption = (f"Gold reward against the KL divergence from the SFT policy, one curve per method across a sweep of "
                f"{', '.join(swept_keys)} (points labelled with the swept value, {'/'.join(map(str, seeds))} seeds each; dotted: from SFT at KL 0); "
-               f"{bars}; shaded: the range of the seeds' own curves; dashed: Gao et al.'s fitted forms (reward_vs_kl_fits.md). "
-               f"reward_vs_kl_matched.md gives each method's gold reward at KL {', '.join(f'{t:g}' for t in KL_TARGETS)} with the best group marked.")
+               f"{bars}; shaded: the range of the seeds' own curves; dashed: Gao et al.'s fitted forms (reward_vs_kl_fits.md)"
+               + (f"; one panel per method family ({', '.join(panels)}), the y-axis shared. " if len(panels) > 1 else ". ")
+               + f"reward_vs_kl_matched.md gives each method's gold reward at KL {', '.join(f'{t:g}' for t in KL_TARGETS)} with the best group marked.")
     return Drawn("reward_vs_kl", "Reward vs KL frontiers", fig, caption, tables)
+
+
+MAX_CURVES_PER_PANEL = 7
+"""More curves than this in one frontier panel and its colours and markers stop telling them apart:
+the frontier figure then draws one panel per method family (`AlignmentMethod.family`)."""
+
+
+def _method_family(method: str) -> str:
+    from alignbench.config import ConfigError
+    from alignbench.registry import get_method
+
+    try:
+        return get_method(method).family
+    except ConfigError:  # a method this installation does not have (runs read from elsewhere)
+        return "other"
+
+
+def _frontier_panels(frontiers: list) -> dict[str, list]:
+    """{family: its frontiers}, in the order the frontiers come; one panel for them all where few."""
+    if len(frontiers) <= MAX_CURVES_PER_PANEL:
+        return {"all": list(frontiers)}
+    panels: dict[str, list] = {}
+    for f in frontiers:
+        panels.setdefault(_method_family(f.group.method), []).append(f)
+    return panels
+
+
+def _draw_frontier_panel(ax, frontiers: list, colours: dict, fits: dict, runs: list[Run], n_boot: int) -> list[Interval]:
+    """One panel of `draw_reward_vs_kl`: each frontier's points with intervals, its line from SFT, its
+    seed band and Gao fit, SFT's point and the matched-KL targets. Returns the points' intervals."""
+    from alignbench.analysis.frontier import KL_TARGETS
+    from alignbench.analysis.stats import gao_curve
+
+    intervals = []
+    for index, f in enumerate(frontiers):
+        colour = colours[f.label]
+        kl_points, gold_points = f.kl.mean(axis=1), f.gold.mean(axis=(1, 2))
+        golds = [policy_interval_of_point(f, k, n_boot) for k in range(len(f.settings))]
+        intervals += golds
+        name = ", ".join(k.removeprefix(f.group.method + ".") for k in f.swept)
+        order = np.argsort(kl_points)
+        _errorbar(ax, kl_points[order], [golds[i] for i in order], color=colour, marker=marker_of(index), linestyle="-", elinewidth=0.6, label=f"{f.label}: {name}")
+        if f.anchor_gold is not None:  # the curve starts at SFT (KL 0)
+            first = order[0]
+            ax.plot([0.0, kl_points[first]], [f.anchor_gold.mean(), gold_points[first]], color=colour, linestyle=":", linewidth=0.8, label="_from_sft")
+        band = _frontier_seed_band(f)
+        if band is not None:
+            ax.fill_between(band[0], band[1], band[2], color=colour, alpha=0.15, linewidth=0, label="_seed_band")
+        fit = fits.get(f.label)
+        if fit is not None and np.isfinite(fit.alpha.mean):
+            grid = np.linspace(0, max(kl_points.max(), 1e-6), 60)
+            ax.plot(grid, f.anchor_gold.mean() + gao_curve(np.sqrt(grid), fit.alpha.mean, fit.beta.mean, fit.form), color=colour, linestyle="--", linewidth=0.7, label="_gao_fit")
+        for x, interval, values in zip(kl_points, golds, f.settings):
+            ax.annotate(",".join(_format_setting(v) for v in values), (x, interval.mean), textcoords="offset points", xytext=(3, 2), fontsize=4.5, color="0.3")
+    sft = [r for r in runs if r.method == ANCHOR and KL in r.metrics and GOLD in r.metrics]
+    if sft:
+        ax.scatter([np.mean([r.metrics[KL] for r in sft])], [np.mean([r.metrics[GOLD] for r in sft])], marker="*", s=40, color="black", zorder=4, label="SFT")
+    if any(f.label in fits for f in frontiers):
+        ax.plot([], [], color="0.3", linestyle="--", linewidth=0.7, label="Gao et al. fit")
+    for target in KL_TARGETS:
+        ax.axvline(target, color="0.85", linewidth=0.5, zorder=0, label="_target")
+    return intervals
 
 
 def policy_interval_of_point(frontier, k: int, n_boot: int) -> Interval:

@@ -69,6 +69,8 @@ class AlignmentMethod(L.LightningModule):
     config_class: ClassVar[type] = MethodConfig
     needs_reference: ClassVar[bool] = True
     """The frozen SFT policy is used in the objective."""
+    family: ClassVar[str] = "other"
+    """The kind of method (its base class's): figures that would crowd draw one panel per family."""
     feedback: ClassVar[Literal["none", "preferences", "reward", "gold"]] = "none"
     """What the method learns from: nothing, preference labels, the reward models (whose
     labels count in its budget), or the gold reward (oracle experiments)."""
@@ -162,6 +164,7 @@ class SampleAndTuneMethod(AlignmentMethod):
     evaluated on the validation split and logged with `round`."""
 
     config_class: ClassVar[type] = RoundsConfig
+    family = "sample and tune"
 
     def examples(self, round_index: int, prompts: list[str], responses: list[list[str]]) -> list[dict]:
         """Supervised examples ({prompt, response, ...}) from each prompt's samples."""

@@ -170,6 +170,7 @@ class BestOfN(AlignmentMethod):
     name = "best_of_n"
     config_class = BestOfNConfig
     trains = False
+    family = "sample and tune"  # selection at inference: drawn with rejection sampling, ReST and HIR
     feedback = "reward"
 
     def select_scores(self, prompts: list[str], responses: list[str]) -> np.ndarray:

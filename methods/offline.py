@@ -95,6 +95,7 @@ class OfflineMethod(AlignmentMethod):
     """What both offline bases share: scoring a batch's responses under the policy and the reference."""
 
     config_class: ClassVar[type] = OfflineConfig
+    family = "offline preferences"
     feedback = "preferences"
     needs_token_logprobs: ClassVar[bool] = False
     """The objective reads per-token log-probs and the response mask, not only their sums."""

@@ -328,6 +328,7 @@ class OnlineRLMethod(AlignmentMethod):
     clipped surrogate, `update_loss`."""
 
     config_class = OnlineConfig
+    family = "online RL"
     feedback = "reward"
     rollout_kl: float | None = None
     """The sequence KL of the latest rollout batch; the runner's KL monitor holds it to `max_kl`."""

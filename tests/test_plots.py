@@ -249,6 +249,30 @@ def test_reward_vs_kl_one_curve_per_swept_method_one_point_per_value(runs, draw)
     assert ax.get_xlabel().startswith("KL(π ‖ π_SFT)") and ax.get_ylabel() == "Gold reward (test prompts)"
 
 
+def test_reward_vs_kl_draws_one_panel_per_method_family_when_the_curves_are_many(tmp_path, draw):
+    """Eight swept methods are more than one panel's colours and markers can tell apart: offline
+    and online methods get a panel each, the y-axis shared, every curve in its family's panel."""
+    from alignbench.analysis.figures import MAX_CURVES_PER_PANEL, draw_reward_vs_kl
+
+    world = AssistantWorld()
+    prompts = world.sample_prompts("test", 8, seed=1)
+    responses = [world.ideal_response(p) for p in prompts]
+    rng = np.random.default_rng(0)
+    offline, online = ["dpo", "ipo", "slic", "simpo", "orpo"], ["ppo", "grpo", "rloo"]
+    assert len(offline + online) > MAX_CURVES_PER_PANEL
+    _write_run(tmp_path, "sft", 0, {}, _eval_metrics(rng, 0.0, 0.0, temperatures=False), [], responses, prompts)
+    for method in offline + online:
+        for index, value in enumerate((0.05, 0.5)):
+            _write_run(tmp_path, method, 0, {"beta" if method in offline else "kl_coef": value}, _eval_metrics(rng, 0.5 - index * 0.3, 1.0 - index * 0.7, temperatures=False), [], responses, prompts)
+    drawn = draw(draw_reward_vs_kl, load_local_runs(tmp_path))
+    panels = {ax.get_title(): ax for ax in drawn.figure.axes if ax.get_title()}
+    assert set(panels) == {"offline preferences", "online RL"}
+    curves = {title: sorted(label for label in legend_labels(ax) if label not in ("SFT", "Gao et al. fit")) for title, ax in panels.items()}
+    assert curves == {"offline preferences": sorted(f"{m}: beta" for m in offline), "online RL": sorted(f"{m}: kl_coef" for m in online)}
+    assert panels["online RL"].get_shared_y_axes().joined(panels["online RL"], panels["offline preferences"])
+    assert "one panel per method family (offline preferences, online RL)" in drawn.caption
+
+
 # --- figure 4 ---------------------------------------------------------------------------------------
 def test_win_rate_vs_temperature_one_line_per_policy_one_point_per_temperature(runs, draw):
     from alignbench.analysis.figures import draw_temperatures
