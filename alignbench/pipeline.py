@@ -28,8 +28,9 @@ from alignbench.models import AdapterDisabledReference, RewardModel, TextCodec, 
 from alignbench.reward import ProxyReward
 from alignbench.seeding import with_run_seed
 from alignbench.sources import DataSource, make_source
-from alignbench.stage_cache import StageCache, read_jsonl
+from alignbench.stage_cache import StageCache, read_jsonl, versioned_key
 from alignbench.stages import ai_labeler, labels, reference_samples, reward_models, sft
+from alignbench.stages.versions import version
 from alignbench.training import Budget
 from alignbench.world import AssistantWorld
 
@@ -99,14 +100,16 @@ class Pipeline:
         return self.cache.stage(name, key, build, version)
 
     # --- the shared stages (alignbench.stages) ------------------------------------------------
+    # A stage's key as the stages built from it embed it: with its build version, so that bumping
+    # the version rebuilds them too instead of reusing what was built from the old stage.
     def sft_key(self) -> dict:
-        return sft.key(self)
+        return versioned_key(sft.key(self), version("sft"))
 
     def labels_key(self) -> dict:
-        return labels.key(self)
+        return versioned_key(labels.key(self), version("labels"))
 
     def reward_key(self) -> dict:
-        return reward_models.key(self)
+        return versioned_key(reward_models.key(self), version("reward_models"))
 
     def sft(self) -> tuple[Path, dict]:
         return sft.sft(self)

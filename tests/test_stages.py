@@ -220,6 +220,27 @@ def test_every_setting_a_stage_reads_changes_its_key(world_keys, stage):
     assert not moved, f"{stage}: its key holds {moved}, which do not change what it builds"
 
 
+# Stage -> stages built from it (directly or through another).
+BUILT_FROM = {
+    "sft": ["labels", "reward_models", "reference_samples", "ai_labeler", "ai_labels", "pair_reward_model", "human_reward_model", "helpful_only", "sl_cai", "cai_preference_model"],
+    "labels": ["reward_models", "ai_labels", "pair_reward_model", "human_reward_model", "cai_preference_model"],
+    "ai_labeler": ["ai_labels", "pair_reward_model", "cai_preference_model"],
+    "helpful_only": ["sl_cai"],
+}
+
+
+@pytest.mark.parametrize("stage", list(BUILT_FROM))
+def test_bumping_a_stages_version_changes_the_keys_of_the_stages_built_from_it(world_keys, monkeypatch, stage):
+    """A new build of a stage must not be paired with stages built from its old build."""
+    from alignbench.stages import versions
+
+    before = world_keys()
+    monkeypatch.setitem(versions.BUILD, stage, versions.BUILD[stage]._replace(version=versions.BUILD[stage].version + 1))
+    after = world_keys()
+    stale = [name for name in BUILT_FROM[stage] if after[name] == before[name]]
+    assert not stale, f"bumping {stage} leaves the keys of {stale} as they were"
+
+
 def test_the_world_labels_key_holds_the_holdout_fraction_only_away_from_its_old_value(world_keys):
     """The fix that put reward_model.holdout_fraction in the labels key keeps the key of every
     cache built at the old default (0.1), so those labels are reused, not rebuilt."""

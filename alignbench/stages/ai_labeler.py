@@ -15,6 +15,7 @@ from alignbench.evaluation import EvalConfig, sample_policy
 from alignbench.judges import LMJudge
 from alignbench.models import TINY_MODELS, TextCodec, build_tiny_policy, freeze, load_pretrained_policy, load_tokenizer
 from alignbench.seeding import seeded_generator
+from alignbench.stage_cache import versioned_key
 from alignbench.stages.training import fine_tune
 from alignbench.stages.versions import version
 
@@ -25,6 +26,11 @@ if TYPE_CHECKING:
 def key(p: "Pipeline") -> dict:
     # The SFT policy writes half of the labeler's training responses (and may be its initialisation).
     return {"world": to_dict(p.config.world), "ai_labeler": to_dict(p.config.ai_labeler), "sft": p.sft_key(), "max_new_tokens": p.config.eval.max_new_tokens}
+
+
+def dependency_key(p: "Pipeline") -> dict:
+    """`key` as the stages built from the labeler embed it: with its build version."""
+    return versioned_key(key(p), version("ai_labeler"))
 
 
 def ai_labeler(p: "Pipeline") -> tuple[Path, dict]:

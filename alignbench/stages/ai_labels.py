@@ -28,7 +28,7 @@ def shared_pairs(p: "Pipeline", n_pairs: int) -> list[dict]:
 
 
 def key(p: "Pipeline", n_pairs: int) -> dict:
-    return {"labels": p.labels_key(), "labeler": ai_labeler.key(p), "n_pairs": n_pairs}
+    return {"labels": p.labels_key(), "labeler": ai_labeler.dependency_key(p), "n_pairs": n_pairs}
 
 
 def ai_labels(p: "Pipeline", n_pairs: int) -> tuple[list[dict], dict]:

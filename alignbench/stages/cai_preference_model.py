@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 
 def key(p: "Pipeline", c, sl_dir: Path, seed: int) -> dict:
-    return {"sl_cai": str(sl_dir.name), "labeler": ai_labeler.key(p), "labels": p.labels_key(),
+    return {"sl_cai": str(sl_dir.name), "labeler": ai_labeler.dependency_key(p), "labels": p.labels_key(),
             "reward_model": to_dict(p.config.reward_model), "rl_prompts": c.rl_prompts, "principles": c.principles,
             "human_helpfulness_pairs": c.human_helpfulness_pairs, "seed": seed}
 

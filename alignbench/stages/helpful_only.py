@@ -13,6 +13,7 @@ import numpy as np
 
 from alignbench.config import to_dict
 from alignbench.models import load_pretrained_policy
+from alignbench.stage_cache import versioned_key
 from alignbench.stages.training import fine_tune
 from alignbench.stages.versions import version
 from alignbench.training import OptimConfig
@@ -58,6 +59,11 @@ def red_team_prompts(world: AssistantWorld, n: int, seed: int) -> list[str]:
 
 def key(p: "Pipeline", c: HelpfulOnlyConfig) -> dict:
     return {"sft": p.sft_key(), "helpful_only": to_dict(c)}
+
+
+def dependency_key(p: "Pipeline", c: HelpfulOnlyConfig) -> dict:
+    """`key` as the stages built from the helpful-only policy embed it: with its build version."""
+    return versioned_key(key(p, c), version("helpful_only"))
 
 
 def helpful_only(p: "Pipeline", c: HelpfulOnlyConfig) -> tuple[Path, dict]:

@@ -23,7 +23,7 @@ def key(p: "Pipeline", labeler: Literal["ai", "human"], n_pairs: int) -> dict:
     # The SFT policy is the model's initialisation (a dataset's labels key does not hold it).
     key = {"labels": p.labels_key(), "sft": p.sft_key(), "reward_model": to_dict(p.config.reward_model), "labeler": labeler, "n_pairs": n_pairs}
     if labeler == "ai":
-        key["ai_labeler"] = ai_labeler.key(p)
+        key["ai_labeler"] = ai_labeler.dependency_key(p)
     return key
 
 

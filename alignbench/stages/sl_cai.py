@@ -54,7 +54,7 @@ def critique_and_revise(policy, codec, world: AssistantWorld, prompts: Sequence[
 
 
 def key(p: "Pipeline", c, seed: int) -> dict:
-    return {"helpful_only": helpful_only.key(p, c.helpful_only), "sl_cai": {k: to_dict(getattr(c, k)) for k in FIELDS},
+    return {"helpful_only": helpful_only.dependency_key(p, c.helpful_only), "sl_cai": {k: to_dict(getattr(c, k)) for k in FIELDS},
             "max_new_tokens": p.config.eval.max_new_tokens, "seed": seed}
 
 

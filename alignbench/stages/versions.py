@@ -24,6 +24,8 @@ SHARED = ("stages/training.py", "sources.py")
 # Hashes recorded without a version bump when reward-model scoring was cut to reward_model.max_length
 # (issue 21): world texts are far shorter (prompt <= 10 + response <= 16 tokens < 48), so nothing the
 # world builds changed; only a dataset whose prompt + response passes max_length is scored differently.
+# Hashes recorded without a bump when the keys that stages embed of the stages they are built from
+# gained those stages' build versions: the keys changed, not what is built.
 
 BUILD: dict[str, Build] = {
     "sft": Build(1, ("stages/sft.py", *SHARED), "45542cad2d210909"),
@@ -32,15 +34,15 @@ BUILD: dict[str, Build] = {
     "reward_models": Build(2, ("stages/reward_models.py", *SHARED), "ccec0f1ecf85741c"),
     "reference_samples": Build(1, ("stages/reference_samples.py", *SHARED), "1798e7dcfd3f8781"),
     "candidates": Build(1, ("stages/candidates.py", *SHARED), "ef356c910ec6ecec"),
-    "ai_labeler": Build(1, ("stages/ai_labeler.py", "ai_feedback.py", *SHARED), "9efe3748dad713a0"),
-    "ai_labels": Build(1, ("stages/ai_labels.py", "stages/ai_labeler.py", *SHARED), "c28e92d280e61ebc"),
+    "ai_labeler": Build(1, ("stages/ai_labeler.py", "ai_feedback.py", *SHARED), "ddff0d45ff1295e7"),
+    "ai_labels": Build(1, ("stages/ai_labels.py", "stages/ai_labeler.py", *SHARED), "f3b7a2aef95bd79e"),
     # 2: trained by the one `train_reward_model`, which honours reward_model.architecture and LoRA
     # (version 1 always built the backbone + head, without adapters).
-    "pair_reward_model": Build(2, ("stages/pair_reward_model.py", *SHARED), "aeab134cf53eca58"),
-    "helpful_only": Build(1, ("stages/helpful_only.py", *SHARED), "b75e7451b020e90c"),
-    "sl_cai": Build(1, ("stages/sl_cai.py", "stages/helpful_only.py", *SHARED), "fc48fe73547a0bb5"),
+    "pair_reward_model": Build(2, ("stages/pair_reward_model.py", *SHARED), "229237c2b2799a51"),
+    "helpful_only": Build(1, ("stages/helpful_only.py", *SHARED), "732c96926f0aabe8"),
+    "sl_cai": Build(1, ("stages/sl_cai.py", "stages/helpful_only.py", *SHARED), "88d1f49208cc67e2"),
     # 2: as pair_reward_model.
-    "cai_preference_model": Build(2, ("stages/cai_preference_model.py", "stages/pair_reward_model.py", *SHARED), "4f3b56d667701598"),
+    "cai_preference_model": Build(2, ("stages/cai_preference_model.py", "stages/pair_reward_model.py", *SHARED), "66370312d24a1e52"),
 }
 
 
