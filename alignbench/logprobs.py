@@ -133,51 +133,67 @@ def pack_sequences(
 
 @dataclass
 class SharedPromptBatch:
-    """Responses packed one row per prompt: the prompt's tokens once, then each of its responses.
+    """Responses packed with their prompt: the prompt's tokens once, then each of its responses.
 
     A block attention mask lets a response attend to the prompt and to its own earlier tokens only,
     and its positions continue from the prompt's end, so each response is scored as it would be
     after the prompt alone (:func:`pack_sequences`' layout) while the prompt goes through the model
     once instead of once per response: on rankings of 4 responses, about half the tokens.
 
+    A prompt with its responses is a *group*. By default each group has a row of its own; packed
+    (``pack_width``), several groups share a row, each attending only within itself, so a batch of
+    short sequences carries little padding.
+
     Attributes:
-        input_ids: ``LongTensor [G, T]``, one row per prompt, right-padded.
-        position_ids: ``LongTensor [G, T]``, each response's positions continue from its prompt's end.
-        segment: ``LongTensor [G, T]``, 0 at prompt tokens, ``k + 1`` at the row's k-th response's,
-            -1 at padding.
-        owner: ``LongTensor [G, T]``, the response (0..R-1, in the order packed) a token belongs to,
+        input_ids: ``LongTensor [N, T]``, right-padded rows.
+        position_ids: ``LongTensor [N, T]``, each response's positions continue from its prompt's end.
+        group: ``LongTensor [N, T]``, which group of its row a token belongs to (0, 1, ...), -1 at
+            padding.
+        segment: ``LongTensor [N, T]``, 0 at prompt tokens, ``k + 1`` at the group's k-th
+            response's, -1 at padding.
+        owner: ``LongTensor [N, T]``, the response (0..R-1, numbered prompt by prompt in the input order) a token belongs to,
             -1 at prompt tokens and padding.
-        source: ``LongTensor [G, T]``, the position whose logits predict the token here: the previous
+        source: ``LongTensor [N, T]``, the position whose logits predict the token here: the previous
             one, or for a response's first token the prompt's last.
+        ends: ``LongTensor [R, 2]``, (row, column) of each response's last token, or of its prompt's
+            last for an empty response: where a reward model reads the sequence's final state.
         num_responses: R.
     """
 
     input_ids: Tensor
     position_ids: Tensor
+    group: Tensor
     segment: Tensor
     owner: Tensor
     source: Tensor
+    ends: Tensor
     num_responses: int
 
     def to(self, device: torch.device | str) -> SharedPromptBatch:
         """Return a copy of the batch with every tensor on ``device``."""
         move = lambda t: t.to(device)  # noqa: E731
-        return SharedPromptBatch(*map(move, (self.input_ids, self.position_ids, self.segment, self.owner, self.source)), self.num_responses)
+        tensors = (self.input_ids, self.position_ids, self.group, self.segment, self.owner, self.source, self.ends)
+        return SharedPromptBatch(*map(move, tensors), self.num_responses)
 
     def attention_mask(self, dtype: torch.dtype) -> Tensor:
-        """``[G, 1, T, T]`` additive mask (0 where a query attends to a key, the dtype's minimum
+        """``[N, 1, T, T]`` additive mask (0 where a query attends to a key, the dtype's minimum
         elsewhere), in the form transformers takes a custom 4D mask for both SDPA and eager attention:
-        a key at or before the query that is a prompt token or in the query's own segment. Padding
-        queries see the prompt too, so no row of the softmax is empty."""
+        a key at or before the query, in the query's group, that is a prompt token or in the query's
+        own segment. Padding queries see the padding up to themselves, so no row of the softmax is
+        empty."""
         width = self.input_ids.shape[1]
         causal = torch.ones(width, width, dtype=torch.bool, device=self.input_ids.device).tril()
         query, key = self.segment[:, :, None], self.segment[:, None, :]
-        allowed = causal & ((key == 0) | (key == query))
+        same_group = self.group[:, :, None] == self.group[:, None, :]
+        allowed = causal & same_group & ((key == 0) | (key == query))
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
 
-def pack_shared_prompts(prompt_ids: list[list[int]], response_ids: list[list[list[int]]], pad_token_id: int, max_length: int | None = None) -> SharedPromptBatch:
-    """Pack each prompt with all of its responses into one row (:class:`SharedPromptBatch`).
+def pack_shared_prompts(
+    prompt_ids: list[list[int]], response_ids: list[list[list[int]]], pad_token_id: int, max_length: int | None = None, pack_width: int | None = None
+) -> SharedPromptBatch:
+    """Pack each prompt with all of its responses (:class:`SharedPromptBatch`): one row per prompt,
+    or with ``pack_width`` as few rows as fit.
 
     Args:
         prompt_ids: ``G`` non-empty token lists.
@@ -186,6 +202,11 @@ def pack_shared_prompts(prompt_ids: list[list[int]], response_ids: list[list[lis
         pad_token_id: token placed at padding positions (never attended to from a real token).
         max_length: if given, each response is cut to ``max_length - len(prompt)`` tokens, as
             :func:`pack_sequences` cuts a prompt + response row.
+        pack_width: if given, the groups (a prompt and its responses) are placed longest first,
+            each into the first row with room for it, in rows of this many tokens (or of the
+            longest group's, if wider). The tokens of a batch of short sequences then fill the rows
+            instead of padding to the longest: for the world's demonstrations, 95% of the tokens
+            are real at 48 against 66% one per row. Scores are the same up to float rounding.
 
     Raises:
         ValueError: as :func:`pack_sequences` (names the prompt).
@@ -194,7 +215,7 @@ def pack_shared_prompts(prompt_ids: list[list[int]], response_ids: list[list[lis
         raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} lists of responses")
     if not prompt_ids:
         raise ValueError("cannot pack an empty batch")
-    rows = []
+    groups = []
     for i, (prompt, responses) in enumerate(zip(prompt_ids, response_ids)):
         if not prompt:
             raise ValueError(f"prompt {i}: empty prompt; every response token needs a context")
@@ -202,28 +223,58 @@ def pack_shared_prompts(prompt_ids: list[list[int]], response_ids: list[list[lis
             if len(prompt) > max_length:
                 raise ValueError(f"prompt {i}: prompt has {len(prompt)} tokens, more than max_length={max_length}")
             responses = [response[: max_length - len(prompt)] for response in responses]
-        rows.append((list(prompt), [list(r) for r in responses]))
-    width = max(len(p) + sum(map(len, rs)) for p, rs in rows)
-    shape = (len(rows), width)
-    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
-    position_ids, segment = torch.zeros(shape, dtype=torch.long), torch.full(shape, -1, dtype=torch.long)
-    owner, source = torch.full(shape, -1, dtype=torch.long), torch.zeros(shape, dtype=torch.long)
-    response = 0
-    for g, (prompt, responses) in enumerate(rows):
-        end = len(prompt)
-        input_ids[g, :end] = torch.tensor(prompt, dtype=torch.long)
-        position_ids[g, :end] = torch.arange(end)
-        segment[g, :end] = 0
-        for k, tokens in enumerate(responses):
-            span = slice(end, end + len(tokens))
-            input_ids[g, span] = torch.tensor(tokens, dtype=torch.long)
-            position_ids[g, span] = torch.arange(len(prompt), len(prompt) + len(tokens))
-            segment[g, span], owner[g, span] = k + 1, response
-            source[g, span] = torch.arange(end - 1, end + len(tokens) - 1)
-            source[g, end] = len(prompt) - 1  # the first token is predicted from the prompt's end
-            end += len(tokens)
-            response += 1
-    return SharedPromptBatch(input_ids, position_ids, segment, owner, source, response)
+        groups.append((list(prompt), [list(r) for r in responses]))
+    sizes = [len(p) + sum(map(len, rs)) for p, rs in groups]
+    rows = _first_fit(sizes, max(max(sizes), pack_width or 0)) if pack_width is not None else [[g] for g in range(len(groups))]
+    first_response = [0]  # responses are numbered in the input's order, whatever row a group lands in
+    for _, responses in groups:
+        first_response.append(first_response[-1] + len(responses))
+    width = max(sum(sizes[g] for g in row) for row in rows)
+    # Built as Python lists, a row at a time, and made tensors once (a tensor write per span costs more).
+    columns: dict[str, list[list[int]]] = {name: [] for name in ("input_ids", "position_ids", "group", "segment", "owner", "source")}
+    ends = [[0, 0] for _ in range(first_response[-1])]
+    for n, row in enumerate(rows):
+        ids, positions, group, segment, owner, source = [], [], [], [], [], []
+        for place, g in enumerate(row):
+            prompt, responses = groups[g]
+            prompt_end = len(ids) + len(prompt) - 1
+            ids += prompt
+            positions += range(len(prompt))
+            segment += [0] * len(prompt)
+            owner += [-1] * len(prompt)
+            source += [0] * len(prompt)
+            for k, tokens in enumerate(responses):
+                # Each token is predicted from the one before it; the first from the prompt's end.
+                source += [prompt_end] + list(range(len(ids), len(ids) + len(tokens) - 1)) if tokens else []
+                ids += tokens
+                ends[first_response[g] + k] = [n, len(ids) - 1 if tokens else prompt_end]
+                positions += range(len(prompt), len(prompt) + len(tokens))
+                segment += [k + 1] * len(tokens)
+                owner += [first_response[g] + k] * len(tokens)
+            group += [place] * sizes[g]
+        padding = width - len(ids)
+        for name, values, fill in (("input_ids", ids, pad_token_id), ("position_ids", positions, 0), ("group", group, -1),
+                                   ("segment", segment, -1), ("owner", owner, -1), ("source", source, 0)):
+            columns[name].append(values + [fill] * padding)
+    input_ids, position_ids, group, segment, owner, source = (torch.tensor(columns[name], dtype=torch.long) for name in columns)
+    return SharedPromptBatch(input_ids, position_ids, group, segment, owner, source, torch.tensor(ends, dtype=torch.long).view(-1, 2), first_response[-1])
+
+
+def _first_fit(sizes: list[int], width: int) -> list[list[int]]:
+    """First-fit decreasing: items (by index) into as few bins of ``width`` as it finds, each bin's
+    items in input order."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for item in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        for b, free in enumerate(room):
+            if sizes[item] <= free:
+                bins[b].append(item)
+                room[b] -= sizes[item]
+                break
+        else:
+            bins.append([item])
+            room.append(width - sizes[item])
+    return [sorted(b) for b in bins]
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:

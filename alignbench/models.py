@@ -444,21 +444,41 @@ class RewardModel(nn.Module):
             raise ValueError("this reward model has a likelihood term: pass the response_mask of the batch (PackedBatch.response_mask)")
         return score + self.likelihood_weight * self.response_loglikelihood(hidden, input_ids, response_mask)
 
+    def score_shared(self, batch) -> torch.Tensor:
+        """Raw scores [R] of the R responses of a `SharedPromptBatch`: each as `forward` scores its
+        prompt + response alone (up to float rounding), with the prompt through the model once and
+        several prompts to a row when the batch is packed."""
+        dtype = next(self.backbone.parameters()).dtype
+        batch = batch.to(self.head.weight.device)
+        hidden = self.backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask(dtype), position_ids=batch.position_ids).last_hidden_state
+        score = self.head(hidden[batch.ends[:, 0], batch.ends[:, 1]]).squeeze(-1).float()
+        if self.likelihood == "none":
+            return score
+        scored = batch.owner >= 0
+        rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None].expand_as(batch.source)[scored]
+        likelihood = self._loglikelihood(hidden[rows, batch.source[scored]], batch.input_ids[scored], batch.owner[scored], batch.num_responses)
+        return score + self.likelihood_weight * likelihood
+
     def response_loglikelihood(self, hidden: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
         """[B] float32: log p(response | prompt) under the language-model head, the sum or the mean
-        over response tokens. Logits are computed at response positions only (a [tokens, vocab]
-        tensor, not [B, T, vocab])."""
-        from alignbench.logprobs import target_logprobs
-
+        over response tokens."""
         targets = response_mask[:, 1:].bool()  # position t predicts token t + 1
         rows = targets.nonzero(as_tuple=True)[0]
-        states = hidden[:, :-1][targets]
+        return self._loglikelihood(hidden[:, :-1][targets], input_ids[:, 1:][targets], rows, input_ids.shape[0])
+
+    def _loglikelihood(self, states: torch.Tensor, targets: torch.Tensor, owners: torch.Tensor, num_sequences: int) -> torch.Tensor:
+        """[num_sequences] float32: the sum (or mean) of log p(target | state) over each sequence's
+        tokens; `owners` says which sequence a (state, target) pair belongs to. Logits are computed
+        at these states only (a [tokens, vocab] tensor, not [B, T, vocab])."""
+        from alignbench.logprobs import target_logprobs
+
         weight = self.lm_head.weight if self.lm_head is not None else self.backbone.get_input_embeddings().weight
         logits = nn.functional.linear(states, weight, self.lm_head.bias if self.lm_head is not None else None)
-        logprobs = target_logprobs(logits, input_ids[:, 1:][targets])
-        total = torch.zeros(input_ids.shape[0], device=hidden.device, dtype=torch.float32).index_add(0, rows, logprobs)
+        logprobs = target_logprobs(logits, targets)
+        total = torch.zeros(num_sequences, device=states.device, dtype=torch.float32).index_add(0, owners, logprobs)
         if self.likelihood == "mean":
-            total = total / targets.sum(dim=1).clamp(min=1)
+            counts = torch.zeros(num_sequences, device=states.device, dtype=torch.long).index_add(0, owners, torch.ones_like(owners))
+            total = total / counts.clamp(min=1)
         return total
 
     def probability(self, raw: torch.Tensor) -> torch.Tensor:

@@ -107,8 +107,11 @@ class RewardModelTraining(L.LightningModule):
         model.train()  # the backbone comes from `from_pretrained`, which returns eval mode
 
     def training_step(self, batch: PreferenceBatch, batch_idx: int):
-        responses = batch.responses
-        rewards = self.model(responses.input_ids, responses.attention_mask, responses.response_mask)  # one pass per distinct response
+        if batch.shared is not None:  # the prompt once for all of its responses, prompts packed
+            rewards = self.model.score_shared(batch.shared)
+        else:  # one row per distinct response
+            responses = batch.responses
+            rewards = self.model(responses.input_ids, responses.attention_mask, responses.response_mask)
         loss, metrics = ranking_loss(
             rewards[batch.chosen], rewards[batch.rejected], batch.group, batch.num_groups, batch.margin if self.config.margin else None, batch.label
         )

@@ -12,7 +12,7 @@ import lightning as L
 import torch
 
 from alignbench.data import DemonstrationBatch
-from alignbench.logprobs import PackedBatch, sequence_logprobs
+from alignbench.logprobs import PackedBatch, SharedPromptBatch, sequence_logprobs, shared_prompt_logprobs
 from alignbench.training import OptimConfig, adamw_with_schedule, check_finite
 
 
@@ -41,8 +41,13 @@ class SFTConfig:
                 raise ValueError(f"sft.{key}={getattr(self, key)} must be >= 1")
 
 
-def response_nll(policy, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean negative log-likelihood per response token, and the number of those tokens."""
+def response_nll(policy, batch: PackedBatch | SharedPromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean negative log-likelihood per response token, and the number of those tokens; the batch
+    one response per row, or packed (the same value up to float rounding)."""
+    if isinstance(batch, SharedPromptBatch):
+        summed, lengths, _ = shared_prompt_logprobs(policy, batch)
+        n_tokens = lengths.sum()
+        return -summed.sum() / n_tokens.clamp(min=1), n_tokens
     per_token, _ = sequence_logprobs(policy, batch)
     n_tokens = batch.response_mask.sum()
     return -per_token.sum() / n_tokens.clamp(min=1), n_tokens
@@ -57,10 +62,10 @@ class SupervisedFineTuning(L.LightningModule):
         self.tokens_trained = 0
 
     def training_step(self, batch: DemonstrationBatch, batch_idx: int):
-        loss, n_tokens = response_nll(self.policy, batch.batch)
+        loss, n_tokens = response_nll(self.policy, batch.scored)
         check_finite(loss, self.global_step)
         self.tokens_trained += batch.num_tokens
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch.batch.input_ids.shape[0])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch.size)
         return loss
 
     def configure_optimizers(self):

@@ -165,13 +165,17 @@ class SampleAndTuneMethod(AlignmentMethod):
 
     config_class: ClassVar[type] = RoundsConfig
     family = "sample and tune"
+    packs_examples: ClassVar[bool] = True
+    """Whether the fine-tuning scores the examples packed several to a row (`DemonstrationBatch.scored`);
+    a method whose loss reads the one-per-row layout (`batch.batch`) says False."""
 
     def examples(self, round_index: int, prompts: list[str], responses: list[list[str]]) -> list[dict]:
         """Supervised examples ({prompt, response, ...}) from each prompt's samples."""
         raise NotImplementedError
 
     def round_datamodule(self, examples: list[dict]) -> L.LightningDataModule:
-        return DemonstrationDataModule(Dataset.from_list(examples), self.context.codec, self.config.batch_size, self.config.max_length, seed=self.context.seed)
+        return DemonstrationDataModule(Dataset.from_list(examples), self.context.codec, self.config.batch_size, self.config.max_length, seed=self.context.seed,
+                                       pack=self.packs_examples)
 
     def round_temperature(self, round_index: int) -> float:
         return self.config.temperature
@@ -208,10 +212,10 @@ class SampleAndTuneMethod(AlignmentMethod):
         fit.log({"round": round_number, "train/examples": len(examples), **self.validate()})
 
     def training_step(self, batch, batch_idx: int):
-        loss, _ = response_nll(self.policy, batch.batch)
+        loss, _ = response_nll(self.policy, batch.scored)
         check_finite(loss, self.global_step)
         self.budget.train_tokens += batch.num_tokens
-        self.log_terms({"loss": loss.detach()}, batch_size=batch.batch.input_ids.shape[0])
+        self.log_terms({"loss": loss.detach()}, batch_size=batch.size)
         return loss
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):

@@ -72,6 +72,7 @@ class HIRConfig(RoundsConfig):
 class HIR(SampleAndTuneMethod):
     name = "hir"
     config_class = HIRConfig
+    packs_examples = False  # its loss (label smoothing, entropy, the contrastive term) reads the padded rows
     needs_reference = False
     feedback = "gold"  # the world's relabel function checks outputs exactly
 

@@ -1,19 +1,23 @@
 """Shared-prompt rows (`pack_shared_prompts`, `shared_prompt_logprobs`): a prompt's responses packed
 into one row with a block attention mask score as they do one per row (`sequence_logprobs`), on a
-Llama and a GPT-2; a response never sees its row's other responses; and a DPO step over shared rows
-(and a CPL step, which reads per-token log-probs) gives the loss and gradients of the step over one
-row per response."""
+Llama and a GPT-2, also packed several prompts to a row (`pack_width`); a response never sees its
+row's other responses or prompts; packed demonstrations give the fine-tuning loss and gradients of
+one per row; and a DPO step over shared rows (and a CPL step, which reads per-token log-probs) gives
+the loss and gradients of the step over one row per response."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from datasets import Dataset
 
-from alignbench.data import PreferenceDataModule, preference_rows
+from alignbench.data import DemonstrationDataModule, PreferenceDataModule, preference_rows
 from alignbench.logprobs import pack_sequences, pack_shared_prompts, sequence_logprobs, shared_prompt_logprobs
 from alignbench.methods.cpl import CPL, CPLConfig
 from alignbench.methods.dpo import DPO, DPOConfig
 from alignbench.models import build_tiny_policy
+from alignbench.sft import response_nll
 from tests.test_offline_objectives import REFUSAL, make_method, run_step
 
 # Prompts of different lengths with 1 to 4 responses, one of them empty and one long enough to be cut.
@@ -35,10 +39,13 @@ def model(request, tiny_gpt2, codec):
     return build_tiny_policy("world-tiny", codec.tokenizer, seed=1).eval()
 
 
-def test_shared_rows_score_each_response_as_its_own_row_does(model):
+@pytest.mark.parametrize("pack_width", [None, 12])
+def test_shared_rows_score_each_response_as_its_own_row_does(model, pack_width):
+    """One prompt per row, or packed (groups of 11, 4, 12 and 4 tokens -> rows [12], [11], [4, 4])."""
     unshared = one_row_per_response(PROMPTS, RESPONSES)
-    shared = pack_shared_prompts(PROMPTS, RESPONSES, pad_token_id=0, max_length=MAX_LENGTH)
+    shared = pack_shared_prompts(PROMPTS, RESPONSES, pad_token_id=0, max_length=MAX_LENGTH, pack_width=pack_width)
     assert shared.num_responses == unshared.input_ids.shape[0] == 9
+    assert shared.input_ids.shape == ((4, 12) if pack_width is None else (3, 12))
     assert shared.input_ids.numel() < unshared.input_ids.numel()
     expected_tokens, expected = sequence_logprobs(model, unshared)
     summed, lengths, per_token = shared_prompt_logprobs(model, shared, row_width=unshared.input_ids.shape[1])
@@ -58,13 +65,83 @@ def test_shared_rows_score_each_response_as_its_own_row_does(model):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-3)
 
 
-def test_a_response_never_sees_the_other_responses_of_its_row(model):
-    before = shared_prompt_logprobs(model, pack_shared_prompts(PROMPTS, RESPONSES, pad_token_id=0))[0]
+@pytest.mark.parametrize("pack_width", [None, 16])
+def test_a_response_never_sees_the_other_responses_of_its_row(model, pack_width):
+    """Nor, packed, the other prompts of its row."""
+    before = shared_prompt_logprobs(model, pack_shared_prompts(PROMPTS, RESPONSES, pad_token_id=0, pack_width=pack_width))[0]
     changed = [list(rs) for rs in RESPONSES]
     changed[0][0] = [21, 20, 19, 18, 17]  # the first response of the first prompt: others follow it in the row
-    after = shared_prompt_logprobs(model, pack_shared_prompts(PROMPTS, changed, pad_token_id=0))[0]
+    packed = pack_shared_prompts(PROMPTS, changed, pad_token_id=0, pack_width=pack_width)
+    if pack_width is not None:  # the first prompt (11 tokens) shares its row with the second (4)
+        assert packed.input_ids.shape[0] < len(PROMPTS) and packed.group.max() == 1
+    after = shared_prompt_logprobs(model, packed)[0]
     assert not torch.isclose(after[0], before[0])
     torch.testing.assert_close(after[1:], before[1:], atol=1e-6, rtol=0)
+
+
+def test_packed_demonstrations_give_the_loss_and_gradients_of_one_per_row(world, codec):
+    """The fine-tuning loss (`response_nll`) on `DemonstrationDataModule(pack=True)` batches."""
+    prompts = world.sample_prompts("train", 48, seed=5)
+    rng = np.random.default_rng(0)
+    data = DemonstrationDataModule(Dataset.from_dict({"prompt": prompts, "response": [world.demonstrate(x, rng) for x in prompts]}), codec, 16, 48, pack=True)
+    batch = next(iter(data.train_dataloader()))
+    assert batch.scored is batch.packed and batch.size == 16
+    assert batch.packed.input_ids.numel() < batch.batch.input_ids.numel() and batch.packed.input_ids.shape[1] <= 48
+    torch.manual_seed(0)
+    policy = build_tiny_policy("world-tiny", codec.tokenizer, seed=1)
+    grads = []
+    for layout in (batch.batch, batch.packed):
+        policy.zero_grad()
+        loss, n_tokens = response_nll(policy, layout)
+        loss.backward()
+        grads.append((loss.detach(), int(n_tokens), [p.grad.clone() for p in policy.parameters()]))
+    (padded_loss, padded_tokens, padded_grads), (packed_loss, packed_tokens, packed_grads) = grads
+    assert packed_tokens == padded_tokens == int(batch.batch.response_mask.sum())
+    torch.testing.assert_close(packed_loss, padded_loss, atol=1e-6, rtol=0)
+    for a, b in zip(padded_grads, packed_grads):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+    unpacked = DemonstrationDataModule(data.dataset, codec, 16, 48)
+    assert next(iter(unpacked.train_dataloader())).packed is None
+
+
+@pytest.mark.parametrize("architecture, likelihood", [("llama", "none"), ("llama", "sum"), ("llama", "mean"), ("gpt2", "mean"), ("sequence_classification", "none")])
+def test_a_reward_model_scores_shared_packed_rows_as_one_row_per_response(tiny_gpt2, codec, tmp_path, architecture, likelihood):
+    """`RewardModel.score_shared` against `forward` (each response's final state, its likelihood
+    term; an empty response scored at its prompt's end), and the gradients of the ranking loss."""
+    from transformers import AutoModelForSequenceClassification
+
+    from alignbench.models import RewardModel
+    from alignbench.reward import ranking_loss
+
+    torch.manual_seed(0)
+    if architecture == "gpt2":
+        model = RewardModel.from_policy(tiny_gpt2, likelihood=likelihood)
+    elif architecture == "llama":
+        model = RewardModel.from_policy(build_tiny_policy("world-tiny", codec.tokenizer, seed=1), likelihood=likelihood)
+    else:
+        build_tiny_policy("world-tiny", codec.tokenizer, seed=1).save_pretrained(tmp_path / "policy")
+        model = RewardModel.from_sequence_classifier(AutoModelForSequenceClassification.from_pretrained(tmp_path / "policy", num_labels=1))
+    torch.nn.init.normal_(model.head.weight)  # a scalar head initialised at zero would score everything alike
+    if likelihood != "none":
+        model.likelihood_weight.data.fill_(0.5)
+    model.eval()
+    unshared = one_row_per_response(PROMPTS, RESPONSES)
+    shared = pack_shared_prompts(PROMPTS, RESPONSES, pad_token_id=0, max_length=MAX_LENGTH, pack_width=12)
+    row, end = shared.ends[5].tolist()  # the empty response: its prompt's last token
+    assert shared.input_ids[row, end] == PROMPTS[2][-1] and shared.owner[row, end] == -1
+    chosen, rejected = torch.tensor([0, 2, 4, 6, 7]), torch.tensor([1, 0, 5, 5, 4])
+    group, num_groups = torch.tensor([0, 0, 2, 2, 2]), 4
+    scores, grads = [], []
+    for score in (lambda: model(unshared.input_ids, unshared.attention_mask, unshared.response_mask), lambda: model.score_shared(shared)):
+        model.zero_grad()
+        rewards = score()
+        ranking_loss(rewards[chosen], rewards[rejected], group, num_groups)[0].backward()
+        scores.append(rewards.detach())
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    torch.testing.assert_close(scores[1], scores[0], atol=1e-5, rtol=0)
+    assert len(grads[0]) == len(grads[1]) > 0
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-3)
 
 
 def test_packing_errors_name_the_prompt():

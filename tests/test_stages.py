@@ -248,9 +248,11 @@ def test_the_world_labels_key_holds_the_holdout_fraction_only_away_from_its_old_
     assert world_keys("reward_model.holdout_fraction=0.2")["labels"]["holdout_fraction"] == 0.2
 
 
-def test_the_quickstart_keys_of_unchanged_stages_are_the_keys_before_the_split():
-    """Hashes of the quickstart's shared stages as the single-file pipeline (b9c64f4) addressed
-    them: a cache built before the split is reused."""
+def test_the_quickstart_stage_keys_are_pinned():
+    """Hashes of the quickstart's shared stages. A cache is reused exactly as long as they stay, so
+    a change here must be deliberate (a build version bumped, a key fixed) and named in its commit.
+    They were the single-file pipeline's (b9c64f4) until sft 2 (packed fine-tuning) rebuilt SFT and
+    every stage built from it, and reward_models 3 (shared-prompt, packed training) the reward models."""
     from alignbench.config import config_hash
     from alignbench.experiment import load_experiment
     from alignbench.pipeline import Pipeline
@@ -267,8 +269,8 @@ def test_the_quickstart_keys_of_unchanged_stages_are_the_keys_before_the_split()
     }
     hashes = {name: config_hash(versioned_key(key, version(name))) for name, key in keys.items()}
     assert hashes == {
-        "sft": "3cc5a9f7938b", "labels": "4256b3ffa54b", "reward_models": "2395533dda99", "reference_samples": "cbc926969e4d",
-        "ai_labeler": "cef68bde1d1f", "ai_labels": "48be4358e2ee", "helpful_only": "e07540e49d2c", "sl_cai": "2f6613394a4d",
+        "sft": "0c8853418d21", "labels": "6befc1e6c2fd", "reward_models": "0995c15f76f4", "reference_samples": "d804648b1afd",
+        "ai_labeler": "38423092faf5", "ai_labels": "652d09d66a11", "helpful_only": "70c8c8d252eb", "sl_cai": "67784063488b",
     }
 
 

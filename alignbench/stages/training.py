@@ -23,10 +23,11 @@ def fine_tune(policy, codec: TextCodec, prompts: Sequence[str], responses: Seque
               optim: OptimConfig, trainer: TrainerConfig, seed: int, lora: LoRAConfig | None = None,
               gradient_checkpointing: bool = False) -> tuple[torch.nn.Module, dict]:
     """Supervised fine-tuning on (prompt, response) texts, the loss on the response tokens.
-    With `lora` enabled, fresh adapters are trained and merged into the weights at the end.
+    With `lora` enabled, fresh adapters are trained and merged into the weights at the end. The
+    demonstrations are packed several to a row (`DemonstrationDataModule(pack=True)`).
     Returns the tuned policy (in eval mode) and {"steps", "tokens"}."""
     policy = prepare_for_training(policy, lora or LoRAConfig(), gradient_checkpointing, seed=seed)
-    data = DemonstrationDataModule(Dataset.from_dict({"prompt": list(prompts), "response": list(responses)}), codec, batch_size, max_length, seed=seed)
+    data = DemonstrationDataModule(Dataset.from_dict({"prompt": list(prompts), "response": list(responses)}), codec, batch_size, max_length, seed=seed, pack=True)
     total = len(data.train_dataloader()) * epochs
     module = SupervisedFineTuning(policy.train(), optim, total)
     torch.manual_seed(seed)
@@ -44,9 +45,12 @@ def train_reward_model(policy_dir: Path, codec: TextCodec, records: list[dict], 
     `config.architecture`: the policy's backbone with a scalar head (`backbone_head`), or a
     transformers sequence classifier with one label. `model` is the experiment's model section:
     its LoRA adapters (merged at the end), gradient checkpointing and trust_remote_code apply
-    here as they do to the policy. Returned uncalibrated, in eval mode."""
+    here as they do to the policy. A prompt's responses are scored in one row with the prompt once,
+    several prompts to a row (`PreferenceDataModule(share_prompts=True, pack=True)`). Returned
+    uncalibrated, in eval mode."""
     policy = load_pretrained_policy(str(policy_dir), trust_remote_code=model.trust_remote_code) if config.architecture == "backbone_head" else None
-    data = PreferenceDataModule(preference_rows(records, allow_empty_responses=True), codec, config.batch_size, config.max_length, seed=seed)
+    data = PreferenceDataModule(preference_rows(records, allow_empty_responses=True), codec, config.batch_size, config.max_length, seed=seed,
+                                share_prompts=True, pack=True)
     torch.manual_seed(seed)  # before the head's initialisation: not whatever ran before in this process
     if config.architecture == "sequence_classification":
         from transformers import AutoModelForSequenceClassification

@@ -28,21 +28,27 @@ SHARED = ("stages/training.py", "sources.py")
 # gained those stages' build versions: the keys changed, not what is built.
 
 BUILD: dict[str, Build] = {
-    "sft": Build(1, ("stages/sft.py", *SHARED), "45542cad2d210909"),
-    "labels": Build(1, ("stages/labels.py", *SHARED), "d2978777c17314db"),
+    # 2: fine-tuned on demonstrations packed several to a row (`DemonstrationDataModule(pack=True)`): the
+    # same loss up to float rounding, a third fewer tokens through the model.
+    "sft": Build(2, ("stages/sft.py", *SHARED), "3e6b9935943bc714"),
+    "labels": Build(1, ("stages/labels.py", *SHARED), "f98e0a885786f7f3"),
     # 2: the safety RM's Platt calibration no longer diverges (`fit_calibration`).
-    "reward_models": Build(2, ("stages/reward_models.py", *SHARED), "ccec0f1ecf85741c"),
-    "reference_samples": Build(1, ("stages/reference_samples.py", *SHARED), "1798e7dcfd3f8781"),
-    "candidates": Build(1, ("stages/candidates.py", *SHARED), "ef356c910ec6ecec"),
-    "ai_labeler": Build(1, ("stages/ai_labeler.py", "ai_feedback.py", *SHARED), "ddff0d45ff1295e7"),
-    "ai_labels": Build(1, ("stages/ai_labels.py", "stages/ai_labeler.py", *SHARED), "f3b7a2aef95bd79e"),
+    # 3: trained on shared-prompt rows, packed (`train_reward_model`): the same loss up to float rounding.
+    "reward_models": Build(3, ("stages/reward_models.py", *SHARED), "5ecc28089083e5c6"),
+    "reference_samples": Build(1, ("stages/reference_samples.py", *SHARED), "be7ef92edc86debc"),
+    "candidates": Build(1, ("stages/candidates.py", *SHARED), "928280fc7cd7a3dc"),
+    # 2: fine-tuned packed, as sft 2.
+    "ai_labeler": Build(2, ("stages/ai_labeler.py", "ai_feedback.py", *SHARED), "b200761d779aeffa"),
+    "ai_labels": Build(1, ("stages/ai_labels.py", "stages/ai_labeler.py", *SHARED), "aa0675218196994f"),
     # 2: trained by the one `train_reward_model`, which honours reward_model.architecture and LoRA
-    # (version 1 always built the backbone + head, without adapters).
-    "pair_reward_model": Build(2, ("stages/pair_reward_model.py", *SHARED), "229237c2b2799a51"),
-    "helpful_only": Build(1, ("stages/helpful_only.py", *SHARED), "732c96926f0aabe8"),
-    "sl_cai": Build(1, ("stages/sl_cai.py", "stages/helpful_only.py", *SHARED), "88d1f49208cc67e2"),
-    # 2: as pair_reward_model.
-    "cai_preference_model": Build(2, ("stages/cai_preference_model.py", "stages/pair_reward_model.py", *SHARED), "66370312d24a1e52"),
+    # (version 1 always built the backbone + head, without adapters). 3: as reward_models 3.
+    "pair_reward_model": Build(3, ("stages/pair_reward_model.py", *SHARED), "87be02701e02b85d"),
+    # 2: fine-tuned packed, as sft 2.
+    "helpful_only": Build(2, ("stages/helpful_only.py", *SHARED), "3953ba2412b810bd"),
+    # 2: fine-tuned packed, as sft 2.
+    "sl_cai": Build(2, ("stages/sl_cai.py", "stages/helpful_only.py", *SHARED), "c7acf52f58e64733"),
+    # 2, 3: as pair_reward_model.
+    "cai_preference_model": Build(3, ("stages/cai_preference_model.py", "stages/pair_reward_model.py", *SHARED), "0cf3733d503c3879"),
 }
 
 
