@@ -144,6 +144,14 @@ def test_a_reward_model_scores_shared_packed_rows_as_one_row_per_response(tiny_g
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-3)
 
 
+def test_demonstrations_that_do_not_pack_keep_the_padded_layout(codec):
+    """Sequences near max_length would fill as many rows as padding does: no packed layout then."""
+    prompt = "please list the numbers " * 4
+    data = DemonstrationDataModule(Dataset.from_dict({"prompt": [prompt] * 8, "response": ["one two three"] * 8}), codec, 8, 32, pack=True)
+    batch = next(iter(data.train_dataloader()))
+    assert batch.batch.input_ids.shape[1] > 16 and batch.packed is None and batch.scored is batch.batch
+
+
 def test_packing_errors_name_the_prompt():
     with pytest.raises(ValueError, match="prompt 1: empty prompt"):
         pack_shared_prompts([[1], []], [[[2]], [[3]]], pad_token_id=0)

@@ -37,7 +37,8 @@ BUILD: dict[str, Build] = {
     "reward_models": Build(3, ("stages/reward_models.py", *SHARED), "5ecc28089083e5c6"),
     "reference_samples": Build(1, ("stages/reference_samples.py", *SHARED), "be7ef92edc86debc"),
     "candidates": Build(1, ("stages/candidates.py", *SHARED), "928280fc7cd7a3dc"),
-    # 2: fine-tuned packed, as sft 2.
+    # 2: fine-tuned by the packing fine_tune, as sft 2 (the quickstart's requests do not pack, so
+    # its labeler is built as at 1; a shorter request would pack).
     "ai_labeler": Build(2, ("stages/ai_labeler.py", "ai_feedback.py", *SHARED), "b200761d779aeffa"),
     "ai_labels": Build(1, ("stages/ai_labels.py", "stages/ai_labeler.py", *SHARED), "aa0675218196994f"),
     # 2: trained by the one `train_reward_model`, which honours reward_model.architecture and LoRA
