@@ -308,10 +308,6 @@ class UnpairedDataModule(L.LightningDataModule):
         return ordered_batches(self.dataset, self.collate, costs, batch_size, max_tokens, by_width)
 
 
-PACKED_TOKENS_WORTH_IT = 0.9
-"""A batch is packed only where the packed rows hold at most this share of the padded layout's tokens."""
-
-
 @dataclass
 class DemonstrationBatch:
     batch: PackedBatch  # loss on response tokens only (the prompt is masked)
@@ -338,11 +334,10 @@ class DemonstrationDataModule(L.LightningDataModule):
     """(prompt, response) demonstrations for supervised fine-tuning; loss masked on the prompt.
 
     With `pack`, each batch also carries its demonstrations packed several to a row of
-    `max_length` tokens (`DemonstrationBatch.packed`, see `pack_shared_prompts`) where that takes
-    at most `PACKED_TOKENS_WORTH_IT` of the padded layout's tokens: about 30% fewer tokens through
-    the model on the world's demonstrations (an SFT step 1.37x faster), the loss the same up to
-    float rounding. The AI labeler's requests, 40-64 tokens each, mostly do not pack (there packed
-    rows were 0.93x as fast)."""
+    `max_length` tokens (`DemonstrationBatch.packed`, see `pack_shared_prompts`) where that saves
+    tokens: about 30% fewer tokens through the model on the world's demonstrations (an SFT step
+    1.37x faster), the loss the same up to float rounding. The AI labeler's requests, 40-64 tokens
+    each, do not pack (packed, they trained 0.93x as fast)."""
 
     def __init__(self, dataset: Dataset, codec: TextCodec, batch_size: int, max_length: int, seed: int = 0, pack: bool = False):
         super().__init__()
@@ -362,8 +357,8 @@ class DemonstrationDataModule(L.LightningDataModule):
         prompts, responses = [r["prompt_ids"] for r in rows], [r["response_ids"] for r in rows]
         padded = pack_sequences(prompts, responses, self.codec.pad_token_id, max_length=self.max_length)
         packed = pack_shared_prompts(prompts, [[r] for r in responses], self.codec.pad_token_id, max_length=self.max_length, pack_width=self.max_length) if self.pack else None
-        if packed is not None and packed.input_ids.numel() > PACKED_TOKENS_WORTH_IT * padded.input_ids.numel():
-            packed = None  # sequences near max_length do not pack; the block mask would cost more than it saves
+        if packed is not None and packed.input_ids.shape[0] == len(prompts):
+            packed = None  # they did not pack (see pack_shared_prompts): the plain causal layout is cheaper
         return DemonstrationBatch(padded, int(padded.attention_mask.sum()), prompts, responses, packed)
 
     def train_dataloader(self) -> DataLoader:

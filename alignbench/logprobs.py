@@ -189,6 +189,11 @@ class SharedPromptBatch:
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
 
+PACKED_TOKENS_WORTH_IT = 0.9
+"""Groups are packed only where that leaves at most this share of the tokens of one group per row
+(the AI labeler's 40-64-token requests, packed into rows of 64, trained 0.93x as fast)."""
+
+
 def pack_shared_prompts(
     prompt_ids: list[list[int]], response_ids: list[list[list[int]]], pad_token_id: int, max_length: int | None = None, pack_width: int | None = None
 ) -> SharedPromptBatch:
@@ -206,7 +211,9 @@ def pack_shared_prompts(
             each into the first row with room for it, in rows of this many tokens (or of the
             longest group's, if wider). The tokens of a batch of short sequences then fill the rows
             instead of padding to the longest: for the world's demonstrations, 95% of the tokens
-            are real at 48 against 66% one per row. Scores are the same up to float rounding.
+            are real at 48 against 66% one per row. Where the packed rows would hold more than
+            ``PACKED_TOKENS_WORTH_IT`` of the tokens of one group per row, the groups keep a row
+            each. Scores are the same up to float rounding.
 
     Raises:
         ValueError: as :func:`pack_sequences` (names the prompt).
@@ -225,7 +232,12 @@ def pack_shared_prompts(
             responses = [response[: max_length - len(prompt)] for response in responses]
         groups.append((list(prompt), [list(r) for r in responses]))
     sizes = [len(p) + sum(map(len, rs)) for p, rs in groups]
-    rows = _first_fit(sizes, max(max(sizes), pack_width or 0)) if pack_width is not None else [[g] for g in range(len(groups))]
+    rows = [[g] for g in range(len(groups))]
+    if pack_width is not None:
+        packed = _first_fit(sizes, max(max(sizes), pack_width))
+        # Groups near the width fill almost as many rows as they are, each wider: no packing then.
+        if len(packed) * max(sum(sizes[g] for g in row) for row in packed) <= PACKED_TOKENS_WORTH_IT * len(groups) * max(sizes):
+            rows = packed
     first_response = [0]  # responses are numbered in the input's order, whatever row a group lands in
     for _, responses in groups:
         first_response.append(first_response[-1] + len(responses))

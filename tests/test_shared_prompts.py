@@ -144,6 +144,15 @@ def test_a_reward_model_scores_shared_packed_rows_as_one_row_per_response(tiny_g
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-3)
 
 
+def test_groups_are_packed_only_where_that_saves_tokens():
+    """Three 12-token groups would fill 2 rows of 24 (48 tokens) against 3 rows of 12 (36): a row
+    each. Three 3-token groups beside a 24-token one pack into its second row (48 against 96)."""
+    even = pack_shared_prompts([[1] * 6] * 3, [[[2] * 6]] * 3, pad_token_id=0, pack_width=24)
+    assert even.input_ids.shape == (3, 12) and even.group.max() == 0
+    mixed = pack_shared_prompts([[1] * 20, [1] * 2, [1] * 2, [1] * 2], [[[2] * 4], [[2]], [[2]], [[2]]], pad_token_id=0, pack_width=24)
+    assert mixed.input_ids.shape == (2, 24) and mixed.num_responses == 4
+
+
 def test_demonstrations_that_do_not_pack_keep_the_padded_layout(codec):
     """Sequences near max_length would fill as many rows as padding does: no packed layout then."""
     prompt = "please list the numbers " * 4
