@@ -175,6 +175,14 @@ class SharedPromptBatch:
         tensors = (self.input_ids, self.position_ids, self.group, self.segment, self.owner, self.source, self.ends)
         return SharedPromptBatch(*map(move, tensors), self.num_responses)
 
+    def response_tokens(self) -> tuple[tuple[Tensor, Tensor], Tensor, Tensor, Tensor]:
+        """Every response token, in row-major order: the (row, column) index of the position whose
+        output predicts it (index a ``[N, T, ...]`` tensor with it), its id, its response (owner)
+        and its position id."""
+        scored = self.owner >= 0
+        rows = torch.arange(self.input_ids.shape[0], device=self.input_ids.device)[:, None].expand_as(self.source)[scored]
+        return (rows, self.source[scored]), self.input_ids[scored], self.owner[scored], self.position_ids[scored]
+
     def attention_mask(self, dtype: torch.dtype) -> Tensor:
         """``[N, 1, T, T]`` additive mask (0 where a query attends to a key, the dtype's minimum
         elsewhere), in the form transformers takes a custom 4D mask for both SDPA and eager attention:
@@ -379,16 +387,14 @@ def shared_prompt_logprobs(model: nn.Module, batch: SharedPromptBatch, *, row_wi
     logits = model(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask(dtype), position_ids=batch.position_ids, use_cache=False
     ).logits
-    scored = batch.owner >= 0
-    rows = torch.arange(batch.input_ids.shape[0], device=device)[:, None].expand_as(batch.source)[scored]
-    per_token = target_logprobs(logits[rows, batch.source[scored]], batch.input_ids[scored])
-    owners = batch.owner[scored]
+    predicting, targets, owners, positions = batch.response_tokens()
+    per_token = target_logprobs(logits[predicting], targets)
     per_sequence = torch.zeros(batch.num_responses, device=device, dtype=torch.float32).index_add(0, owners, per_token)
     lengths = torch.zeros(batch.num_responses, device=device, dtype=torch.long).index_add(0, owners, torch.ones_like(owners))
     if row_width is None:
         return per_sequence, lengths, None
     per_row = torch.zeros(batch.num_responses, row_width, device=device, dtype=torch.float32)
-    return per_sequence, lengths, per_row.index_put((owners, batch.position_ids[scored]), per_token)
+    return per_sequence, lengths, per_row.index_put((owners, positions), per_token)
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -454,9 +454,8 @@ class RewardModel(nn.Module):
         score = self.head(hidden[batch.ends[:, 0], batch.ends[:, 1]]).squeeze(-1).float()
         if self.likelihood == "none":
             return score
-        scored = batch.owner >= 0
-        rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None].expand_as(batch.source)[scored]
-        likelihood = self._loglikelihood(hidden[rows, batch.source[scored]], batch.input_ids[scored], batch.owner[scored], batch.num_responses)
+        predicting, targets, owners, _ = batch.response_tokens()
+        likelihood = self._loglikelihood(hidden[predicting], targets, owners, batch.num_responses)
         return score + self.likelihood_weight * likelihood
 
     def response_loglikelihood(self, hidden: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:

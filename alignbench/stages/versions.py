@@ -29,7 +29,7 @@ SHARED = ("stages/training.py", "sources.py")
 
 BUILD: dict[str, Build] = {
     # 2: fine-tuned on demonstrations packed several to a row (`DemonstrationDataModule(pack=True)`): the
-    # same loss up to float rounding, a third fewer tokens through the model.
+    # same loss up to float rounding, about 30% fewer tokens through the model.
     "sft": Build(2, ("stages/sft.py", *SHARED), "3e6b9935943bc714"),
     "labels": Build(1, ("stages/labels.py", *SHARED), "f98e0a885786f7f3"),
     # 2: the safety RM's Platt calibration no longer diverges (`fit_calibration`).
