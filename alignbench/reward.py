@@ -19,14 +19,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 
 from alignbench.data import PreferenceBatch
 from alignbench.logprobs import pack_sequences
 from alignbench.models import RewardModel, TextCodec
-from alignbench.training import OptimConfig, adamw_with_schedule, check_finite
+from alignbench.training import OptimConfig, StepLoggingModule, adamw_with_schedule, check_finite
 
 SAFETY_THRESHOLD = 0.15  # Llama 2, section 3.2.2
 
@@ -100,7 +99,7 @@ def ranking_loss(
     return loss, {"accuracy": accuracy.detach(), "margin": (chosen_rewards - rejected_rewards).mean().detach()}
 
 
-class RewardModelTraining(L.LightningModule):
+class RewardModelTraining(StepLoggingModule):
     def __init__(self, model: RewardModel, config: RewardModelConfig, total_steps: int):
         super().__init__()
         self.model, self.config, self.total_steps = model, config, total_steps
@@ -116,11 +115,10 @@ class RewardModelTraining(L.LightningModule):
             rewards[batch.chosen], rewards[batch.rejected], batch.group, batch.num_groups, batch.margin if self.config.margin else None, batch.label
         )
         check_finite(loss, self.global_step)
-        size = batch.num_groups
-        self.log("train/loss", loss, prog_bar=True, batch_size=size)
-        self.log("train/accuracy", metrics["accuracy"], prog_bar=True, batch_size=size)
+        statistics = {"train/loss": loss.detach(), "train/accuracy": metrics["accuracy"]}
         if self.model.likelihood != "none":
-            self.log("train/likelihood_weight", self.model.likelihood_weight.detach(), batch_size=size)
+            statistics["train/likelihood_weight"] = self.model.likelihood_weight.detach()
+        self.log_step(statistics, batch.num_groups, prog_bar=("train/loss", "train/accuracy"))
         return loss
 
     def configure_optimizers(self):

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import lightning as L
 import torch
 
 from alignbench.data import DemonstrationBatch
 from alignbench.logprobs import PackedBatch, SharedPromptBatch, sequence_logprobs, shared_prompt_logprobs
-from alignbench.training import OptimConfig, adamw_with_schedule, check_finite
+from alignbench.training import OptimConfig, StepLoggingModule, adamw_with_schedule, check_finite
 
 
 @dataclass
@@ -53,7 +52,7 @@ def response_nll(policy, batch: PackedBatch | SharedPromptBatch) -> tuple[torch.
     return -per_token.sum() / n_tokens.clamp(min=1), n_tokens
 
 
-class SupervisedFineTuning(L.LightningModule):
+class SupervisedFineTuning(StepLoggingModule):
     """Fine-tunes a causal LM on demonstrations (cross-entropy on response tokens)."""
 
     def __init__(self, policy, optim: OptimConfig, total_steps: int):
@@ -65,7 +64,7 @@ class SupervisedFineTuning(L.LightningModule):
         loss, n_tokens = response_nll(self.policy, batch.scored)
         check_finite(loss, self.global_step)
         self.tokens_trained += batch.num_tokens
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch.size)
+        self.log_step({"train/loss": loss.detach()}, batch.size, prog_bar=("train/loss",))
         return loss
 
     def configure_optimizers(self):

@@ -36,6 +36,11 @@ class OptimConfig:
     """Decay after warm-up."""
     grad_clip: float = 1.0
     """Gradient norm clipping (0 disables it)."""
+    fused: bool = True
+    """AdamW's fused kernel: one kernel updates every parameter (on the CPU torch otherwise loops over
+    them one at a time: 2.9 ms against 0.8 ms a step for world-small). The same update up to float
+    rounding (the order of the operations differs), as a change of thread count gives; false for a
+    device without the fused kernel."""
 
     def __post_init__(self):
         if not self.lr > 0:
@@ -48,7 +53,7 @@ class OptimConfig:
 
 def adamw_with_schedule(parameters, optim: OptimConfig, total_steps: int) -> dict[str, Any]:
     """AdamW plus warm-up and decay, in the form `configure_optimizers` returns."""
-    optimizer = torch.optim.AdamW([p for p in parameters if p.requires_grad], lr=optim.lr, weight_decay=optim.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in parameters if p.requires_grad], lr=optim.lr, weight_decay=optim.weight_decay, fused=optim.fused)
     warmup = int(optim.warmup_ratio * total_steps)
 
     def factor(step: int) -> float:
@@ -63,6 +68,31 @@ def adamw_with_schedule(parameters, optim: OptimConfig, total_steps: int) -> dic
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class StepLoggingModule(L.LightningModule):
+    """A LightningModule whose training steps hand their statistics to Lightning (`self.log`) only
+    on the steps the loggers write: every `trainer.log_every_n_steps`, and the step at which a
+    callback stops training (a KL budget). `self.log` costs ~0.75 ms a call on the CPU (Lightning
+    moves its stored metric to the value's device each time), ~15% of a DPO step at five statistics;
+    the rows written are the same. `trainer.callback_metrics` and the progress bar therefore hold the
+    last logged step's values, not the last step's."""
+
+    _step_statistics: tuple[dict[str, torch.Tensor], int, tuple[str, ...]] | None = None
+
+    def log_step(self, metrics: dict[str, torch.Tensor], batch_size: int, prog_bar: tuple[str, ...] = ()) -> None:
+        """Log `metrics` (name -> scalar) of this training step, `prog_bar` among them on the progress bar."""
+        self._step_statistics = (metrics, batch_size, prog_bar)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # Runs after the callbacks' on_train_batch_end (which may stop training) and before Lightning
+        # decides, with the same test, whether this step's logged values go to the loggers.
+        statistics, self._step_statistics = self._step_statistics, None
+        if statistics is None or not self.trainer._logger_connector.should_update_logs:
+            return
+        metrics, batch_size, prog_bar = statistics
+        for key, value in metrics.items():
+            self.log(key, value, prog_bar=key in prog_bar, batch_size=batch_size)
 
 
 @dataclass

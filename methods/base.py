@@ -27,7 +27,7 @@ from alignbench.evaluation import EvalConfig, PolicyResponses, sample_policy
 from alignbench.log import log
 from alignbench.seeding import seeded_generator
 from alignbench.sft import response_nll
-from alignbench.training import OptimConfig, adamw_with_schedule, check_finite
+from alignbench.training import OptimConfig, StepLoggingModule, adamw_with_schedule, check_finite
 
 if TYPE_CHECKING:
     from alignbench.pipeline import RunContext
@@ -62,7 +62,7 @@ class MethodConfig:
             raise ValueError(f"max_kl={self.max_kl} must be a positive number of nats, or null for no budget")
 
 
-class AlignmentMethod(L.LightningModule):
+class AlignmentMethod(StepLoggingModule):
     """A method: a trainable policy initialised from the shared SFT checkpoint."""
 
     name: ClassVar[str]
@@ -129,8 +129,8 @@ class AlignmentMethod(L.LightningModule):
         return adamw_with_schedule(self.policy.parameters(), self.config.optim, self.trainer.max_steps)
 
     def log_terms(self, metrics: dict[str, torch.Tensor], batch_size: int) -> None:
-        for key, value in metrics.items():
-            self.log(f"train/{key}", value, prog_bar=key in ("loss", "kl"), batch_size=batch_size)
+        """Log a training step's statistics as `train/<name>` (on the steps the loggers write)."""
+        self.log_step({f"train/{key}": value for key, value in metrics.items()}, batch_size, prog_bar=("train/loss", "train/kl"))
 
 
 @dataclass

@@ -214,7 +214,7 @@ def test_cpl_fit_on_a_tiny_model_learns_the_preference_and_generalises(world, co
     method.log_terms = lambda metrics, batch_size: (history.append({k: v.item() for k, v in metrics.items()}), log_terms(metrics, batch_size))
     data = method.datamodule()
     trainer = L.Trainer(max_steps=len(data.train_dataloader()) * config.epochs, max_epochs=config.epochs, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", log_every_n_steps=1)  # statistics reach Lightning on logging steps
     trainer.fit(method, datamodule=data)
     chosen_1, rejected_1 = held_out_logprobs()
     # Scored without a reference, the short ideal answers outrank the 8-token refusal from the start, so what

@@ -392,7 +392,7 @@ def test_tiny_fit_learns_the_preference_and_generalises(world, codec, cls, confi
     method.log_terms = lambda metrics, batch_size: (history.append({k: v.item() for k, v in metrics.items()}), log_terms(metrics, batch_size))
     data = method.datamodule()
     trainer = L.Trainer(max_steps=len(data.train_dataloader()) * config.epochs, max_epochs=config.epochs, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", log_every_n_steps=1)  # statistics reach Lightning on logging steps
     trainer.fit(method, datamodule=data)
     assert ((held_out_margin() - margin_0) > 0).float().mean() > 0.9
     margins = [h["margin"] for h in history if "margin" in h]

@@ -252,7 +252,9 @@ def test_the_quickstart_stage_keys_are_pinned():
     """Hashes of the quickstart's shared stages. A cache is reused exactly as long as they stay, so
     a change here must be deliberate (a build version bumped, a key fixed) and named in its commit.
     They were the single-file pipeline's (b9c64f4) until sft 2 (packed fine-tuning) rebuilt SFT and
-    every stage built from it, and reward_models 3 (shared-prompt, packed training) the reward models."""
+    every stage built from it, and reward_models 3 (shared-prompt, packed training) the reward models;
+    then `optim.fused` (AdamW's fused kernel, the same update up to float rounding) entered every
+    trained stage's settings, and so every key."""
     from alignbench.config import config_hash
     from alignbench.experiment import load_experiment
     from alignbench.pipeline import Pipeline
@@ -269,8 +271,8 @@ def test_the_quickstart_stage_keys_are_pinned():
     }
     hashes = {name: config_hash(versioned_key(key, version(name))) for name, key in keys.items()}
     assert hashes == {
-        "sft": "0c8853418d21", "labels": "6befc1e6c2fd", "reward_models": "0995c15f76f4", "reference_samples": "d804648b1afd",
-        "ai_labeler": "38423092faf5", "ai_labels": "652d09d66a11", "helpful_only": "70c8c8d252eb", "sl_cai": "67784063488b",
+        "sft": "d8638ff0e725", "labels": "bd45b617a4c1", "reward_models": "9d42350ec096", "reference_samples": "338056f6f5ee",
+        "ai_labeler": "6b6126374949", "ai_labels": "823c21e5ac39", "helpful_only": "f1f585d39528", "sl_cai": "fd2b059d7714",
     }
 
 
