@@ -30,7 +30,6 @@ import json
 import os
 import platform
 import shutil
-import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +48,7 @@ from alignbench.evaluation import evaluate_at_temperatures
 from alignbench.experiment import RunSpec, finished_config_mismatch, output_folder, resolve_run, run_config_dict
 from alignbench.log import log, warn
 from alignbench.pipeline import Pipeline, RunContext
+from alignbench.processes import follow_parent_process
 from alignbench.seeding import seeded_generator
 from alignbench.sources import inference_device
 from alignbench.tracking import HistoryLogger, HistoryWriter, make_wandb_logger, write_json_atomic
@@ -106,24 +106,6 @@ def versions() -> dict[str, str]:
         "alignbench": alignbench.__version__, "python": platform.python_version(), "torch": torch.__version__,
         "lightning": lightning.__version__, "transformers": transformers.__version__,
     }
-
-
-# Set by a parent (the sweep) that a run must not outlive.
-PARENT_PID_VARIABLE = "ALIGNBENCH_PARENT_PID"
-
-
-def follow_parent_process() -> None:
-    """Linux: ask to be SIGKILLed when the parent named in PARENT_PID_VARIABLE dies (SIGKILL
-    included); the variable is dropped so the run's own children (DDP ranks) do not inherit it."""
-    parent = os.environ.pop(PARENT_PID_VARIABLE, None)
-    if parent is None or not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import signal
-
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != int(parent):  # it died before the request was in place
-        os._exit(1)
 
 
 def stage_pipeline(config, out: Path) -> Pipeline:

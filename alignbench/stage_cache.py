@@ -41,7 +41,6 @@ from typing import Callable
 from alignbench.config import ConfigError, config_hash
 from alignbench.records import checksum_problems, environment, folder_checksums
 from alignbench.log import log, warn
-from alignbench.seeding import preserved_global_random_state
 
 SUMMARY = "stage.json"
 
@@ -185,6 +184,8 @@ def cached_stage(cache: Path, name: str, key: dict, build: Callable[[Path], dict
         tmp.mkdir(parents=True)
         log(f"building {name} stage -> {directory}")
         started = time.perf_counter()
+        from alignbench.seeding import preserved_global_random_state  # torch: not at import, which `alignbench quickstart`'s parent does
+
         with preserved_global_random_state():
             summary = build(tmp)
         summary["seconds"] = round(time.perf_counter() - started, 1)

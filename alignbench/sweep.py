@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from alignbench.config import ConfigError, apply_overrides, from_dict, parse_overrides
+from alignbench.processes import PARENT_PID_VARIABLE
 
 # Set by the sweep's own expansion, not by the grid.
 _RESERVED_KEYS = ("method", "methods", "seed", "seeds", "name")
@@ -178,9 +179,9 @@ def build_shared_stages(runs: list[SweepRun], out: Path) -> None:
             stage_pipeline(run.config, out).context()
 
 
-def _run_environment(workers: int, slot: int, distributed: bool = False) -> dict[str, str]:
-    from alignbench.runner import PARENT_PID_VARIABLE
-
+def _run_environment(workers: int, slot: int, distributed: bool = False, gpus: int | None = None) -> dict[str, str]:
+    """The environment of a worker process in `slot` of `workers`; `gpus` is the machine's GPU count
+    (None: ask torch)."""
     env = dict(os.environ)
     # Each run starts its own W&B service: one shared with this process would outlive a killed run.
     env.pop("WANDB_SERVICE", None)
@@ -190,7 +191,7 @@ def _run_environment(workers: int, slot: int, distributed: bool = False) -> dict
     if "OMP_NUM_THREADS" not in os.environ:  # share the cores instead of each run taking them all
         threads = str(max(1, (os.cpu_count() or 1) // workers))
         env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
-    gpus = _gpu_count()
+    gpus = _gpu_count() if gpus is None else gpus
     if gpus > 1 and workers > 1 and not distributed and "CUDA_VISIBLE_DEVICES" not in os.environ:
         env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)  # one GPU per worker (a multi-GPU run sees them all)
     return env
@@ -272,12 +273,13 @@ def run_sweep(experiment: str, overrides: list[str], out: Path, workers: int = 1
     return runs, result
 
 
-def run_seeds_in_processes(experiment: str, overrides: list[str], out: Path, folder: Path, seeds: list[int], workers: int) -> None:
+def run_seeds_in_processes(experiment: str, overrides: list[str], out: Path, folder: Path, seeds: list[int], workers: int, gpus: int | None = None) -> None:
     """The seeds of a quickstart at once: each seed's stages and runs in a process of its own
     (`alignbench quickstart ... seeds=[S]`), with one torch thread each where processes x threads
     would exceed the cores, and its log in FOLDER/logs/seed<S>.log. Every seed is a full replicate
     with stages of its own, so the processes share nothing but the cores. Raises ConfigError
-    naming the seeds that failed (after the others finish; rerunning resumes them)."""
+    naming the seeds that failed (after the others finish; rerunning resumes them). `gpus`: the
+    machine's GPU count, where the caller knows it (see `_run_environment`)."""
     from alignbench.log import log
 
     (folder / "logs").mkdir(parents=True, exist_ok=True)
@@ -294,7 +296,7 @@ def run_seeds_in_processes(experiment: str, overrides: list[str], out: Path, fol
                 log_path = folder / "logs" / f"seed{seed}.log"
                 command = [sys.executable, "-m", "alignbench", "quickstart", "--experiment", experiment, *overrides, f"seeds=[{seed}]", "--out", str(out), "--runs-only"]
                 with open(log_path, "a") as handle:
-                    process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=_run_environment(workers, slot))
+                    process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=_run_environment(workers, slot, gpus=gpus))
                 running[process] = (seed, slot, log_path)
                 log(f"seed {seed}: started (log: {log_path})")
             time.sleep(0.5)
