@@ -1,7 +1,10 @@
 """HIR: the contrastive loss on hand values and both relabelers."""
 
 import math
+from types import SimpleNamespace
 
+import numpy as np
+import pytest
 import torch
 
 from alignbench.methods.hir import hir_contrastive_loss
@@ -46,3 +49,42 @@ def test_score_conditioned_relabeler_picks_the_phrase_by_the_threshold():
     out = relabeler.relabel(["q1", "q2", "q3"], ["good answer", "edge", "bad answer"])
     assert out == ["good : q1", "good : q2", "bad : q3"]
     assert relabeler.evaluation_prompt("q1") == "good : q1"
+
+
+@pytest.mark.parametrize("n_pairs", [9, 11])  # groups of 4, 4 and one left alone; of 4, 4 and 3
+def test_the_contrastive_term_over_shared_prompt_rows_equals_a_row_per_instruction_and_response(world, codec, n_pairs):
+    """HIR scores its B x B likelihoods with each instruction once, followed by its group's responses;
+    the loss and its gradients are those of a row per (instruction, response), the computation it
+    replaced (written out here), up to float rounding."""
+    from alignbench.logprobs import pack_sequences, sequence_logprobs
+    from alignbench.methods.hir import HIR, HIRConfig
+    from alignbench.models import build_tiny_policy
+
+    rng = np.random.default_rng(0)
+    texts = world.sample_prompts("train", n_pairs, seed=3)
+    prompts = [codec.encode_prompt(p) for p in texts]
+    responses = [codec.encode_responses([world.demonstrate(p, rng)])[0] for p in texts]
+    config = HIRConfig(contrastive_size=4, label_smoothing=0.1)
+
+    def one_row_per_pair(policy):
+        losses = []
+        for start in range(0, n_pairs - 1, config.contrastive_size):
+            p, o = prompts[start : start + config.contrastive_size], responses[start : start + config.contrastive_size]
+            if len(p) < 2:
+                break
+            b = len(p)
+            cross = pack_sequences([p[j] for i in range(b) for j in range(b)], [o[i] for i in range(b) for _ in range(b)], codec.pad_token_id)
+            losses.append(hir_contrastive_loss(sequence_logprobs(policy, cross, average=True)[1].view(b, b), config.label_smoothing))
+        return torch.stack(losses).mean()
+
+    policy = build_tiny_policy("world-tiny", codec.tokenizer, seed=0)
+    method = SimpleNamespace(config=config, context=SimpleNamespace(codec=codec), policy=policy, device=torch.device("cpu"))
+    shared = HIR._contrastive(method, SimpleNamespace(prompt_ids=prompts, response_ids=responses))
+    shared.backward()
+    shared_grads = [p.grad.clone() for p in policy.parameters()]
+    policy.zero_grad()
+    expected = one_row_per_pair(policy)
+    expected.backward()
+    assert abs(shared.item() - expected.item()) < 1e-5
+    for got, want in zip(shared_grads, (p.grad for p in policy.parameters())):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
