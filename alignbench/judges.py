@@ -9,6 +9,7 @@ which judge evaluates are separate settings of an experiment.
 from __future__ import annotations
 
 import hashlib
+import inspect
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -106,13 +107,20 @@ class RewardModelJudge:
 @torch.no_grad()
 def next_token_logprobs(model, codec, requests: Sequence[str], token_ids: Sequence[int], batch_size: int = 256) -> torch.Tensor:
     """[N, k] log-probabilities of `token_ids` as the first token of the model's reply to each
-    request (the request goes through the chat template, as any prompt does)."""
+    request (the request goes through the chat template, as any prompt does).
+
+    Requests of similar length are batched together (less padding), and where the model can
+    (`logits_to_keep`, every transformers causal LM of 5.x) only the last position's logits are
+    computed: [B, vocabulary], not [B, T, vocabulary]."""
     device = next(model.parameters()).device
     encoded = codec.encode_prompts(requests)
     index = torch.tensor(list(token_ids), device=device)
-    out = []
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    out = torch.zeros(len(encoded), len(index))
+    by_length = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     for start in range(0, len(encoded), batch_size):
-        rows = encoded[start : start + batch_size]
+        batch = by_length[start : start + batch_size]
+        rows = [encoded[i] for i in batch]
         width = max(map(len, rows))
         input_ids = torch.full((len(rows), width), codec.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
@@ -120,9 +128,9 @@ def next_token_logprobs(model, codec, requests: Sequence[str], token_ids: Sequen
             input_ids[i, width - len(ids) :] = torch.tensor(ids)
             attention_mask[i, width - len(ids) :] = 1
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)).logits[:, -1]
-        out.append(torch.log_softmax(logits.float(), dim=-1)[:, index].cpu())
-    return torch.cat(out) if out else torch.zeros(0, len(index))
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask), **last_only).logits[:, -1]
+        out[batch] = torch.log_softmax(logits.float(), dim=-1)[:, index].cpu()
+    return out
 
 
 def answer_token_ids(tokenizer, words: Sequence[str]) -> list[int]:

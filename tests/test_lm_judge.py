@@ -128,3 +128,18 @@ def test_a_huge_response_is_cut_before_it_enters_the_judges_request(saved_judge_
     cut = huge[:200]
     np.testing.assert_array_equal(judge.prefer_batch([prompt], [huge], [short]), judge.prefer_batch([prompt], [cut], [short]))
     np.testing.assert_array_equal(judge.score_batch([prompt], [huge]), judge.score_batch([prompt], [cut]))
+
+
+def test_judged_requests_come_back_in_their_order_whatever_batches_their_lengths_make(saved_judge_model):
+    """next_token_logprobs batches requests by length and reads the last position's logits only; each
+    row must still be its own request's, equal to the full forward of that request alone."""
+    model, codec = saved_judge_model
+    requests = [JUDGMENT_REQUEST.format(rule="never insult the user", prompt=p, a=a, b=b) for p, a, b in zip(PROMPTS, A, B)]
+    requests = [requests[0], "list 3 fruits", requests[1], "sort 7 2 5 and 4", requests[2], requests[3], "hi"]
+    ids = [codec.tokenizer.convert_tokens_to_ids(w) for w in JUDGMENT_ANSWERS]
+    with torch.no_grad():
+        expected = torch.stack([
+            torch.log_softmax(model(input_ids=torch.tensor([codec.encode_prompt(r)])).logits[0, -1], dim=-1)[ids] for r in requests
+        ])
+    for batch_size in (1, 2, 3, 256):
+        torch.testing.assert_close(next_token_logprobs(model, codec, requests, ids, batch_size=batch_size), expected, atol=1e-5, rtol=1e-5)

@@ -40,7 +40,9 @@ BUILD: dict[str, Build] = {
     # 2: fine-tuned by the packing fine_tune, as sft 2 (the quickstart's requests do not pack, so
     # its labeler is built as at 1; a shorter request would pack).
     "ai_labeler": Build(2, ("stages/ai_labeler.py", "ai_feedback.py", *SHARED), "b200761d779aeffa"),
-    "ai_labels": Build(1, ("stages/ai_labels.py", "stages/ai_labeler.py", *SHARED), "aa0675218196994f"),
+    # 2: the labeler reads requests batched by length, the last position's logits only
+    # (`judges.next_token_logprobs`): the same labels up to float rounding.
+    "ai_labels": Build(2, ("stages/ai_labels.py", "stages/ai_labeler.py", *SHARED), "aa0675218196994f"),
     # 2: trained by the one `train_reward_model`, which honours reward_model.architecture and LoRA
     # (version 1 always built the backbone + head, without adapters). 3: as reward_models 3.
     "pair_reward_model": Build(3, ("stages/pair_reward_model.py", *SHARED), "87be02701e02b85d"),
