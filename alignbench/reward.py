@@ -22,8 +22,8 @@ from typing import Literal, Sequence
 import torch
 import torch.nn.functional as F
 
-from alignbench.data import PreferenceBatch
-from alignbench.logprobs import pack_sequences
+from alignbench.data import PreferenceBatch, batches_by_width
+from alignbench.logprobs import pack_sequences, pack_shared_prompts
 from alignbench.models import RewardModel, TextCodec
 from alignbench.training import OptimConfig, StepLoggingModule, adamw_with_schedule, check_finite
 
@@ -132,18 +132,24 @@ MAX_CHARS_PER_TOKEN = 64
 
 
 @torch.no_grad()
-def score_texts(model: RewardModel, codec: TextCodec, prompts: Sequence[str], responses: Sequence[str], *, max_length: int, batch_size: int = 512) -> torch.Tensor:
+def score_texts(model: RewardModel, codec: TextCodec, prompts: Sequence[str], responses: Sequence[str], *, max_length: int, batch_size: int | None = None) -> torch.Tensor:
     """Raw reward-model scores [N] of responses to prompts, each prompt + response cut to
     `max_length` tokens (the end of the response goes, as in training: reward_model.max_length), so
     that no text, however long a dataset's response, asks for unbounded memory.
 
     Each distinct (prompt, response) is scored once (a tiny policy repeats itself: 29% of the world
     SFT policy's best-of-16 candidates repeat another), in batches of similar length: less padding
-    took best-of-16 on the quickstart from 49 s to 34 s.
+    took best-of-16 on the quickstart from 49 s to 34 s. Where prompts have two responses or more on
+    average (best-of-n candidates, rejection sampling's samples), each prompt goes through the model
+    once, followed by its responses (`RewardModel.score_shared`): the same scores up to float rounding.
+    `batch_size` rows of `max_length` tokens a batch (shared rows: as many tokens); by default 64 on
+    the CPU, where small batches score faster (their activations stay in cache: 8,192 world responses
+    in 3.2 s at 64 rows against 3.9 s at 512, with 100 MB less memory), 512 elsewhere.
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    batch_size = batch_size or (64 if device.type == "cpu" else 512)
     distinct: dict[tuple[str, str], int] = {}
     where = torch.tensor([distinct.setdefault(pair, len(distinct)) for pair in zip(prompts, responses)], dtype=torch.long)
     prompt_ids = codec.encode_prompts([p for p, _ in distinct])
@@ -151,12 +157,23 @@ def score_texts(model: RewardModel, codec: TextCodec, prompts: Sequence[str], re
     # MAX_CHARS_PER_TOKEN; cutting the text there first keeps a 20 MB response from being tokenised
     # whole, and leaves the first max_length tokens as they are.
     response_ids = codec.encode_responses([y[: max_length * MAX_CHARS_PER_TOKEN] for _, y in distinct])
-    by_length = sorted(range(len(distinct)), key=lambda i: len(prompt_ids[i]) + len(response_ids[i]))
     scores = torch.zeros(len(distinct))
-    for start in range(0, len(by_length), batch_size):
-        rows = by_length[start : start + batch_size]
-        packed = pack_sequences([prompt_ids[i] for i in rows], [response_ids[i] for i in rows], codec.pad_token_id, max_length=max_length).to(device)
-        scores[rows] = model(packed.input_ids, packed.attention_mask, packed.response_mask).float().cpu()
+    by_prompt: dict[str, list[int]] = {}
+    for index, (prompt, _) in enumerate(distinct):
+        by_prompt.setdefault(prompt, []).append(index)
+    if len(distinct) >= 2 * len(by_prompt):
+        groups = list(by_prompt.values())
+        widths = [len(prompt_ids[g[0]]) + sum(min(len(response_ids[i]), max(0, max_length - len(prompt_ids[g[0]]))) for i in g) for g in groups]
+        for batch in batches_by_width([(1, w) for w in widths], batch_size, batch_size * max_length):
+            members = [groups[b] for b in batch]
+            shared = pack_shared_prompts([prompt_ids[g[0]] for g in members], [[response_ids[i] for i in g] for g in members], codec.pad_token_id, max_length=max_length)
+            scores[[i for g in members for i in g]] = model.score_shared(shared.to(device)).float().cpu()
+    else:
+        by_length = sorted(range(len(distinct)), key=lambda i: len(prompt_ids[i]) + len(response_ids[i]))
+        for start in range(0, len(by_length), batch_size):
+            rows = by_length[start : start + batch_size]
+            packed = pack_sequences([prompt_ids[i] for i in rows], [response_ids[i] for i in rows], codec.pad_token_id, max_length=max_length).to(device)
+            scores[rows] = model(packed.input_ids, packed.attention_mask, packed.response_mask).float().cpu()
     model.train(was_training)
     return scores[where]
 

@@ -197,3 +197,28 @@ def test_a_step_over_shared_rows_equals_the_step_over_one_row_per_response(world
         assert abs(logged[name].item() - logged_unshared[name].item()) < 1e-5
     for a, b in zip(grads, grads_unshared):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("likelihood", ["none", "mean"])
+def test_scores_of_responses_sharing_prompts_equal_each_response_scored_alone(world, codec, likelihood):
+    """`score_texts` scores the samples of a prompt with the prompt once (shared-prompt rows) where
+    prompts repeat; every score equals that of its (prompt, response) scored alone in a row of its
+    own, duplicates and a response cut at max_length included, whatever the batches."""
+    from alignbench.models import RewardModel
+    from alignbench.reward import score_texts
+
+    torch.manual_seed(0)
+    model = RewardModel.from_policy(build_tiny_policy("world-tiny", codec.tokenizer, seed=1), likelihood=likelihood)
+    torch.nn.init.normal_(model.head.weight)
+    if likelihood != "none":
+        model.likelihood_weight.data.fill_(0.5)
+    rng = np.random.default_rng(0)
+    texts = world.sample_prompts("test", 5, seed=2)
+    prompts = [p for p in texts for _ in range(4)]
+    responses = [world.demonstrate(p, rng) for p in prompts]
+    prompts += [texts[0], texts[1]]
+    responses += [responses[0], "apple " * 200]  # a repeat, and a response longer than max_length
+    together = score_texts(model, codec, prompts, responses, max_length=32, batch_size=3)
+    alone = torch.stack([score_texts(model, codec, [p], [y], max_length=32)[0] for p, y in zip(prompts, responses)])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+    assert together[-2] == together[0]

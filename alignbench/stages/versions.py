@@ -34,7 +34,9 @@ BUILD: dict[str, Build] = {
     "labels": Build(1, ("stages/labels.py", *SHARED), "f98e0a885786f7f3"),
     # 2: the safety RM's Platt calibration no longer diverges (`fit_calibration`).
     # 3: trained on shared-prompt rows, packed (`train_reward_model`): the same loss up to float rounding.
-    "reward_models": Build(3, ("stages/reward_models.py", *SHARED), "5ecc28089083e5c6"),
+    # 4: scored (held-out accuracy, the safety calibration) in smaller batches, a prompt's responses
+    # with the prompt once (`score_texts`): the same scores up to float rounding.
+    "reward_models": Build(4, ("stages/reward_models.py", *SHARED), "5ecc28089083e5c6"),
     "reference_samples": Build(1, ("stages/reference_samples.py", *SHARED), "be7ef92edc86debc"),
     "candidates": Build(1, ("stages/candidates.py", *SHARED), "928280fc7cd7a3dc"),
     # 2: fine-tuned by the packing fine_tune, as sft 2 (the quickstart's requests do not pack, so
@@ -44,14 +46,14 @@ BUILD: dict[str, Build] = {
     # (`judges.next_token_logprobs`): the same labels up to float rounding.
     "ai_labels": Build(2, ("stages/ai_labels.py", "stages/ai_labeler.py", *SHARED), "aa0675218196994f"),
     # 2: trained by the one `train_reward_model`, which honours reward_model.architecture and LoRA
-    # (version 1 always built the backbone + head, without adapters). 3: as reward_models 3.
-    "pair_reward_model": Build(3, ("stages/pair_reward_model.py", *SHARED), "87be02701e02b85d"),
+    # (version 1 always built the backbone + head, without adapters). 3, 4: as reward_models 3, 4.
+    "pair_reward_model": Build(4, ("stages/pair_reward_model.py", *SHARED), "87be02701e02b85d"),
     # 2: fine-tuned packed, as sft 2.
     "helpful_only": Build(2, ("stages/helpful_only.py", *SHARED), "3953ba2412b810bd"),
     # 2: fine-tuned packed, as sft 2.
     "sl_cai": Build(2, ("stages/sl_cai.py", "stages/helpful_only.py", *SHARED), "c7acf52f58e64733"),
-    # 2, 3: as pair_reward_model.
-    "cai_preference_model": Build(3, ("stages/cai_preference_model.py", "stages/pair_reward_model.py", *SHARED), "0cf3733d503c3879"),
+    # 2, 3, 4: as pair_reward_model.
+    "cai_preference_model": Build(4, ("stages/cai_preference_model.py", "stages/pair_reward_model.py", *SHARED), "0cf3733d503c3879"),
 }
 
 
