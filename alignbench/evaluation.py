@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from alignbench.generation import sample
-from alignbench.logprobs import evaluation_mode, pack_sequences, sequence_logprobs
+from alignbench.logprobs import evaluation_mode, pack_sequences, scoring_batch_rows, sequence_logprobs
 from alignbench.models import TextCodec
 from alignbench.seeding import seeded_generator
 
@@ -136,10 +136,12 @@ def best_of_n_kl(n: int) -> float:
 
 
 @torch.no_grad()
-def reference_logprobs(reference, codec: TextCodec, prompt_ids: list[list[int]], response_ids: list[list[int]], batch_size: int = 512, temperature: float = 1.0, top_p: float = 1.0) -> np.ndarray:
+def reference_logprobs(reference, codec: TextCodec, prompt_ids: list[list[int]], response_ids: list[list[int]], batch_size: int | None = None, temperature: float = 1.0, top_p: float = 1.0) -> np.ndarray:
     """log π_ref,{T,p}(y|x) of each response: summed over its tokens, under the reference's distribution
-    at `temperature` and `top_p` (−inf for a response with a token outside the reference's nucleus)."""
+    at `temperature` and `top_p` (−inf for a response with a token outside the reference's nucleus);
+    `batch_size` rows a batch (default: `scoring_batch_rows`)."""
     device = next(reference.parameters()).device
+    batch_size = scoring_batch_rows(device, batch_size)
     out = []
     with evaluation_mode(reference):
         for start in range(0, len(prompt_ids), batch_size):
@@ -164,7 +166,7 @@ def sample_policy(policy, reference, codec: TextCodec, prompts: Sequence[str], c
         repeated = [ids for ids in prompt_ids for _ in range(num_samples)]
         # At T = 1 and top_p = 1 both terms are the plain log-probabilities (the sampler's are then
         # its temperature-1 log-probs, bit for bit).
-        ref = reference_logprobs(reference, codec, repeated, out.response_ids, config.batch_size, config.temperature, config.top_p)
+        ref = reference_logprobs(reference, codec, repeated, out.response_ids, temperature=config.temperature, top_p=config.top_p)
         kl = np.asarray(out.sampling_logprobs) - ref
     return PolicyResponses(out.response_ids, codec.decode_responses(out.response_ids), kl, sampled)
 

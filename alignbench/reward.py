@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from alignbench.data import PreferenceBatch, batches_by_width
-from alignbench.logprobs import pack_sequences, pack_shared_prompts
+from alignbench.logprobs import pack_sequences, pack_shared_prompts, scoring_batch_rows
 from alignbench.models import RewardModel, TextCodec
 from alignbench.training import OptimConfig, StepLoggingModule, adamw_with_schedule, check_finite
 
@@ -142,14 +142,13 @@ def score_texts(model: RewardModel, codec: TextCodec, prompts: Sequence[str], re
     took best-of-16 on the quickstart from 49 s to 34 s. Where prompts have two responses or more on
     average (best-of-n candidates, rejection sampling's samples), each prompt goes through the model
     once, followed by its responses (`RewardModel.score_shared`): the same scores up to float rounding.
-    `batch_size` rows of `max_length` tokens a batch (shared rows: as many tokens); by default 64 on
-    the CPU, where small batches score faster (their activations stay in cache: 8,192 world responses
-    in 3.2 s at 64 rows against 3.9 s at 512, with 100 MB less memory), 512 elsewhere.
+    `batch_size` rows of `max_length` tokens a batch (shared rows: as many tokens; default:
+    `scoring_batch_rows`).
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    batch_size = batch_size or (64 if device.type == "cpu" else 512)
+    batch_size = scoring_batch_rows(device, batch_size)
     distinct: dict[tuple[str, str], int] = {}
     where = torch.tensor([distinct.setdefault(pair, len(distinct)) for pair in zip(prompts, responses)], dtype=torch.long)
     prompt_ids = codec.encode_prompts([p for p, _ in distinct])
