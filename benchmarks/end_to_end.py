@@ -41,6 +41,7 @@ QUICK_OVERRIDES = [
     "eval.n_test_prompts=64", "eval.n_val_prompts=32", "eval.bootstrap_samples=200", "eval.max_new_tokens=12",
     "hir.prompts_per_round=100", "rejection_sampling.prompts_per_round=50", "rejection_sampling.samples_per_prompt=2",
     "rest.prompts_per_round=50", "rest.samples_per_prompt=2", "ppo.iterations=3", "ppo.batch_size=16", "ppo.minibatch_size=8",
+    "rlaif.n_labels=100", "ai_labeler.n_examples=400",
 ]
 
 
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     command = [sys.executable, "-m", "alignbench", "quickstart", *overrides] + (["--workers", str(args.workers)] if args.workers else [])
     with contextlib.ExitStack() as stack:
         out = Path(args.out) if args.out else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="alignbench-e2e-")))
-        seconds, peak_gib = run_measured(command + ["--out", str(out)], out / "quickstart.log")
+        seconds, peak_gib, processes = run_measured(command + ["--out", str(out)], out / "quickstart.log")
         stage_rows, method_rows, seeds = parts(out)
     print(f"## End to end: `alignbench quickstart` ({len(method_rows)} policies x {len(seeds)} seed(s)){' (--quick: smoke-test size)' if args.quick else ''}")
     print(machine_line())
@@ -72,10 +73,14 @@ def main(argv: list[str] | None = None) -> None:
         ["wall seconds (figures included)", seconds, float(GOAL_SECONDS), "met" if seconds <= GOAL_SECONDS else "NOT met"],
         ["peak RSS GiB (all processes)", peak_gib, GOAL_RSS_GIB, "met" if peak_gib <= GOAL_RSS_GIB else "NOT met"],
     ])
+    print()
+    print_table(["process", "RSS MiB at the peak", "its own peak MiB (VmHWM)"], processes)
 
 
-def run_measured(command: list[str], log_path: Path) -> tuple[float, float]:
-    """Run `command`, its output to `log_path`; returns (wall seconds, peak RSS in GiB of its process tree)."""
+def run_measured(command: list[str], log_path: Path) -> tuple[float, float, list[list[object]]]:
+    """Run `command`, its output to `log_path`; returns the wall seconds, the peak RSS in GiB of its
+    process tree, and per process (the parent, each seed, each W&B service, ...): its RSS at that
+    peak and its own highest RSS (the kernel's VmHWM), in MiB."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with open(log_path, "w") as log:
@@ -85,11 +90,17 @@ def run_measured(command: list[str], log_path: Path) -> tuple[float, float]:
 
         env = {k: v for k, v in os.environ.items() if k != STAGE_CACHE_VARIABLE}
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-        peak, done = [0], threading.Event()
+        peak, at_peak, own_peaks, done = [0], {}, {}, threading.Event()
 
         def sample() -> None:
             while not done.is_set():
-                peak[0] = max(peak[0], sum(_rss_bytes(pid) for pid in _tree(process.pid)))
+                rows = [(f"{_label(pid, process.pid)} (pid {pid})", *_memory_bytes(pid)) for pid in _tree(process.pid)]
+                for label, _, high in rows:
+                    own_peaks[label] = max(own_peaks.get(label, 0), high)
+                if sum(rss for _, rss, _ in rows) > peak[0]:
+                    peak[0] = sum(rss for _, rss, _ in rows)
+                    at_peak.clear()
+                    at_peak.update((label, rss) for label, rss, _ in rows)
                 done.wait(0.5)
 
         watcher = threading.Thread(target=sample, daemon=True)
@@ -99,7 +110,8 @@ def run_measured(command: list[str], log_path: Path) -> tuple[float, float]:
         watcher.join()
     if code != 0:
         raise SystemExit(f"the quickstart failed (exit {code}); its log: {log_path}")
-    return time.perf_counter() - started, peak[0] / 2**30
+    processes = [[label, at_peak.get(label, 0) / 2**20, high / 2**20] for label, high in own_peaks.items() if high >= 2**20]
+    return time.perf_counter() - started, peak[0] / 2**30, sorted(processes, key=lambda row: -row[2])
 
 
 def _tree(pid: int) -> list[int]:
@@ -110,14 +122,30 @@ def _tree(pid: int) -> list[int]:
     return [pid] + [p for child in children for p in _tree(int(child))]
 
 
-def _rss_bytes(pid: int) -> int:
+def _memory_bytes(pid: int) -> tuple[int, int]:
+    """(RSS now, highest RSS so far) of a process, 0 for one that has ended."""
+    values = {}
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                values[line.split(":")[0]] = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 0
+    return values.get("VmRSS", 0), values.get("VmHWM", 0)
+
+
+def _label(pid: int, root: int) -> str:
+    """What a process of the quickstart's tree is: the parent, a seed's process, or the program it runs."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+    except OSError:
+        return "ended"
+    if pid == root:
+        return "quickstart (parent)"
+    seeds = [a for a in argv if a.startswith("seeds=[")]
+    if seeds:
+        return f"seed process {seeds[-1].removeprefix('seeds=')}"
+    return Path(argv[0]).name or "unknown"
 
 
 def parts(out: Path) -> tuple[list[list[object]], list[list[object]], set[int]]:
