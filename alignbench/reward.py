@@ -166,7 +166,7 @@ def score_texts(model: RewardModel, codec: TextCodec, prompts: Sequence[str], re
         for batch in batches_by_width([(1, w) for w in widths], batch_size, batch_size * max_length):
             members = [groups[b] for b in batch]
             shared = pack_shared_prompts([prompt_ids[g[0]] for g in members], [[response_ids[i] for i in g] for g in members], codec.pad_token_id, max_length=max_length)
-            scores[[i for g in members for i in g]] = model.score_shared(shared.to(device)).float().cpu()
+            scores[[i for g in members for i in g]] = model.score_shared(shared).float().cpu()  # it moves the batch to the model
     else:
         by_length = sorted(range(len(distinct)), key=lambda i: len(prompt_ids[i]) + len(response_ids[i]))
         for start in range(0, len(by_length), batch_size):

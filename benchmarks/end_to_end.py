@@ -101,10 +101,11 @@ def run_measured(command: list[str], log_path: Path) -> tuple[float, float, floa
 
         def sample() -> None:
             while not done.is_set():
-                rows = [(f"{_label(pid, process.pid)} (pid {pid})", *_memory_bytes(pid)) for pid in _tree(process.pid)]
+                pids = _tree(process.pid)  # one walk of the tree per sample: RSS and PSS of the same processes
+                rows = [(f"{_label(pid, process.pid)} (pid {pid})", *_memory_bytes(pid)) for pid in pids]
                 for label, _, high in rows:
                     own_peaks[label] = max(own_peaks.get(label, 0), high)
-                peak_pss[0] = max(peak_pss[0], sum(_pss_bytes(pid) for pid in _tree(process.pid)))
+                peak_pss[0] = max(peak_pss[0], sum(_pss_bytes(pid) for pid in pids))
                 if sum(rss for _, rss, _ in rows) > peak[0]:
                     peak[0] = sum(rss for _, rss, _ in rows)
                     at_peak.clear()
