@@ -139,7 +139,8 @@ def sample(
     # Longest first (a batch that does not fit in memory fails at once); Python's sort is stable,
     # so the samples of one prompt stay together.
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]), reverse=True)
-    keywords = _ForwardKeywords.of(model)
+    max_length = max((len(row) for row in rows), default=0) + max_new_tokens
+    decoder = _LlamaDecoder.of(model, max_length) or _TransformersDecoder(model)
 
     response_ids: list[list[int]] = [[] for _ in rows]
     logprobs = [0.0] * len(rows)
@@ -152,9 +153,8 @@ def sample(
         for start in tqdm(starts, desc=progress if isinstance(progress, str) else None, disable=not progress):
             batch_rows = order[start : start + batch_size]
             batch = _sample_batch(
-                model,
+                decoder,
                 [rows[i] for i in batch_rows],
-                keywords=keywords,
                 max_new_tokens=max_new_tokens,
                 eos_token_id=eos_token_id,
                 pad_token_id=pad_token_id,
@@ -170,10 +170,9 @@ def sample(
 
 
 def _sample_batch(
-    model: nn.Module,
+    decoder: _LlamaDecoder | _TransformersDecoder,
     prompts: list[list[int]],
     *,
-    keywords: _ForwardKeywords,
     max_new_tokens: int,
     eos_token_id: int,
     pad_token_id: int,
@@ -182,7 +181,7 @@ def _sample_batch(
     generator: torch.Generator | None,
 ) -> tuple[list[list[int]], list[float], list[bool], list[float]]:
     """Decode one left-padded batch; returns (responses, logprob sums, finished, sampling logprob sums) per row."""
-    device = next(model.parameters()).device
+    device = decoder.device
     num_rows, prompt_width = len(prompts), max(len(p) for p in prompts)
 
     input_ids = torch.full((num_rows, prompt_width), pad_token_id, dtype=torch.long)
@@ -193,58 +192,65 @@ def _sample_batch(
         mask[row, prompt_width - len(prompt) : prompt_width] = 1
     input_ids, mask = input_ids.to(device), mask.to(device)
     position_ids = position_ids_from_mask(mask[:, :prompt_width])
-    next_position = position_ids[:, -1] + 1  # [R] position of the token about to be generated
 
-    # Results, indexed by the row's place in `prompts`.
+    # Results, indexed by the row's place in `prompts`, copied from the rows still in the batch
+    # when rows are dropped and at the end.
     generated = torch.full((num_rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     lengths = torch.zeros(num_rows, dtype=torch.long, device=device)
-    logprob_sums = torch.zeros(num_rows, dtype=torch.float32, device=device)
-    sampling_sums = torch.zeros(num_rows, dtype=torch.float32, device=device)
+    sums = torch.zeros((num_rows, 2), dtype=torch.float32, device=device)  # logprob, sampling logprob
     finished = torch.zeros(num_rows, dtype=torch.bool, device=device)
 
-    # The rows still in the batch (R of them): their place in `prompts`, and whether they are done
-    # (finished but not yet dropped; they keep decoding padding that is thrown away).
+    # The rows still in the batch (R of them): their place in `prompts`, what they generated so far,
+    # and whether they are done (finished, i.e. produced EOS, but not yet dropped; they keep
+    # decoding padding that is thrown away).
     live = torch.arange(num_rows, device=device)
-    done = torch.zeros(num_rows, dtype=torch.bool, device=device)
+    live_generated, live_lengths, live_sums = generated.clone(), lengths.clone(), sums.clone()
+    done = finished.clone()
 
-    decoder = _LlamaDecoder.of(model, num_rows, prompt_width + max_new_tokens) or _TransformersDecoder(model, keywords)
+    def copy_out() -> None:
+        generated[live], lengths[live], sums[live], finished[live] = live_generated, live_lengths, live_sums, done
+
+    decoder.start(num_rows, prompt_width + max_new_tokens)
     for step in range(max_new_tokens):
         logits = decoder(input_ids, position_ids, mask[:, : prompt_width + step]).float()  # [R, V]
         token, token_logprob, token_sampling_logprob = _next_token(logits, temperature, top_p, generator)
-        token = token.masked_fill(done, pad_token_id)
-
-        generated[live, step] = token
-        logprob_sums[live] += token_logprob.masked_fill(done, 0.0)
-        sampling_sums[live] += token_sampling_logprob.masked_fill(done, 0.0)
-        lengths[live] += (~done).long()
-        ended = (token == eos_token_id) & ~done
-        finished[live] |= ended
-        done = done | ended
-        if bool(done.all()):
+        token.masked_fill_(done, pad_token_id)
+        live_generated[:, step] = token
+        live_sums += torch.stack((token_logprob, token_sampling_logprob), dim=1).masked_fill_(done[:, None], 0.0)
+        live_lengths += ~done
+        done |= token == eos_token_id
+        num_done = int(done.sum())
+        if num_done == len(done):
             break
-
-        if done.sum() >= _COMPACT_FRACTION * len(done):
+        if num_done >= _COMPACT_FRACTION * len(done):
+            copy_out()
             keep = (~done).nonzero().squeeze(1)
             decoder.select_rows(keep)
-            live, done, token = live[keep], done[keep], token[keep]
-            next_position, mask = next_position[keep], mask[keep]
+            live, live_generated, live_lengths, live_sums, done = live[keep], live_generated[keep], live_lengths[keep], live_sums[keep], done[keep]
+            token, position_ids, mask = token[keep], position_ids[keep], mask[keep]
 
         mask[:, prompt_width + step] = 1
         input_ids = token.unsqueeze(1)
-        position_ids = next_position.unsqueeze(1)
-        next_position = next_position + 1
+        position_ids = position_ids[:, -1:] + 1
+    copy_out()
 
     responses = [tokens[:length] for tokens, length in zip(generated.tolist(), lengths.tolist())]
-    return responses, logprob_sums.tolist(), finished.tolist(), sampling_sums.tolist()
+    logprobs, sampled_logprobs = sums.T.tolist()
+    return responses, logprobs, finished.tolist(), sampled_logprobs
 
 
 class _TransformersDecoder:
     """Decoding steps through the model's own forward and a transformers ``DynamicCache``."""
 
-    def __init__(self, model: nn.Module, keywords: _ForwardKeywords):
-        self.model, self.keywords = model, keywords
-        self.cache = DynamicCache(config=model.config) if _CACHE_TAKES_CONFIG else DynamicCache()
-        self.extra = {"logits_to_keep": 1} if keywords.logits_to_keep else {}
+    def __init__(self, model: nn.Module):
+        self.model, self.keywords = model, _ForwardKeywords.of(model)
+        self.device = next(model.parameters()).device
+        self.extra = {"logits_to_keep": 1} if self.keywords.logits_to_keep else {}
+        self.cache = None
+
+    def start(self, num_rows: int, max_length: int) -> None:
+        """An empty cache for a new batch."""
+        self.cache = DynamicCache(config=self.model.config) if _CACHE_TAKES_CONFIG else DynamicCache()
 
     def __call__(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Feed ``input_ids [R, S]`` (after everything fed before); logits ``[R, V]`` at the last position.
@@ -268,38 +274,61 @@ class _TransformersDecoder:
 class _LlamaDecoder:
     """Decoding steps of a transformers ``LlamaForCausalLM`` with SDPA attention, computed directly.
 
-    The operations are those of transformers' ``modeling_llama`` (RMSNorm in float32, the model's
-    own rotary module, q/k/v projections, SwiGLU), without the Python layers around them (mask
-    builders, cache and output objects, decorators). What differs is the cache: transformers
-    concatenates every layer's keys and values anew at each step (a copy of the whole cache, the
-    largest cost after the matmuls on the world's models); here they are written once into zeroed
-    buffers sized for the batch, and attention reads each buffer whole, the positions not yet
-    written masked (SDPA copies a strided slice of a buffer, which costs as much as the
-    concatenation). A decoding step's attention is two batched matmuls (see :meth:`_attention`).
+    The operations are those of transformers' ``modeling_llama`` (RMSNorm in float32, rotary
+    embeddings, SwiGLU), called on the weights without the Python layers around them (module
+    calls, mask builders, cache and output objects, decorators). On the world's models each
+    operation costs more to launch than to compute, so fewer, larger ones are what make decoding
+    fast (``benchmarks/rollout.py``):
 
-    Attending over the whole buffer adds exact zeros to the softmax sums, but the sums are taken
-    in another order, so logits differ from the transformers forward in the last bits (~1e-7):
-    samples are the same unless a uniform draw falls within that distance of a boundary of the
-    inverse CDF (the tests compare the two paths sample for sample).
+    * the q/k/v projections are one matmul, on weights stacked once per :func:`sample` call (for
+      models whose stacked copies would take more than ``_STACKED_WEIGHTS_MAX_BYTES``, one matmul
+      each, their outputs concatenated);
+    * rotary embeddings are looked up in a cos/sin table of every position, computed once, and
+      applied to queries and keys together;
+    * keys and values are written once into buffers sized for the batch, where transformers
+      concatenates every layer's cache anew at each step (a copy of the whole cache). The buffers
+      are position-major, so a step writes one block and attention reads one block: on the CPU a
+      decoding step's attention is bound by memory traffic, and this layout is ~20% faster than
+      rows first. Attention is two batched matmuls with an additive mask that each step extends
+      by a column (see :meth:`_attention`).
+
+    Logits differ from the transformers forward in the last bits (~1e-7; the matmuls' and
+    attention's sums are split differently): samples are the same unless a uniform draw falls
+    within that distance of a boundary of the inverse CDF (the tests compare the two paths sample
+    for sample).
     """
 
-    def __init__(self, model: nn.Module, num_rows: int, max_length: int):
-        base = model.model
-        self.layers, self.embed, self.norm, self.rotary = base.layers, base.embed_tokens, base.norm, base.rotary_emb
-        self.lm_head = model.lm_head
-        attention = self.layers[0].self_attn
-        self.num_heads, self.head_dim = model.config.num_attention_heads, attention.head_dim
+    def __init__(self, model: nn.Module, max_length: int):
+        base, config = model.model, model.config
+        attention = base.layers[0].self_attn
+        self.num_heads, self.head_dim = config.num_attention_heads, attention.head_dim
         self.scaling = getattr(attention, "scaling", self.head_dim**-0.5)  # an attribute since transformers 4.48
-        weight = self.embed.weight
-        shape = (len(self.layers), num_rows, self.num_heads, max_length, self.head_dim)
-        self.keys = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
-        self.values = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
-        self.length = 0  # positions written in the buffers
+        self.min_width = -(-_NAIVE_BATCHED_MATMUL_BELOW // self.head_dim)  # positions attention reads at least
+        self.embed, self.norm = base.embed_tokens.weight, (base.norm.weight, base.norm.variance_epsilon)
+        self.device = self.embed.device
+        self.lm_head = (model.lm_head.weight, model.lm_head.bias)
+        stack = sum(
+            p.numel() * p.element_size()
+            for layer in base.layers
+            for linear in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
+            for p in linear.parameters()
+        ) <= _STACKED_WEIGHTS_MAX_BYTES
+        self.layers = [_LlamaLayer.of(layer, stack) for layer in base.layers]
+        # cos and sin of every position a row can reach ([W, D]); transformers computes each
+        # position's value alone (an elementwise product, then cos/sin), so the table is exact.
+        # sin's first half is negated here, which turns rotate_half's negation into a swap of halves.
+        positions = torch.arange(max_length, device=self.device)[None]
+        cos, sin = base.rotary_emb(self.embed[:1], positions)
+        half = self.head_dim // 2
+        self.cos, self.sin = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)
+        self.cache = self.bias = torch.empty(0)
+        self.length = 0
 
     @classmethod
-    def of(cls, model: nn.Module, num_rows: int, max_length: int) -> _LlamaDecoder | None:
-        """A decoder for ``model``, or None unless its forward is the one mirrored here (a plain
-        Llama with SDPA attention: no LoRA or quantised layers, no grouped-query attention, no hooks)."""
+    def of(cls, model: nn.Module, max_length: int) -> _LlamaDecoder | None:
+        """A decoder for ``model`` and sequences of at most ``max_length`` tokens, or None unless its
+        forward is the one mirrored here (a plain Llama with SDPA attention and static rotary
+        frequencies: no LoRA or quantised layers, no grouped-query attention, no hooks)."""
         from transformers.models.llama import modeling_llama as llama
 
         if type(model) is not llama.LlamaForCausalLM:
@@ -310,6 +339,10 @@ class _LlamaDecoder:
             or config.num_key_value_heads != config.num_attention_heads
             or getattr(config, "pretraining_tp", 1) != 1
             or not hasattr(base, "rotary_emb")  # transformers before 4.45 keeps it in each layer
+            or type(base.rotary_emb) is not llama.LlamaRotaryEmbedding
+            # These rope types change their frequencies with the sequence length.
+            or "dynamic" in getattr(base.rotary_emb, "rope_type", "default")
+            or getattr(base.rotary_emb, "rope_type", "default") == "longrope"
             or type(model.lm_head) is not nn.Linear
             or type(base.embed_tokens) is not nn.Embedding
             or type(base.norm) is not llama.LlamaRMSNorm
@@ -326,79 +359,147 @@ class _LlamaDecoder:
                 or any(type(norm) is not llama.LlamaRMSNorm for norm in (layer.input_layernorm, layer.post_attention_layernorm))
             ):
                 return None
-        return cls(model, num_rows, max_length)
+        return cls(model, max_length)
+
+    def start(self, num_rows: int, max_length: int) -> None:
+        """Empty buffers for a batch of ``num_rows`` rows of at most ``max_length`` tokens."""
+        # Keys and values [layer, key or value, W, R, H, D], position-major (see the class docstring).
+        # Attention reads the positions written so far, and at least the first `min_width`: only
+        # those can be read before they are written.
+        shape = (len(self.layers), 2, max_length, num_rows, self.num_heads, self.head_dim)
+        self.cache = torch.empty(shape, dtype=self.embed.dtype, device=self.device)
+        self.cache[:, :, : self.min_width].zero_()
+        # The additive attention mask of a decoding step, per (row, head): -inf until a position is fed.
+        self.bias = torch.full((num_rows, self.num_heads, 1, max_length), float("-inf"), dtype=self.embed.dtype, device=self.device)
+        self.length = 0
 
     def __call__(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """As :meth:`_TransformersDecoder.__call__`."""
         rows, new = input_ids.shape
         start, end = self.length, self.length + new
-        split = (rows, new, self.num_heads, self.head_dim)
-        hidden = self.embed(input_ids)
-        cos, sin = self.rotary(hidden, position_ids)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        # Key padding, causal within the tokens fed now, and the positions not yet written, masked.
-        width = self.keys.shape[3]
-        key_mask = F.pad(attention_mask.bool(), (0, width - end))[:, None, None, :]  # [R, 1, 1, W]
-        if new > 1:
-            arange = torch.arange(width, device=input_ids.device)
-            key_mask = key_mask & (arange[None, :] <= arange[start:end, None])
-            key_mask = key_mask.expand(rows, 1, new, width).contiguous()
-        else:  # as an additive bias per (row, head), the input of `baddbmm`
-            bias = torch.zeros(key_mask.shape, dtype=hidden.dtype, device=hidden.device).masked_fill_(~key_mask, float("-inf"))
-            key_mask = bias.expand(rows, self.num_heads, 1, width).reshape(rows * self.num_heads, 1, width)
+        heads, dim = self.num_heads, self.head_dim
+        fed = attention_mask[:, None, None, start:end].bool()  # [R, 1, 1, S]
+        self.bias[..., start:end].masked_fill_(fed, 0.0)
+        if new > 1:  # the prompt: causal, and key padding, except that a padding position sees itself
+            # (a query seeing no key has no softmax: some SDPA kernels return NaN, which the padding
+            # positions' keys and values of the next layer would carry into the cache; masked as keys,
+            # their finite values get an exact zero weight).
+            itself = torch.eye(new, dtype=torch.bool, device=fed.device)
+            prompt_mask = (fed | itself) & torch.ones_like(itself).tril_()
+        # [R, S, 1, 1, D], to broadcast over queries/keys and heads
+        cos, sin = self.cos[position_ids][:, :, None, None], self.sin[position_ids][:, :, None, None]
+        hidden = F.embedding(input_ids.view(-1), self.embed)  # [R * S, E]: one row per token
         for index, layer in enumerate(self.layers):
-            attention, mlp = layer.self_attn, layer.mlp
-            residual = hidden
-            hidden = _rms_norm(layer.input_layernorm, hidden)
-            query = attention.q_proj(hidden).view(split).transpose(1, 2)
-            key = attention.k_proj(hidden).view(split).transpose(1, 2)
-            self.values[index, :, :, start:end] = attention.v_proj(hidden).view(split).transpose(1, 2)
-            query = (query * cos) + (_rotate_half(query) * sin)
-            self.keys[index, :, :, start:end] = (key * cos) + (_rotate_half(key) * sin)
-            output = self._attention(query, self.keys[index], self.values[index], key_mask)
-            hidden = residual + attention.o_proj(output.transpose(1, 2).reshape(rows, new, -1))
-            residual = hidden
-            hidden = _rms_norm(layer.post_attention_layernorm, hidden)
-            hidden = residual + mlp.down_proj(mlp.act_fn(mlp.gate_proj(hidden)) * mlp.up_proj(hidden))
+            qkv = _project(_rms_norm(hidden, *layer.attention_norm), layer.qkv).view(rows, new, 3, heads, dim)
+            query_key = qkv[:, :, :2]
+            # rotate_half(x) * sin == swap_halves(x) * sin with sin's first half negated
+            query_key = query_key.roll(dim // 2, dims=-1).mul_(sin).add_(query_key * cos)  # [R, S, 2, H, D]
+            keys_values = self.cache[index]  # [2, W, R, H, D]
+            keys_values[0, start:end] = query_key[:, :, 1].transpose(0, 1)
+            keys_values[1, start:end] = qkv[:, :, 2].transpose(0, 1)
+            query = query_key[:, :, 0].transpose(1, 2)  # [R, H, S, D]
+            if new > 1:  # start is 0: the keys and values are this prompt's own
+                output = F.scaled_dot_product_attention(
+                    query, query_key[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2),
+                    attn_mask=prompt_mask, dropout_p=0.0, scale=self.scaling, is_causal=False,
+                )
+            else:
+                output = self._attention(query, keys_values, end)
+            hidden = F.linear(output.transpose(1, 2).reshape(rows * new, -1), *layer.output).add_(hidden)
+            normed = _rms_norm(hidden, *layer.mlp_norm)
+            hidden = F.linear(layer.act(F.linear(normed, *layer.gate)).mul_(F.linear(normed, *layer.up)), *layer.down).add_(hidden)
         self.length = end
         # RMSNorm and the head act on each position alone: only the last one is needed.
-        return self.lm_head(_rms_norm(self.norm, hidden[:, -1:]))[:, -1]
+        return F.linear(_rms_norm(hidden.view(rows, new, -1)[:, -1], *self.norm), *self.lm_head)
 
-    def _attention(self, query: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
-        """Attention of ``query [R, H, S, D]`` over a whole buffer ``[R, H, W, D]``; ``[R, H, S, D]``.
+    def _attention(self, query: Tensor, keys_values: Tensor, end: int) -> Tensor:
+        """One query per row ``[R, H, 1, D]`` over the first ``end`` positions of ``keys_values [2, W, R, H, D]``.
 
-        The prompt (S > 1) goes through SDPA with the boolean ``mask [R, 1, S, W]`` (its padding
-        rows attend to nothing; SDPA returns zeros for them). A decoding step (S = 1) is two
-        batched matmuls with the additive ``mask [R*H, 1, W]`` (transformers' eager formulation):
-        for one query over a short cache they cost about two thirds of SDPA's CPU kernel.
+        Two batched matmuls with the additive mask (transformers' eager formulation): for one query
+        over a short cache they cost about two thirds of SDPA's CPU kernel. The buffers' slices are
+        strided views, which the matmuls read in place (SDPA would copy them). They read at least
+        ``min_width`` positions (zeros, masked, where not yet written): with fewer, torch's CPU
+        matmuls would take their naive loop (``_NAIVE_BATCHED_MATMUL_BELOW``).
         """
-        rows, heads, new, dim = query.shape
-        if new > 1:
-            return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, dropout_p=0.0, scale=self.scaling, is_causal=False)
-        width = keys.shape[2]
-        scores = torch.baddbmm(mask, query.reshape(rows * heads, 1, dim), keys.reshape(rows * heads, width, dim).transpose(1, 2), alpha=self.scaling)
+        rows, heads, _, dim = query.shape
+        end = min(keys_values.shape[1], max(end, self.min_width))
+        keys, values = keys_values[:, :end].view(2, end, rows * heads, dim).transpose(1, 2)  # [RH, end, D] each
+        bias = self.bias.view(rows * heads, 1, -1)[:, :, :end]
+        scores = torch.baddbmm(bias, query.reshape(rows * heads, 1, dim), keys.transpose(1, 2), alpha=self.scaling)
         weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
-        return torch.bmm(weights, values.reshape(rows * heads, width, dim)).view(rows, heads, 1, dim)
+        return torch.bmm(weights, values).view(rows, heads, 1, dim)
 
     def select_rows(self, keep: Tensor) -> None:
         """As :meth:`_TransformersDecoder.select_rows`."""
-        self.keys, self.values = self.keys[:, keep], self.values[:, keep]
+        self.cache, self.bias = self.cache[:, :, :, keep], self.bias[keep]
 
 
-def _rms_norm(norm: nn.Module, hidden: Tensor) -> Tensor:
-    """``LlamaRMSNorm.forward``: the same operations in the same order (the casts are no-ops in float32)."""
-    dtype = hidden.dtype
-    if dtype != torch.float32:
-        hidden = hidden.to(torch.float32)
-    variance = hidden.pow(2).mean(-1, keepdim=True)
-    hidden = hidden * torch.rsqrt(variance + norm.variance_epsilon)
-    return norm.weight * (hidden if dtype == torch.float32 else hidden.to(dtype))
+# torch's CPU batched matmul computes products of fewer than this many multiply-adds per batch
+# entry in a naive loop, about twice as slow as its wider kernel (see _LlamaDecoder._attention).
+_NAIVE_BATCHED_MATMUL_BELOW = 400
+
+# Stack a Llama layer's q/k/v weights into one matmul only while the stacked copies stay this
+# small: on the world's models the saved operation launches are the gain, and on a large model
+# copying its weights would cost memory for no measurable speed. (Stacking gate and up too was
+# no faster: the activation then reads a strided half, which costs what the saved launch saves.)
+_STACKED_WEIGHTS_MAX_BYTES = 64 * 2**20
+
+_Linear = tuple[Tensor, "Tensor | None"]
 
 
-def _rotate_half(x: Tensor) -> Tensor:
-    """transformers' ``rotate_half`` for rotary embeddings."""
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+@dataclass(frozen=True)
+class _LlamaLayer:
+    """One decoder layer's weights, as the direct decoder uses them: (weight, bias) pairs, eps."""
+
+    attention_norm: tuple[Tensor, float]
+    qkv: list[_Linear]  # one stacked (weight, bias), or q, k, v separately
+    output: _Linear
+    mlp_norm: tuple[Tensor, float]
+    gate: _Linear
+    up: _Linear
+    down: _Linear
+    act: object
+
+    @classmethod
+    def of(cls, layer: nn.Module, stack: bool) -> _LlamaLayer:
+        attention, mlp = layer.self_attn, layer.mlp
+        return cls(
+            attention_norm=(layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon),
+            qkv=_stacked([attention.q_proj, attention.k_proj, attention.v_proj], stack),
+            output=(attention.o_proj.weight, attention.o_proj.bias),
+            mlp_norm=(layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon),
+            gate=(mlp.gate_proj.weight, mlp.gate_proj.bias),
+            up=(mlp.up_proj.weight, mlp.up_proj.bias),
+            down=(mlp.down_proj.weight, mlp.down_proj.bias),
+            act=mlp.act_fn,
+        )
+
+
+def _stacked(linears: list[nn.Linear], stack: bool) -> list[_Linear]:
+    """``linears`` as one (weight, bias) with their outputs side by side, or as they are."""
+    if not stack:
+        return [(linear.weight, linear.bias) for linear in linears]
+    biases = [linear.bias for linear in linears]
+    bias = None if biases[0] is None else torch.cat(biases)
+    return [(torch.cat([linear.weight for linear in linears]), bias)]
+
+
+def _project(hidden: Tensor, linears: list[_Linear]) -> Tensor:
+    """The outputs of ``linears`` on ``hidden``, side by side."""
+    if len(linears) == 1:
+        return F.linear(hidden, *linears[0])
+    return torch.cat([F.linear(hidden, *linear) for linear in linears], dim=-1)
+
+
+def _rms_norm(hidden: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """``LlamaRMSNorm.forward``: normalised in float32, then cast back and scaled.
+
+    ``F.rms_norm`` computes ``x * rsqrt(mean(x**2) + eps) * weight`` as transformers does, to the
+    bit in float32 (tested), in one call instead of six.
+    """
+    if hidden.dtype == torch.float32:
+        return F.rms_norm(hidden, weight.shape, weight, eps)
+    return weight * F.rms_norm(hidden.float(), weight.shape, None, eps).to(hidden.dtype)
 
 
 def _next_token(

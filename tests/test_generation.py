@@ -199,18 +199,22 @@ def test_invalid_arguments(model: GPT2LMHeadModel) -> None:
 # --- the direct Llama decoder (alignbench.generation._LlamaDecoder) ----------------------------
 
 
-@pytest.fixture
-def tiny_llama():
+def build_tiny_llama(**overrides):
     """A seeded 2-layer Llama over 32 token ids (the world models' architecture), built without a download."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.3, tie_word_embeddings=True,
-        bos_token_id=None, eos_token_id=None, pad_token_id=PAD,
-    )
+    config = LlamaConfig(**{
+        "vocab_size": 32, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "num_key_value_heads": 2, "max_position_embeddings": 64, "initializer_range": 0.3, "tie_word_embeddings": True,
+        "bos_token_id": None, "eos_token_id": None, "pad_token_id": PAD, **overrides,
+    })
     return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def tiny_llama():
+    return build_tiny_llama()
 
 
 def through_transformers(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -221,32 +225,67 @@ def through_transformers(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_llama_decoder_is_used_only_where_it_mirrors_the_forward(tiny_llama, tiny_gpt2) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    assert generation._LlamaDecoder.of(tiny_llama, 2, 8) is not None
-    assert generation._LlamaDecoder.of(tiny_gpt2, 2, 8) is None
+    assert generation._LlamaDecoder.of(tiny_llama, 8) is not None
+    assert generation._LlamaDecoder.of(tiny_gpt2, 8) is None
     grouped = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
-    assert generation._LlamaDecoder.of(grouped, 2, 8) is None
+    assert generation._LlamaDecoder.of(grouped, 8) is None
     handle = tiny_llama.model.layers[0].mlp.register_forward_hook(lambda *args: None)
-    assert generation._LlamaDecoder.of(tiny_llama, 2, 8) is None  # a hook would not run
+    assert generation._LlamaDecoder.of(tiny_llama, 8) is None  # a hook would not run
     handle.remove()
     # A replaced projection (as LoRA or quantisation do) is not an nn.Linear: its forward differs.
     q_proj = tiny_llama.model.layers[1].self_attn.q_proj
     tiny_llama.model.layers[1].self_attn.q_proj = torch.nn.Sequential(q_proj)
-    assert generation._LlamaDecoder.of(tiny_llama, 2, 8) is None
+    assert generation._LlamaDecoder.of(tiny_llama, 8) is None
+
+
+def assert_samples_like_the_transformers_forward(model, monkeypatch, temperature: float = 1.0, top_p: float = 1.0) -> None:
+    # EOS = a likely token, so rows finish at different steps and finished rows get dropped.
+    eos = int(first_token_probs(model, PROMPTS[0]).argsort()[-2])
+    kwargs = {"seed": 5, "max_new_tokens": 12, "eos_token_id": eos, "num_samples": 3, "batch_size": 10, "temperature": temperature, "top_p": top_p}
+    assert generation._LlamaDecoder.of(model, 8) is not None
+    direct = draw(model, PROMPTS, **kwargs)
+    with monkeypatch.context() as patch:
+        through_transformers(patch)
+        reference = draw(model, PROMPTS, **kwargs)
+    assert any(direct.finished) and not all(direct.finished)
+    assert direct.response_ids == reference.response_ids
+    assert direct.finished == reference.finished
+    # The logits differ in the last bits only (matmuls and attention sum in another order).
+    torch.testing.assert_close(torch.tensor(direct.logprobs), torch.tensor(reference.logprobs), atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.tensor(direct.sampling_logprobs), torch.tensor(reference.sampling_logprobs), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 1.0), (0.7, 0.9), (0.0, 1.0)])
 def test_llama_decoder_samples_like_the_transformers_forward(tiny_llama, monkeypatch, temperature: float, top_p: float) -> None:
-    # EOS = a likely token, so rows finish at different steps and finished rows get dropped.
-    eos = int(first_token_probs(tiny_llama, PROMPTS[0]).argsort()[-2])
-    kwargs = {"seed": 5, "max_new_tokens": 12, "eos_token_id": eos, "num_samples": 3, "batch_size": 10, "temperature": temperature, "top_p": top_p}
-    direct = draw(tiny_llama, PROMPTS, **kwargs)
-    through_transformers(monkeypatch)
-    reference = draw(tiny_llama, PROMPTS, **kwargs)
-    assert any(direct.finished) and not all(direct.finished)
-    assert direct.response_ids == reference.response_ids
-    assert direct.finished == reference.finished
-    # The logits differ in the last bits only (attention sums in another order).
-    torch.testing.assert_close(torch.tensor(direct.logprobs), torch.tensor(reference.logprobs), atol=1e-4, rtol=0)
+    assert_samples_like_the_transformers_forward(tiny_llama, monkeypatch, temperature, top_p)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"attention_bias": True, "mlp_bias": True},  # biases, stacked with the q/k/v weights
+        {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}},  # a static rope scaling
+        {"head_dim": 8, "num_attention_heads": 4, "num_key_value_heads": 4},  # a wider attention minimum (400 / 8 positions)
+    ],
+)
+def test_llama_decoder_variants_sample_like_the_transformers_forward(monkeypatch, overrides) -> None:
+    model = build_tiny_llama(**overrides)
+    for module in model.modules():  # non-zero biases, so a misplaced one shows
+        if isinstance(module, torch.nn.Linear) and module.bias is not None:
+            torch.nn.init.normal_(module.bias, std=0.3)
+    assert_samples_like_the_transformers_forward(model, monkeypatch)
+
+
+def test_llama_decoder_without_stacked_weights_samples_alike(tiny_llama, monkeypatch) -> None:
+    # Above _STACKED_WEIGHTS_MAX_BYTES the q/k/v projections stay three matmuls.
+    monkeypatch.setattr(generation, "_STACKED_WEIGHTS_MAX_BYTES", 0)
+    assert len(generation._LlamaDecoder.of(tiny_llama, 8).layers[0].qkv) == 3
+    assert_samples_like_the_transformers_forward(tiny_llama, monkeypatch, 0.7, 0.9)
+
+
+def test_llama_decoder_is_not_used_with_length_dependent_rope() -> None:
+    dynamic = build_tiny_llama(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    assert generation._LlamaDecoder.of(dynamic, 8) is None
 
 
 def test_llama_decoder_greedy_matches_hf_generate_and_scores_like_sequence_logprobs(tiny_llama) -> None:
