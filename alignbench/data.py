@@ -1,6 +1,9 @@
 """Datasets and Lightning DataModules: prompts, demonstrations, preferences and unpaired labels.
 
-All four are `datasets.Dataset`s of text, tokenised once with the run's `TextCodec`.
+All four hold their rows of text in memory as `Rows` (a list of dicts with column access),
+tokenised once with the run's `TextCodec`. They also take a `datasets.Dataset`, but do not need
+the `datasets` library: a run on the built-in world never imports it (with pandas and pyarrow,
+which it brings, ~85 MB in every process).
 
 A preference dataset holds one row per prompt: the responses' pairwise comparisons for
 that prompt (`chosen[i]` beat `rejected[i]`, optionally with a margin `margin[i]`). A
@@ -15,19 +18,76 @@ or down), one row each.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import lightning as L
 import numpy as np
 import torch
-from datasets import Dataset
 from torch.utils.data import DataLoader
 
 from alignbench.logprobs import PackedBatch, SharedPromptBatch, pack_sequences, pack_shared_prompts
 from alignbench.models import TextCodec
 
 
-def preference_rows(records: Sequence[dict], allow_empty_responses: bool = False) -> Dataset:
+class Rows:
+    """A table in memory, one dict per row: what the data modules hold and their loaders index.
+
+    The few `datasets.Dataset` operations they use (`from_list`, `from_dict`, `column_names`,
+    a column by name, `add_column`, `map`), on plain Python values: a row is the dict it was made
+    from, so values come back exactly as they went in.
+    """
+
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+
+    @classmethod
+    def from_list(cls, rows: Sequence[dict]) -> Rows:
+        return cls([dict(row) for row in rows])
+
+    @classmethod
+    def from_dict(cls, columns: dict[str, Sequence]) -> Rows:
+        lengths = {name: len(values) for name, values in columns.items()}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"columns of different lengths: {lengths}")
+        names = list(columns)
+        return cls([dict(zip(names, values)) for values in zip(*(columns[name] for name in names))])
+
+    @classmethod
+    def of(cls, data: Rows | Sequence[dict] | Any) -> Rows:
+        """`data` as `Rows`: itself, a list of dicts, or a `datasets.Dataset` (read into memory)."""
+        if isinstance(data, Rows):
+            return data
+        if hasattr(data, "to_list") and hasattr(data, "column_names"):  # a datasets.Dataset
+            return cls(data.to_list())
+        return cls.from_list(data)
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(self.rows[0]) if self.rows else []
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key: int | str) -> Any:
+        """Row `key` (an int), or column `key` (a name) as a list."""
+        if isinstance(key, str):
+            return [row[key] for row in self.rows]
+        return self.rows[key]
+
+    def __iter__(self) -> Iterator[dict]:
+        return iter(self.rows)
+
+    def add_column(self, name: str, values: Sequence) -> Rows:
+        if len(values) != len(self.rows):
+            raise ValueError(f"column '{name}' has {len(values)} values for {len(self.rows)} rows")
+        return Rows([{**row, name: value} for row, value in zip(self.rows, values)])
+
+    def map(self, function: Callable[[dict], dict]) -> Rows:
+        """Each row with the columns `function(row)` returns added (or replaced)."""
+        return Rows([{**row, **function(row)} for row in self.rows])
+
+
+def preference_rows(records: Sequence[dict], allow_empty_responses: bool = False) -> Rows:
     """Validate flat pair records ({prompt, chosen, rejected, margin?, label?}) and group them by prompt.
 
     `label` is the probability that `chosen` is the better response: 1 for a hard label (the
@@ -56,7 +116,7 @@ def preference_rows(records: Sequence[dict], allow_empty_responses: bool = False
         if isinstance(label, bool) or not isinstance(label, (int, float)) or not 0.0 <= label <= 1.0:
             raise ValueError(f"preference row {index}: column 'label' must be a probability in [0, 1] (got {label!r})")
         row["label"].append(float(label))
-    return Dataset.from_list(list(grouped.values()))
+    return Rows(list(grouped.values()))
 
 
 def batches_within(costs: Sequence[tuple[int, int]], max_rows: int, max_tokens: int) -> list[list[int]]:
@@ -88,16 +148,16 @@ def batches_by_width(costs: Sequence[tuple[int, int]], max_rows: int, max_tokens
     return [[order[position] for position in batch] for batch in batches]
 
 
-def ordered_batches(dataset: Dataset, collate: Callable, costs: Callable[[], list[tuple[int, int]]], batch_size: int, max_tokens: int | None, by_width: bool) -> DataLoader:
+def ordered_batches(dataset: Rows, collate: Callable, costs: Callable[[], list[tuple[int, int]]], batch_size: int, max_tokens: int | None, by_width: bool) -> DataLoader:
     """A loader over `dataset`'s rows in order, `batch_size` rows per batch; within `max_tokens`
     padded tokens if given (`batches_within`, from each row's `(sequences, width)` in `costs()`); with
     `by_width`, batches of rows of similar length instead (`batches_by_width`). For passes that score
     every row once (the reference's precomputation), never for training, whose order is the seed's."""
     if max_tokens is None and not by_width:
-        return DataLoader(dataset.with_format(None), batch_size=batch_size, shuffle=False, collate_fn=collate)
+        return DataLoader(dataset.rows, batch_size=batch_size, shuffle=False, collate_fn=collate)
     sizes = costs()
     batches = batches_by_width(sizes, batch_size, max_tokens) if by_width else batches_within(sizes, batch_size, max_tokens)
-    return DataLoader(dataset.with_format(None), batch_sampler=batches, collate_fn=collate)
+    return DataLoader(dataset.rows, batch_sampler=batches, collate_fn=collate)
 
 
 @dataclass
@@ -141,9 +201,10 @@ class PreferenceDataModule(L.LightningDataModule):
     `share_prompts`, each batch also packs its responses one row per prompt (`PreferenceBatch.shared`),
     and with `pack` as well several prompts to a row of `max_length` tokens."""
 
-    def __init__(self, dataset: Dataset, codec: TextCodec, batch_size: int, max_length: int, seed: int = 0, shuffle: bool = True, share_prompts: bool = False,
+    def __init__(self, dataset: Rows | Any, codec: TextCodec, batch_size: int, max_length: int, seed: int = 0, shuffle: bool = True, share_prompts: bool = False,
                  pack: bool = False):
         super().__init__()
+        dataset = Rows.of(dataset)
         self.codec, self.batch_size, self.max_length, self.seed, self.shuffle = codec, batch_size, max_length, seed, shuffle
         self.share_prompts, self.pack = share_prompts, pack
         offsets, total = [], 0
@@ -155,7 +216,6 @@ class PreferenceDataModule(L.LightningDataModule):
         self.num_labels = self.num_pairs  # one label per pair (a K-ranking counts K choose 2)
         self.dataset = dataset.add_column("offset", offsets).map(
             lambda row: {"prompt_ids": codec.encode_prompt(row["prompt"]), "response_ids": codec.encode_responses(row["responses"])},
-            desc="tokenising preferences",
         )
 
     def collate(self, rows: list[dict]) -> PreferenceBatch:
@@ -186,7 +246,7 @@ class PreferenceDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(
-            self.dataset.with_format(None), batch_size=self.batch_size, shuffle=self.shuffle,
+            self.dataset.rows, batch_size=self.batch_size, shuffle=self.shuffle,
             collate_fn=self.collate, generator=generator,
         )
 
@@ -213,11 +273,11 @@ def unpaired_records(records: Sequence[dict]) -> list[dict]:
     return out
 
 
-def unpaired_from_pairs(preferences: Dataset) -> list[dict]:
+def unpaired_from_pairs(preferences: Rows) -> list[dict]:
     """The KTO paper's ablation: every pair gives its chosen response as desirable and its rejected
     one as undesirable (a response in several pairs appears once per pair, as in HALOs)."""
     records = []
-    for row in preferences.with_format(None):
+    for row in preferences:
         for c, r in zip(row["chosen"], row["rejected"]):
             records.append({"prompt": row["prompt"], "response": row["responses"][c], "desirable": True})
             records.append({"prompt": row["prompt"], "response": row["responses"][r], "desirable": False})
@@ -278,10 +338,9 @@ class UnpairedDataModule(L.LightningDataModule):
         self.num_responses = len(records)
         self.num_desirable = sum(r["desirable"] for r in records)
         self.num_labels = len(records) if num_labels is None else num_labels
-        dataset = Dataset.from_list(records).add_column("index", list(range(len(records))))
+        dataset = Rows.from_list(records).add_column("index", list(range(len(records))))
         self.dataset = dataset.map(
             lambda row: {"prompt_ids": codec.encode_prompt(row["prompt"]), "response_ids": codec.encode_responses([row["response"]])[0]},
-            desc="tokenising labelled responses",
         )
         response_ids = self.dataset["response_ids"]
         partners = mismatched_partners(len(records), seed)
@@ -298,7 +357,7 @@ class UnpairedDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.dataset.with_format(None), batch_size=self.batch_size, shuffle=self.shuffle, collate_fn=self.collate, generator=generator)
+        return DataLoader(self.dataset.rows, batch_size=self.batch_size, shuffle=self.shuffle, collate_fn=self.collate, generator=generator)
 
     def ordered_dataloader(self, batch_size: int, max_tokens: int | None = None, by_width: bool = False) -> DataLoader:
         """The rows in order, `batch_size` per batch (see `ordered_batches`); a row costs one
@@ -339,8 +398,9 @@ class DemonstrationDataModule(L.LightningDataModule):
     1.37x faster), the loss the same up to float rounding. The AI labeler's requests, 40-64 tokens
     each, do not pack (packed, they trained 0.93x as fast)."""
 
-    def __init__(self, dataset: Dataset, codec: TextCodec, batch_size: int, max_length: int, seed: int = 0, pack: bool = False):
+    def __init__(self, dataset: Rows | Any, codec: TextCodec, batch_size: int, max_length: int, seed: int = 0, pack: bool = False):
         super().__init__()
+        dataset = Rows.of(dataset)
         for column in ("prompt", "response"):
             if column not in dataset.column_names:
                 raise ValueError(f"demonstration data needs a '{column}' column; it has {dataset.column_names}")
@@ -350,7 +410,6 @@ class DemonstrationDataModule(L.LightningDataModule):
                 "prompt_ids": codec.encode_prompt(row["prompt"]),
                 "response_ids": codec.encode_responses([row["response"]])[0],
             },
-            desc="tokenising demonstrations",
         )
 
     def collate(self, rows: list[dict]) -> DemonstrationBatch:
@@ -364,7 +423,7 @@ class DemonstrationDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(
-            self.dataset.with_format(None), batch_size=self.batch_size, shuffle=True,
+            self.dataset.rows, batch_size=self.batch_size, shuffle=True,
             collate_fn=self.collate, generator=generator, drop_last=len(self.dataset) > self.batch_size,
         )
 
@@ -377,12 +436,12 @@ class PromptDataModule(L.LightningDataModule):
         columns = {"prompt": list(prompts)}
         if harmful is not None:
             columns["harmful"] = list(harmful)
-        self.dataset = Dataset.from_dict(columns)
+        self.dataset = Rows.from_dict(columns)
         self.batch_size, self.seed = batch_size, seed
 
     def train_dataloader(self) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(
-            self.dataset.with_format(None), batch_size=self.batch_size, shuffle=True, generator=generator,
+            self.dataset.rows, batch_size=self.batch_size, shuffle=True, generator=generator,
             collate_fn=lambda rows: rows,
         )

@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from datasets import Dataset
 
-from alignbench.data import preference_rows
+from alignbench.data import Rows, preference_rows
 from alignbench.records import environment
 from alignbench.evaluation import EvalConfig, Evaluator, PolicyResponses
 from alignbench.judges import GoldJudge
@@ -47,7 +46,7 @@ class RunContext:
     sft_dir: Path
     reference: torch.nn.Module
     proxy: ProxyReward
-    preferences: Dataset
+    preferences: Rows
     reward_model_labels: int
     rm_metrics: dict[str, float]
     train_prompts: list[str]

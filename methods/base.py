@@ -20,9 +20,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from datasets import Dataset
-
-from alignbench.data import DemonstrationDataModule
+from alignbench.data import DemonstrationDataModule, Rows
 from alignbench.evaluation import EvalConfig, PolicyResponses, sample_policy
 from alignbench.log import log
 from alignbench.seeding import seeded_generator
@@ -174,7 +172,7 @@ class SampleAndTuneMethod(AlignmentMethod):
         raise NotImplementedError
 
     def round_datamodule(self, examples: list[dict]) -> L.LightningDataModule:
-        return DemonstrationDataModule(Dataset.from_list(examples), self.context.codec, self.config.batch_size, self.config.max_length, seed=self.context.seed,
+        return DemonstrationDataModule(Rows.from_list(examples), self.context.codec, self.config.batch_size, self.config.max_length, seed=self.context.seed,
                                        pack=self.packs_examples)
 
     def round_temperature(self, round_index: int) -> float:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -288,3 +290,36 @@ def test_reference_log_probs_are_scored_with_dropout_off_and_the_mode_restored(c
     first, second = (reference_logprobs(model, codec, prompts, responses) for _ in range(2))
     assert model.training
     assert first == pytest.approx(expected, abs=1e-5) and second == pytest.approx(expected, abs=1e-5)
+
+
+def test_rows_hold_the_rows_as_given_and_take_a_datasets_dataset_alike(codec):
+    from datasets import Dataset
+
+    from alignbench.data import DemonstrationDataModule, Rows
+
+    rows = Rows.from_dict({"prompt": ["Reverse: a b", "List two fruits."], "response": ["b a", "apple pear"]})
+    assert len(rows) == 2 and rows.column_names == ["prompt", "response"]
+    assert rows[1] == {"prompt": "List two fruits.", "response": "apple pear"} and rows["response"] == ["b a", "apple pear"]
+    assert list(rows.add_column("index", [0, 1])["index"]) == [0, 1] and "index" not in rows.column_names  # a new table
+    assert rows.map(lambda row: {"words": len(row["response"].split())})["words"] == [2, 2]
+    with pytest.raises(ValueError, match="'index' has 1 values for 2 rows"):
+        rows.add_column("index", [0])
+    with pytest.raises(ValueError, match="different lengths"):
+        Rows.from_dict({"prompt": ["a"], "response": []})
+    # A hub dataset's rows, read into memory, batch exactly as the same rows given as Rows.
+    ours = DemonstrationDataModule(rows, codec, 2, 32, seed=0)
+    theirs = DemonstrationDataModule(Dataset.from_dict({"prompt": rows["prompt"], "response": rows["response"]}), codec, 2, 32, seed=0)
+    assert ours.dataset.rows == theirs.dataset.rows
+    assert [b.prompt_ids for b in ours.train_dataloader()] == [b.prompt_ids for b in theirs.train_dataloader()]
+
+
+def test_a_run_on_the_world_imports_no_datasets_pandas_or_pyarrow():
+    # ~85 MB in every seed process of the quickstart; only hub data needs them (alignbench.hf_data).
+    code = (
+        "import sys; import alignbench.cli, alignbench.runner, alignbench.pipeline, alignbench.stages.training, methods; "
+        "from alignbench.registry import get_method; [get_method(m) for m in ('dpo', 'ppo', 'kto', 'rest')]; "
+        "print(sorted(m for m in ('datasets', 'pandas', 'pyarrow') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -10,9 +10,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from datasets import Dataset
 
-from alignbench.data import DemonstrationDataModule, PreferenceDataModule, preference_rows
+from alignbench.data import DemonstrationDataModule, PreferenceDataModule, Rows, preference_rows
 from alignbench.models import LoRAConfig, RewardModel, TextCodec, load_pretrained_policy, merge_lora, prepare_for_training
 from alignbench.reward import RewardModelConfig, RewardModelTraining, score_texts
 from alignbench.sft import SupervisedFineTuning
@@ -27,7 +26,7 @@ def fine_tune(policy, codec: TextCodec, prompts: Sequence[str], responses: Seque
     demonstrations are packed several to a row (`DemonstrationDataModule(pack=True)`).
     Returns the tuned policy (in eval mode) and {"steps", "tokens"}."""
     policy = prepare_for_training(policy, lora or LoRAConfig(), gradient_checkpointing, seed=seed)
-    data = DemonstrationDataModule(Dataset.from_dict({"prompt": list(prompts), "response": list(responses)}), codec, batch_size, max_length, seed=seed, pack=True)
+    data = DemonstrationDataModule(Rows.from_dict({"prompt": list(prompts), "response": list(responses)}), codec, batch_size, max_length, seed=seed, pack=True)
     total = len(data.train_dataloader()) * epochs
     module = SupervisedFineTuning(policy.train(), optim, total)
     torch.manual_seed(seed)

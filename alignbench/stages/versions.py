@@ -26,34 +26,36 @@ SHARED = ("stages/training.py", "sources.py")
 # world builds changed; only a dataset whose prompt + response passes max_length is scored differently.
 # Hashes recorded without a bump when the keys that stages embed of the stages they are built from
 # gained those stages' build versions: the keys changed, not what is built.
+# Hashes recorded without a bump when the data modules took their rows as `alignbench.data.Rows`
+# instead of `datasets.Dataset` (stages/training.py): the same rows in the same order.
 
 BUILD: dict[str, Build] = {
     # 2: fine-tuned on demonstrations packed several to a row (`DemonstrationDataModule(pack=True)`): the
     # same loss up to float rounding, about 30% fewer tokens through the model.
-    "sft": Build(2, ("stages/sft.py", *SHARED), "3e6b9935943bc714"),
-    "labels": Build(1, ("stages/labels.py", *SHARED), "f98e0a885786f7f3"),
+    "sft": Build(2, ("stages/sft.py", *SHARED), "8ed317dc0af7befe"),
+    "labels": Build(1, ("stages/labels.py", *SHARED), "4d7a6fad9c6fabaf"),
     # 2: the safety RM's Platt calibration no longer diverges (`fit_calibration`).
     # 3: trained on shared-prompt rows, packed (`train_reward_model`): the same loss up to float rounding.
     # 4: scored (held-out accuracy, the safety calibration) in smaller batches, a prompt's responses
     # with the prompt once (`score_texts`): the same scores up to float rounding.
-    "reward_models": Build(4, ("stages/reward_models.py", *SHARED), "5ecc28089083e5c6"),
-    "reference_samples": Build(1, ("stages/reference_samples.py", *SHARED), "be7ef92edc86debc"),
-    "candidates": Build(1, ("stages/candidates.py", *SHARED), "928280fc7cd7a3dc"),
+    "reward_models": Build(4, ("stages/reward_models.py", *SHARED), "2b664cdb993c0619"),
+    "reference_samples": Build(1, ("stages/reference_samples.py", *SHARED), "983393d5dec15157"),
+    "candidates": Build(1, ("stages/candidates.py", *SHARED), "23cd96cb8ea150d1"),
     # 2: fine-tuned by the packing fine_tune, as sft 2 (the quickstart's requests do not pack, so
     # its labeler is built as at 1; a shorter request would pack).
-    "ai_labeler": Build(2, ("stages/ai_labeler.py", "ai_feedback.py", *SHARED), "b200761d779aeffa"),
+    "ai_labeler": Build(2, ("stages/ai_labeler.py", "ai_feedback.py", *SHARED), "18d4743bbb664eba"),
     # 2: the labeler reads requests batched by length, the last position's logits only
     # (`judges.next_token_logprobs`): the same labels up to float rounding.
-    "ai_labels": Build(2, ("stages/ai_labels.py", "stages/ai_labeler.py", *SHARED), "aa0675218196994f"),
+    "ai_labels": Build(2, ("stages/ai_labels.py", "stages/ai_labeler.py", *SHARED), "b745140777d55486"),
     # 2: trained by the one `train_reward_model`, which honours reward_model.architecture and LoRA
     # (version 1 always built the backbone + head, without adapters). 3, 4: as reward_models 3, 4.
-    "pair_reward_model": Build(4, ("stages/pair_reward_model.py", *SHARED), "87be02701e02b85d"),
+    "pair_reward_model": Build(4, ("stages/pair_reward_model.py", *SHARED), "967ee16851bf8541"),
     # 2: fine-tuned packed, as sft 2.
-    "helpful_only": Build(2, ("stages/helpful_only.py", *SHARED), "3953ba2412b810bd"),
+    "helpful_only": Build(2, ("stages/helpful_only.py", *SHARED), "200eecf14d8494f6"),
     # 2: fine-tuned packed, as sft 2.
-    "sl_cai": Build(2, ("stages/sl_cai.py", "stages/helpful_only.py", *SHARED), "c7acf52f58e64733"),
+    "sl_cai": Build(2, ("stages/sl_cai.py", "stages/helpful_only.py", *SHARED), "06cf302029f61e4e"),
     # 2, 3, 4: as pair_reward_model.
-    "cai_preference_model": Build(4, ("stages/cai_preference_model.py", "stages/pair_reward_model.py", *SHARED), "0cf3733d503c3879"),
+    "cai_preference_model": Build(4, ("stages/cai_preference_model.py", "stages/pair_reward_model.py", *SHARED), "66ede2bac1fb3870"),
 }
 
 
