@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from alignbench.config import ConfigError
+from alignbench.processes import release_freed_memory
 
 EXIT_USER_ERROR = 2
 
@@ -156,6 +157,7 @@ def cmd_quickstart(args) -> None:
             pipeline = stage_pipeline(dataclasses.replace(config, seed=seed), Path(args.out))  # this seed's stages, shared by its methods
             for method in config.methods:
                 run_one(config, Path(args.out), method=method, seed=seed, pipeline=pipeline)
+                release_freed_memory()  # the run's policy, data and samples are gone
     if args.runs_only:  # one seed of a parallel quickstart: the parent writes the table and figures
         return
     print()

@@ -1,5 +1,6 @@
-"""How a process that a sweep or the quickstart starts dies with its parent. Light to import (no
-torch): the quickstart's parent, which only waits for its seeds' processes, imports it."""
+"""Process-level care: how a process that a sweep or the quickstart starts dies with its parent,
+and how a long-lived process gives freed memory back. Light to import (no torch): the
+quickstart's parent, which only waits for its seeds' processes, imports it."""
 
 from __future__ import annotations
 
@@ -22,3 +23,23 @@ def follow_parent_process() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     if os.getppid() != int(parent):  # it died before the request was in place
         os._exit(1)
+
+
+def release_freed_memory() -> None:
+    """Collect garbage and hand the C heap's free memory back to the system (glibc's malloc_trim).
+
+    Called between a process's runs and stage builds: freed tensors and Python objects leave the
+    heap holding memory the next part may not need (a quickstart seed process held 100-230 MB more
+    after a method than after trimming). Several seeds run at once, so what one holds idle adds to
+    the others' peaks. A few milliseconds; nothing where the C library is not glibc."""
+    import gc
+
+    gc.collect()
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # musl and other C libraries have no malloc_trim
+        pass

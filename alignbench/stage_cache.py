@@ -41,6 +41,7 @@ from typing import Callable
 from alignbench.config import ConfigError, config_hash
 from alignbench.records import checksum_problems, environment, folder_checksums
 from alignbench.log import log, warn
+from alignbench.processes import release_freed_memory
 
 SUMMARY = "stage.json"
 
@@ -198,6 +199,7 @@ def cached_stage(cache: Path, name: str, key: dict, build: Callable[[Path], dict
         stat = (directory / SUMMARY).stat()
         _VERIFIED[directory] = (stat.st_size, stat.st_mtime_ns)
         log(f"{name} stage done in {summary['seconds']:.0f}s")
+        release_freed_memory()  # a stage's models and data are gone: what it freed goes back
         return directory, summary
 
 
