@@ -26,6 +26,7 @@ Design notes:
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -295,7 +296,9 @@ class _LlamaDecoder:
     Logits differ from the transformers forward in the last bits (~1e-7; the matmuls' and
     attention's sums are split differently): samples are the same unless a uniform draw falls
     within that distance of a boundary of the inverse CDF (the tests compare the two paths sample
-    for sample).
+    for sample). Where one does, the rows after it draw differently too: a row that ends a step
+    earlier or later changes when rows are dropped, hence which uniform each later row gets from
+    the one generator (benchmarks/README.md, section 1).
     """
 
     def __init__(self, model: nn.Module, max_length: int):
@@ -458,7 +461,7 @@ class _LlamaLayer:
     gate: _Linear
     up: _Linear
     down: _Linear
-    act: object
+    act: Callable[[Tensor], Tensor]
 
     @classmethod
     def of(cls, layer: nn.Module, stack: bool) -> _LlamaLayer:
