@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from alignbench.logprobs import position_ids_from_mask, sampling_logprobs
+from alignbench.logprobs import ForwardKeywords, position_ids_from_mask, sampling_logprobs
 
 __all__ = ["SampleOutput", "sample"]
 
@@ -71,25 +71,6 @@ class SampleOutput:
     logprobs: list[float]
     finished: list[bool]
     sampling_logprobs: list[float] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class _ForwardKeywords:
-    """Keyword names that differ between transformers versions, detected once per call."""
-
-    cache: str  # "cache" in transformers >= 5.24, "past_key_values" before (removed in 5.40)
-    logits_to_keep: bool  # the forward can skip the LM head on positions we do not need
-
-    @classmethod
-    def of(cls, model: nn.Module) -> _ForwardKeywords:
-        params = inspect.signature(model.forward).parameters
-        if "cache" not in params and "past_key_values" not in params and hasattr(model, "get_base_model"):
-            # PEFT wrappers take **kwargs and pass them on to the wrapped transformers model.
-            params = inspect.signature(model.get_base_model().forward).parameters
-        return cls(
-            cache="cache" if "cache" in params else "past_key_values",
-            logits_to_keep="logits_to_keep" in params,
-        )
 
 
 @torch.inference_mode()
@@ -244,7 +225,7 @@ class _TransformersDecoder:
     """Decoding steps through the model's own forward and a transformers ``DynamicCache``."""
 
     def __init__(self, model: nn.Module):
-        self.model, self.keywords = model, _ForwardKeywords.of(model)
+        self.model, self.keywords = model, ForwardKeywords.of(model)
         self.device = next(model.parameters()).device
         self.extra = {"logits_to_keep": 1} if self.keywords.logits_to_keep else {}
         self.cache = None

@@ -9,14 +9,13 @@ which judge evaluates are separate settings of an experiment.
 from __future__ import annotations
 
 import hashlib
-import inspect
 from typing import Protocol, Sequence
 
 import numpy as np
 import torch
 
 from alignbench.annotator import SimulatedAnnotator
-from alignbench.logprobs import position_ids_from_mask
+from alignbench.logprobs import ForwardKeywords, position_ids_from_mask
 from alignbench.reward import ProxyReward
 from alignbench.world import AssistantWorld
 
@@ -115,7 +114,7 @@ def next_token_logprobs(model, codec, requests: Sequence[str], token_ids: Sequen
     device = next(model.parameters()).device
     encoded = codec.encode_prompts(requests)
     index = torch.tensor(list(token_ids), device=device)
-    last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    last_only = {"logits_to_keep": 1} if ForwardKeywords.of(model).logits_to_keep else {}
     out = torch.zeros(len(encoded), len(index))
     by_length = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     for start in range(0, len(encoded), batch_size):

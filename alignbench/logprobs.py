@@ -9,6 +9,7 @@ Shape conventions: ``B`` rows, ``T`` padded sequence length, ``V`` vocabulary si
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -295,6 +296,26 @@ def _first_fit(sizes: list[int], width: int) -> list[list[int]]:
             bins.append([item])
             room.append(width - sizes[item])
     return [sorted(b) for b in bins]
+
+
+@dataclass(frozen=True)
+class ForwardKeywords:
+    """Keyword names of a causal LM's forward that differ between transformers versions (PEFT
+    wrappers looked through), detected once per model: the sampler and the LM judge read them."""
+
+    cache: str  # "cache" in transformers >= 5.24, "past_key_values" before (removed in 5.40)
+    logits_to_keep: bool  # the forward can skip the LM head on positions we do not need
+
+    @classmethod
+    def of(cls, model: nn.Module) -> ForwardKeywords:
+        params = inspect.signature(model.forward).parameters
+        if "cache" not in params and "past_key_values" not in params and hasattr(model, "get_base_model"):
+            # PEFT wrappers take **kwargs and pass them on to the wrapped transformers model.
+            params = inspect.signature(model.get_base_model().forward).parameters
+        return cls(
+            cache="cache" if "cache" in params else "past_key_values",
+            logits_to_keep="logits_to_keep" in params,
+        )
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
