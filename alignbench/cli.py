@@ -7,7 +7,6 @@ what is wrong and what is accepted, and exit with status 2 — no traceback.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
 import os
 import sys
@@ -15,7 +14,6 @@ import time
 from pathlib import Path
 
 from alignbench.config import ConfigError
-from alignbench.processes import release_freed_memory
 
 EXIT_USER_ERROR = 2
 
@@ -134,31 +132,28 @@ def _in_forked_child(function, *args):
 
 def cmd_quickstart(args) -> None:
     started = time.perf_counter()
-    # The parent of seeds run in processes only waits for them, then writes the table and figures:
+    # The parent of worker processes only waits for them, then writes the table and figures:
     # loading the experiment in a child keeps torch out of it, and ~450 MB off the quickstart's memory.
-    if args.workers != 1 and not args.runs_only:
+    if args.workers != 1 and not args.worker:
         name, seeds, distributed, gpus = _in_forked_child(_quickstart_plan, args.experiment, list(args.overrides))
     else:
         name, seeds, distributed, gpus = _quickstart_plan(args.experiment, list(args.overrides))
-    workers = args.workers or len(seeds)
+    # One process per core at most: three one-thread processes on two cores do the same work in the
+    # same time as two (measured), and each holds ~0.9 GB.
+    workers = args.workers or min(len(seeds), os.cpu_count() or 1)
     if workers < 1:
         raise ConfigError(f"--workers={workers} must be >= 1")
-    if workers > 1 and len(seeds) > 1 and not distributed:
-        from alignbench.sweep import run_seeds_in_processes
+    if workers > 1 and len(seeds) > 1 and not distributed and not args.worker:
+        from alignbench.sweep import run_quickstart_workers
 
-        run_seeds_in_processes(args.experiment, list(args.overrides), Path(args.out), Path(args.out) / name, seeds, min(workers, len(seeds)), gpus=gpus)
+        run_quickstart_workers(args.experiment, list(args.overrides), Path(args.out), Path(args.out) / name, workers, gpus=gpus)
     else:
         _quiet_libraries()
         from alignbench.experiment import load_experiment
-        from alignbench.runner import run_one, stage_pipeline
+        from alignbench.runner import run_experiment_runs
 
-        config = load_experiment(args.experiment, args.overrides)
-        for seed in config.seeds:
-            pipeline = stage_pipeline(dataclasses.replace(config, seed=seed), Path(args.out))  # this seed's stages, shared by its methods
-            for method in config.methods:
-                run_one(config, Path(args.out), method=method, seed=seed, pipeline=pipeline)
-                release_freed_memory()  # the run's policy, data and samples are gone
-    if args.runs_only:  # one seed of a parallel quickstart: the parent writes the table and figures
+        run_experiment_runs(load_experiment(args.experiment, args.overrides), Path(args.out), shared=args.worker)
+    if args.worker:  # one of a parallel quickstart's workers: the parent writes the table and figures
         return
     print()
     _print_results(Path(args.out) / name, "md")
@@ -198,8 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("quickstart", cmd_quickstart, "world -> SFT -> reward models -> every method and baseline -> evaluation -> table")
     p.add_argument("--experiment", default="quickstart", help=argparse.SUPPRESS)
     p.add_argument("--workers", type=int, default=None,
-                   help="seeds at once, each in its own process with its own stages (default: all of them; 1: one after the other)")
-    p.add_argument("--runs-only", action="store_true", help=argparse.SUPPRESS)  # set for each seed's process
+                   help="processes sharing the runs of all seeds (default: one per seed, at most one per CPU core; 1: all in this process)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # set for each worker process
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     p = add("run", cmd_run, "one run: one method, one seed (dotted key=value or --key=value overrides)")
     p.add_argument("experiment", help="a shipped experiment name (quickstart) or a YAML path")

@@ -48,7 +48,7 @@ from alignbench.evaluation import evaluate_at_temperatures
 from alignbench.experiment import RunSpec, finished_config_mismatch, output_folder, resolve_run, run_config_dict
 from alignbench.log import log, warn
 from alignbench.pipeline import Pipeline, RunContext
-from alignbench.processes import follow_parent_process
+from alignbench.processes import follow_parent_process, release_freed_memory
 from alignbench.seeding import seeded_generator
 from alignbench.sources import inference_device
 from alignbench.tracking import HistoryLogger, HistoryWriter, make_wandb_logger, write_json_atomic
@@ -171,6 +171,46 @@ def finished_result(run_dir: Path, config) -> dict[str, Any] | None:
             f"Delete {run_dir} to run it again with today's defaults, or set those keys to the recorded values to reuse it."
         )
     return result
+
+
+def run_experiment_runs(config, out: Path, shared: bool = False) -> None:
+    """Every (method, seed) run of an experiment that lists `methods` and `seeds` (the quickstart),
+    method by method across the seeds, the methods of a seed sharing its stages; finished runs are
+    skipped, interrupted ones resumed.
+
+    With `shared`, this process is one of several running the same runs (the quickstart's worker
+    processes): it runs only those no other one has taken (`_claim`), so the workers share them out
+    as each becomes free, and no core idles while another process still has a seed to finish. A
+    seed's stages are built by the first worker that needs them (the stage cache's lock keeps that
+    to one); going method by method across the seeds, two workers seldom need the same seed's stage
+    at the same time. A run's numbers do not depend on which process runs it or after what: it
+    starts from its seed, and reading a stage leaves the random state as building it does."""
+    pipelines: dict[int, Pipeline] = {}
+    for method in config.methods:
+        for seed in config.seeds:
+            run_dir = output_folder(out, config.name, resolve_run(config, method, seed).name)
+            with _claim(run_dir) if shared else nullcontext(True) as mine:
+                if not mine:
+                    continue
+                if seed not in pipelines:
+                    pipelines[seed] = stage_pipeline(dataclasses.replace(config, seed=seed), out)  # the seed's stages, shared by its methods
+                run_one(config, out, method=method, seed=seed, pipeline=pipelines[seed])
+                release_freed_memory()  # the run's policy, data and samples are gone
+
+
+@contextmanager
+def _claim(run_dir: Path):
+    """Whether this process took the run in `run_dir` (True until the block ends) or another one
+    holds it (False, at once, without waiting). The OS drops a claim with its process, so a worker
+    that dies leaves its run to a rerun, which resumes it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".claim", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
 
 
 @contextmanager

@@ -273,51 +273,53 @@ def run_sweep(experiment: str, overrides: list[str], out: Path, workers: int = 1
     return runs, result
 
 
-def run_seeds_in_processes(experiment: str, overrides: list[str], out: Path, folder: Path, seeds: list[int], workers: int, gpus: int | None = None) -> None:
-    """The seeds of a quickstart at once: each seed's stages and runs in a process of its own
-    (`alignbench quickstart ... seeds=[S]`), with one torch thread each where processes x threads
-    would exceed the cores, and its log in FOLDER/logs/seed<S>.log. Every seed is a full replicate
-    with stages of its own, so the processes share nothing but the cores. Raises ConfigError
-    naming the seeds that failed (after the others finish; rerunning resumes them). `gpus`: the
-    machine's GPU count, where the caller knows it (see `_run_environment`)."""
+def run_quickstart_workers(experiment: str, overrides: list[str], out: Path, folder: Path, workers: int, gpus: int | None = None) -> None:
+    """A quickstart's runs in `workers` processes (`alignbench quickstart ... --worker`), with one
+    torch thread each where processes x threads would exceed the cores, and logs in
+    FOLDER/logs/worker<K>.log. The workers share the runs of all seeds: each takes the next run
+    that none of them has taken, method by method across the seeds (`runner.run_experiment_runs`),
+    so three seeds on two cores keep both busy to the end without a third process. Every seed is a
+    full replicate with stages of its own; whichever worker first needs a seed's stage builds it.
+    Raises ConfigError naming the workers that failed (after the others finish every run they can;
+    rerunning resumes the rest). `gpus`: the machine's GPU count, where the caller knows it (see
+    `_run_environment`)."""
     from alignbench.log import log
 
     (folder / "logs").mkdir(parents=True, exist_ok=True)
-    pending, running, free, failed = deque(seeds), {}, list(range(workers)), []
+    running, failed = {}, []
     started = last_report = time.perf_counter()
     try:
-        while pending or running:
-            if time.perf_counter() - last_report > 60:  # the seeds' logs are files: say where each one is
+        for slot in range(workers):
+            log_path = folder / "logs" / f"worker{slot}.log"
+            command = [sys.executable, "-m", "alignbench", "quickstart", "--experiment", experiment, *overrides, "--out", str(out), "--worker"]
+            with open(log_path, "a") as handle:
+                process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=_run_environment(workers, slot, gpus=gpus))
+            running[process] = (slot, log_path)
+            log(f"worker {slot}: started (log: {log_path})")
+        while running:
+            if time.perf_counter() - last_report > 60:  # the workers' logs are files: say where each one is
                 last_report = time.perf_counter()
-                for seed, _, log_path in running.values():
-                    log(f"seed {seed} at {last_report - started:.0f}s: {_last_step(log_path)}")
-            while pending and free:
-                seed, slot = pending.popleft(), free.pop(0)
-                log_path = folder / "logs" / f"seed{seed}.log"
-                command = [sys.executable, "-m", "alignbench", "quickstart", "--experiment", experiment, *overrides, f"seeds=[{seed}]", "--out", str(out), "--runs-only"]
-                with open(log_path, "a") as handle:
-                    process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=_run_environment(workers, slot, gpus=gpus))
-                running[process] = (seed, slot, log_path)
-                log(f"seed {seed}: started (log: {log_path})")
+                for slot, log_path in running.values():
+                    log(f"worker {slot} at {last_report - started:.0f}s: {_last_step(log_path)}")
             time.sleep(0.5)
             for process in [p for p in running if p.poll() is not None]:
-                seed, slot, log_path = running.pop(process)
-                free.append(slot)
+                slot, log_path = running.pop(process)
                 if process.returncode == 0:
-                    log(f"seed {seed}: finished at {time.perf_counter() - started:.0f}s")
+                    log(f"worker {slot}: finished at {time.perf_counter() - started:.0f}s")
                 else:
-                    failed.append(seed)
-                    log(f"seed {seed} failed (exit {process.returncode}). Its log ends:\n{_tail(log_path)}")
-    except BaseException:  # KeyboardInterrupt included: no seed outlives the quickstart
+                    failed.append(slot)
+                    log(f"worker {slot} failed (exit {process.returncode}); the others go on with the runs left. Its log ends:\n{_tail(log_path)}")
+    except BaseException:  # KeyboardInterrupt included: no worker outlives the quickstart
         for process in running:
             process.kill()
         raise
     if failed:
-        raise ConfigError(f"seed(s) {', '.join(map(str, failed))} failed; their logs are in {folder / 'logs'}. Run the same command again to resume them")
+        logs = ", ".join(str(folder / "logs" / f"worker{slot}.log") for slot in failed)
+        raise ConfigError(f"worker(s) {', '.join(map(str, failed))} failed (logs: {logs}). Run the same command again to resume the runs not finished")
 
 
 def _last_step(log_path: Path) -> str:
-    """The last line alignbench logged (progress bars aside) in a seed's log."""
+    """The last line alignbench logged (progress bars aside) in a worker's log."""
     try:
         lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.startswith("[alignbench]")]
     except FileNotFoundError:

@@ -1,12 +1,12 @@
-"""End to end: wall time of `alignbench quickstart` as a newcomer runs it (three seeds, each in its
-own process with its own stages), its peak memory (RSS of all its processes together, sampled
+"""End to end: wall time of `alignbench quickstart` as a newcomer runs it (three seeds, each with its
+own stages, their runs shared between worker processes), its peak memory (RSS of all its processes together, sampled
 every 0.5 s), and the time of every stage build and every method run.
 
 The quickstart runs as a subprocess, exactly `alignbench quickstart --out DIR [key=value ...]`,
 into a fresh output directory (so every stage is built, not reused), figures included. Stage
 times are the builds' own (`stage.json`; a stage first needed while another is built, as the AI
 labeler while the AI labels are, counts in both), method times their runs' `budget/wall_s`
-(training, evaluation and writing results; stages excluded). The seeds run at once, so parts overlap and
+(training, evaluation and writing results; stages excluded). The workers run at once, so parts overlap and
 their sum exceeds the wall time.
 
 The goal it checks: 3 seeds x 13 policies in at most 10 minutes on 2 CPU cores with peak RSS at
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_arguments(parser)
     parser.add_argument("--out", default=None, help="output directory (default: a fresh temporary one; an existing one reuses its cached stages)")
-    parser.add_argument("--workers", type=int, default=None, help="seeds at once (default: the quickstart's own choice, all of them)")
+    parser.add_argument("--workers", type=int, default=None, help="the quickstart's worker processes (default: its own choice, one per seed, at most one per core)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the quickstart experiment")
     args = parser.parse_args(argv)
     setup(args)
@@ -82,12 +82,12 @@ def main(argv: list[str] | None = None) -> None:
 
 def run_measured(command: list[str], log_path: Path) -> tuple[float, float, float, list[list[object]]]:
     """Run `command`, its output to `log_path`; returns the wall seconds, the peak RSS and the peak PSS
-    in GB (10^9 bytes) of its process tree, and per process (the parent, each seed, each W&B service, ...): its
+    in GB (10^9 bytes) of its process tree, and per process (the parent, each worker, each W&B service, ...): its
     RSS at the RSS peak and its own highest RSS (the kernel's VmHWM), in MiB.
 
     The sum of RSS counts a page shared by several processes once for each: a process forked by a
-    seed's process (a library starting a program: between fork and exec it is a copy of the seed)
-    adds the seed's whole RSS for a moment. PSS (proportional set size) divides each shared page
+    worker (a library starting a program: between fork and exec it is a copy of the worker)
+    adds the worker's whole RSS for a moment. PSS (proportional set size) divides each shared page
     among the processes sharing it, so its sum is the memory the tree holds."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -155,13 +155,16 @@ def _pss_bytes(pid: int) -> int:
 
 
 def _label(pid: int, root: int) -> str:
-    """What a process of the quickstart's tree is: the parent, a seed's process, or the program it runs."""
+    """What a process of the quickstart's tree is: the parent, a worker, a seed's process (one seed
+    alone), or the program it runs."""
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
     except OSError:
         return "ended"
     if pid == root:
         return "quickstart (parent)"
+    if "--worker" in argv:
+        return "worker"
     seeds = [a for a in argv if a.startswith("seeds=[")]
     if seeds:
         return f"seed process {seeds[-1].removeprefix('seeds=')}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -39,25 +40,26 @@ def test_bad_input_names_the_problem_and_exits_2(args, expected, tmp_path, capsy
     assert not list(tmp_path.rglob("metrics.json"))
 
 
-def test_the_quickstart_parent_of_seed_processes_loads_no_torch(tmp_path):
-    """The parent only waits for its seeds' processes, then writes the table and figures: it loads the
+def test_the_quickstart_parent_of_worker_processes_loads_no_torch(tmp_path):
+    """The parent only waits for its worker processes, then writes the table and figures: it loads the
     experiment in a forked child, so that torch, transformers and Lightning (~450 MB) are not held a
     fourth time while the seeds run. A bad config is still refused at once, by the parent, with status 2."""
     code = textwrap.dedent("""
         import json, os, sys
         import alignbench.sweep
 
-        def seeds_started(experiment, overrides, out, folder, seeds, workers, gpus=None):
-            print(json.dumps({"torch": "torch" in sys.modules, "seeds": seeds, "workers": workers}), flush=True)
+        def workers_started(experiment, overrides, out, folder, workers, gpus=None):
+            print(json.dumps({"torch": "torch" in sys.modules, "workers": workers}), flush=True)
             os._exit(0)
 
-        alignbench.sweep.run_seeds_in_processes = seeds_started
+        alignbench.sweep.run_quickstart_workers = workers_started
         from alignbench.cli import main
         sys.exit(main(["quickstart", "--out", sys.argv[1]]))
     """)
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"torch": False, "seeds": [0, 1, 2], "workers": 3}
+    # one worker per seed, at most one per core
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"torch": False, "workers": min(3, os.cpu_count() or 1)}
     bad = run_cli("quickstart", "dpo.beta=abc", "--out", str(tmp_path / "bad"))
     assert bad.returncode == 2 and "config key 'dpo.beta' must be a number, got 'abc'" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "bad" / "quickstart").exists()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -104,13 +105,23 @@ def test_results_pool_full_replicates_over_seeds_and_keep_a_pinned_stage_apart(t
     assert sorted((g.label, tuple(g.seeds)) for g in groups) == [("dpo (sft.seed=0)", (0, 1, 2)), ("dpo (sft.seed=run seed)", (0, 1, 2))]
 
 
-def test_a_two_seed_quickstart_runs_each_seed_in_its_own_process_with_its_own_stages(tmp_path, tiny_overrides):
+def test_a_two_seed_quickstart_shares_its_runs_between_two_worker_processes_each_seed_with_its_own_stages(tmp_path, tiny_overrides, monkeypatch):
     from alignbench.cli import main
 
     out = tmp_path / "runs"
-    assert main(["quickstart", "--out", str(out), *tiny_overrides, "seeds=[0,1]", "methods=[sft,dpo]"]) == 0
-    logs = sorted(p.name for p in (out / "quickstart" / "logs").iterdir())
-    assert logs == ["seed0.log", "seed1.log"]
+    assert main(["quickstart", "--workers", "2", "--out", str(out), *tiny_overrides, "seeds=[0,1]", "methods=[sft,dpo]"]) == 0
+    logs = sorted((out / "quickstart" / "logs").iterdir())
+    assert [p.name for p in logs] == ["worker0.log", "worker1.log"]
+    started = [line for p in logs for line in p.read_text().splitlines() if re.match(r"\[alignbench\] run quickstart/\S+: method", line)]
+    assert sorted(started) == sorted(set(started)) and len(started) == 4  # each run by one worker, once
+    # A run's numbers do not depend on which process ran it or after which run: the same quickstart
+    # in one process, seed by seed in the other order, from the same stages, gives the same metrics.
+    alone = tmp_path / "alone"
+    monkeypatch.setenv("ALIGNBENCH_STAGE_CACHE", str(out / "cache"))
+    assert main(["quickstart", "--workers", "1", "--out", str(alone), *tiny_overrides, "seeds=[1,0]", "methods=[dpo,sft]"]) == 0
+    for path in (out / "quickstart").glob("*/metrics.json"):
+        shared, single = (json.loads(p.read_text())["metrics"] for p in (path, alone / "quickstart" / path.parent.name / "metrics.json"))
+        assert {k: v for k, v in shared.items() if k.startswith("eval/")} == {k: v for k, v in single.items() if k.startswith("eval/")}
     assert len(list((out / "cache").glob("sft-*"))) == 2 and len(list((out / "cache").glob("reward_models-*"))) == 2
     results = [json.loads(p.read_text()) for p in sorted((out / "quickstart").glob("*/metrics.json"))]
     assert sorted((r["method"], r["seed"]) for r in results) == [("dpo", 0), ("dpo", 1), ("sft", 0), ("sft", 1)]
@@ -118,3 +129,12 @@ def test_a_two_seed_quickstart_runs_each_seed_in_its_own_process_with_its_own_st
         assert r["config"]["sft"]["seed"] == r["seed"] and "sft.seed" in r["config"]["seed_follows"]
     table = (out / "quickstart" / "figures" / "results.csv").read_text().splitlines()
     assert table[0].startswith("policy,experiment,method,seeds,") and all(",2," in row for row in table[1:])  # one row per policy, two seeds each
+
+
+def test_a_run_one_worker_holds_is_left_to_it_and_free_again_once_it_lets_go(tmp_path):
+    from alignbench.runner import _claim
+
+    with _claim(tmp_path / "run") as first, _claim(tmp_path / "run") as second:
+        assert first and not second  # two open lock files, as two processes hold them
+    with _claim(tmp_path / "run") as again:
+        assert again
