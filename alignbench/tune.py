@@ -59,6 +59,7 @@ from alignbench.config import (
     parse_overrides,
     to_dict,
 )
+from alignbench.processes import release_freed_memory
 
 # Trials whose ids are in this user attribute failed by their settings (an exception in the
 # run); other failed trials (a killed worker, over the budget) do not count towards it.
@@ -323,6 +324,8 @@ def run_trial(trial, tune: Tune, method: str, out: Path, pipeline) -> float:
         else:
             trial.set_user_attr(_ERROR, f"{type(err).__name__}: {err}")
         raise
+    finally:
+        release_freed_memory()  # the trial's policy, data and samples are gone; the worker runs more
     value = result["metrics"].get(c.objective.key)
     if value is None or not math.isfinite(value):
         raise ValueError(f"the trial's results have no finite {c.objective.key}")
