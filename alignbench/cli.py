@@ -130,7 +130,7 @@ def _in_forked_child(function, *args):
         return pool.apply(function, args)
 
 
-def cmd_quickstart(args) -> None:
+def cmd_quickstart(args) -> int:
     started = time.perf_counter()
     # The parent of worker processes only waits for them, then writes the table and figures:
     # loading the experiment in a child keeps torch out of it, and ~450 MB off the quickstart's memory.
@@ -146,22 +146,28 @@ def cmd_quickstart(args) -> None:
     if workers > 1 and len(seeds) > 1 and not distributed and not args.worker:
         from alignbench.sweep import run_quickstart_workers
 
-        run_quickstart_workers(args.experiment, list(args.overrides), Path(args.out), Path(args.out) / name, workers, gpus=gpus)
+        folder = Path(args.out) / name
+        failed = [f"worker {slot} (its log: {folder / 'logs' / f'worker{slot}.log'})"
+                  for slot in run_quickstart_workers(args.experiment, list(args.overrides), Path(args.out), folder, workers, gpus=gpus)]
     else:
         _quiet_libraries()
         from alignbench.experiment import load_experiment
         from alignbench.runner import run_experiment_runs
 
-        run_experiment_runs(load_experiment(args.experiment, args.overrides), Path(args.out), shared=args.worker)
-    if args.worker:  # one of a parallel quickstart's workers: the parent writes the table and figures
-        return
-    print()
-    _print_results(Path(args.out) / name, "md")
-    from alignbench.analysis.plot import plot_directory
+        failed = run_experiment_runs(load_experiment(args.experiment, args.overrides), Path(args.out), shared=args.worker)
+    if not args.worker and any((Path(args.out) / name).glob("*/metrics.json")):  # a worker leaves the table and figures to the parent
+        print()
+        _print_results(Path(args.out) / name, "md")
+        from alignbench.analysis.plot import plot_directory
 
-    figures = plot_directory(Path(args.out) / name)
-    print(f"quickstart finished in {time.perf_counter() - started:.0f}s; results in {Path(args.out) / name}, "
-          f"{len(figures)} figure files in {Path(args.out) / name / 'figures'}")
+        figures = plot_directory(Path(args.out) / name)
+        print(f"quickstart finished in {time.perf_counter() - started:.0f}s; results in {Path(args.out) / name}, "
+              f"{len(figures)} figure files in {Path(args.out) / name / 'figures'}")
+    if failed:
+        print(f"alignbench: error: failed: {'; '.join(failed)}. Run the same command again to retry what did not finish "
+              "(finished runs are kept)", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_results(args) -> None:
@@ -231,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             from alignbench.stage_cache import stage_cache_folder
 
             stage_cache_folder(Path(args.out))  # a bad ALIGNBENCH_STAGE_CACHE is refused before anything is written
-        args.func(args)
+        code = args.func(args)  # a command returns nothing, or its exit status
     except ConfigError as err:
         print(f"alignbench: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -249,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("alignbench: interrupted; finished runs are kept, rerun to finish the rest", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

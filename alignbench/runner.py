@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import shutil
+import traceback
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +53,7 @@ from alignbench.processes import follow_parent_process, release_freed_memory
 from alignbench.seeding import seeded_generator
 from alignbench.sources import inference_device
 from alignbench.tracking import HistoryLogger, HistoryWriter, make_wandb_logger, write_json_atomic
-from alignbench.training import ResumableLoader, make_trainer, rng_state, set_rng_state, steps_per_epoch
+from alignbench.training import NonFiniteLossError, ResumableLoader, make_trainer, rng_state, set_rng_state, steps_per_epoch
 
 
 class KLMonitor(Callback):
@@ -173,10 +174,11 @@ def finished_result(run_dir: Path, config) -> dict[str, Any] | None:
     return result
 
 
-def run_experiment_runs(config, out: Path, shared: bool = False) -> None:
+def run_experiment_runs(config, out: Path, shared: bool = False) -> list[str]:
     """Every (method, seed) run of an experiment that lists `methods` and `seeds` (the quickstart),
     method by method across the seeds, the methods of a seed sharing its stages; finished runs are
-    skipped, interrupted ones resumed.
+    skipped, interrupted ones resumed. A run that fails is reported (its traceback on stderr) and
+    the others go on; returns the runs that failed, as "method (seed S)".
 
     With `shared`, this process is one of several running the same runs (the quickstart's worker
     processes): it runs only those no other one has taken (`_claim`), so the workers share them out
@@ -186,16 +188,25 @@ def run_experiment_runs(config, out: Path, shared: bool = False) -> None:
     at the same time. A run's numbers do not depend on which process runs it or after what: it
     starts from its seed, and reading a stage leaves the random state as building it does."""
     pipelines: dict[int, Pipeline] = {}
+    failed = []
     for method in config.methods:
         for seed in config.seeds:
             run_dir = output_folder(out, config.name, resolve_run(config, method, seed).name)
             with _claim(run_dir) if shared else nullcontext(True) as mine:
                 if not mine:
                     continue
-                if seed not in pipelines:
-                    pipelines[seed] = stage_pipeline(dataclasses.replace(config, seed=seed), out)  # the seed's stages, shared by its methods
-                run_one(config, out, method=method, seed=seed, pipeline=pipelines[seed])
-                release_freed_memory()  # the run's policy, data and samples are gone
+                try:
+                    if seed not in pipelines:
+                        pipelines[seed] = stage_pipeline(dataclasses.replace(config, seed=seed), out)  # the seed's stages, shared by its methods
+                    run_one(config, out, method=method, seed=seed, pipeline=pipelines[seed])
+                except Exception as err:  # the other runs go on; a rerun retries this one
+                    if not isinstance(err, (ConfigError, NonFiniteLossError)):  # not the user's settings: show where
+                        traceback.print_exc()
+                    warn(f"{method} at seed {seed} failed ({type(err).__name__}: {err}); going on with the other runs")
+                    failed.append(f"{method} (seed {seed})")
+                finally:
+                    release_freed_memory()  # the run's policy, data and samples are gone
+    return failed
 
 
 @contextmanager

@@ -273,16 +273,16 @@ def run_sweep(experiment: str, overrides: list[str], out: Path, workers: int = 1
     return runs, result
 
 
-def run_quickstart_workers(experiment: str, overrides: list[str], out: Path, folder: Path, workers: int, gpus: int | None = None) -> None:
+def run_quickstart_workers(experiment: str, overrides: list[str], out: Path, folder: Path, workers: int, gpus: int | None = None) -> list[int]:
     """A quickstart's runs in `workers` processes (`alignbench quickstart ... --worker`), with one
     torch thread each where processes x threads would exceed the cores, and logs in
     FOLDER/logs/worker<K>.log. The workers share the runs of all seeds: each takes the next run
     that none of them has taken, method by method across the seeds (`runner.run_experiment_runs`),
     so three seeds on two cores keep both busy to the end without a third process. Every seed is a
     full replicate with stages of its own; whichever worker first needs a seed's stage builds it.
-    Raises ConfigError naming the workers that failed (after the others finish every run they can;
-    rerunning resumes the rest). `gpus`: the machine's GPU count, where the caller knows it (see
-    `_run_environment`)."""
+    Returns the workers that failed: a worker goes on past a run that fails and exits non-zero at
+    the end, its log naming the runs (`runner.run_experiment_runs`); rerunning retries them.
+    `gpus`: the machine's GPU count, where the caller knows it (see `_run_environment`)."""
     from alignbench.log import log
 
     (folder / "logs").mkdir(parents=True, exist_ok=True)
@@ -308,14 +308,12 @@ def run_quickstart_workers(experiment: str, overrides: list[str], out: Path, fol
                     log(f"worker {slot}: finished at {time.perf_counter() - started:.0f}s")
                 else:
                     failed.append(slot)
-                    log(f"worker {slot} failed (exit {process.returncode}); the others go on with the runs left. Its log ends:\n{_tail(log_path)}")
+                    log(f"worker {slot} failed (exit {process.returncode}). Its log ends:\n{_tail(log_path)}")
     except BaseException:  # KeyboardInterrupt included: no worker outlives the quickstart
         for process in running:
             process.kill()
         raise
-    if failed:
-        logs = ", ".join(str(folder / "logs" / f"worker{slot}.log") for slot in failed)
-        raise ConfigError(f"worker(s) {', '.join(map(str, failed))} failed (logs: {logs}). Run the same command again to resume the runs not finished")
+    return failed
 
 
 def _last_step(log_path: Path) -> str:

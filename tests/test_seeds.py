@@ -131,6 +131,25 @@ def test_a_two_seed_quickstart_shares_its_runs_between_two_worker_processes_each
     assert table[0].startswith("policy,experiment,method,seeds,") and all(",2," in row for row in table[1:])  # one row per policy, two seeds each
 
 
+def test_a_failed_run_leaves_the_quickstart_workers_to_finish_the_others_and_a_rerun_retries_it(tmp_path, tiny_overrides, capsys):
+    from alignbench.cli import main
+
+    out = tmp_path / "runs"
+    args = ["quickstart", "--workers", "2", "--out", str(out), *tiny_overrides, "seeds=[0,1]", "methods=[sft,dpo,cpl]"]
+    # an absurd learning rate drives the DPO loss to NaN: both dpo runs fail, in whichever worker
+    assert main([*args, "dpo.optim.lr=1e30", "dpo.optim.grad_clip=0"]) == 1
+    assert "alignbench: error: failed: worker" in capsys.readouterr().err
+    logs = "".join(p.read_text() for p in (out / "quickstart" / "logs").iterdir())
+    assert "dpo at seed 0 failed (NonFiniteLossError" in logs and "dpo at seed 1 failed (NonFiniteLossError" in logs
+    finished = lambda: sorted((json.loads(p.read_text())["method"], json.loads(p.read_text())["seed"]) for p in (out / "quickstart").glob("*/metrics.json"))  # noqa: E731
+    assert finished() == [("cpl", 0), ("cpl", 1), ("sft", 0), ("sft", 1)]  # the runs after the failed ones too
+    assert (out / "quickstart" / "figures" / "results.md").exists()  # the table of what finished
+    assert main(args) == 0  # with a sane learning rate: only the dpo runs are left to run
+    assert finished() == [("cpl", 0), ("cpl", 1), ("dpo", 0), ("dpo", 1), ("sft", 0), ("sft", 1)]
+    logs = "".join(p.read_text() for p in (out / "quickstart" / "logs").iterdir())
+    assert logs.count("run quickstart/sft-seed0") == 1  # run once, skipped on the rerun
+
+
 def test_a_run_one_worker_holds_is_left_to_it_and_free_again_once_it_lets_go(tmp_path):
     from alignbench.runner import _claim
 
