@@ -177,8 +177,9 @@ def finished_result(run_dir: Path, config) -> dict[str, Any] | None:
 def run_experiment_runs(config, out: Path, shared: bool = False) -> list[str]:
     """Every (method, seed) run of an experiment that lists `methods` and `seeds` (the quickstart),
     method by method across the seeds, the methods of a seed sharing its stages; finished runs are
-    skipped, interrupted ones resumed. A run that fails is reported (its traceback on stderr) and
-    the others go on; returns the runs that failed, as "method (seed S)".
+    skipped, interrupted ones resumed. A run that fails is reported on stderr (with its traceback,
+    unless its settings are the cause) and the others go on; returns the runs that failed, as
+    "method (seed S)".
 
     With `shared`, this process is one of several running the same runs (the quickstart's worker
     processes): it runs only those no other one has taken (`_claim`), so the workers share them out
