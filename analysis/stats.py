@@ -24,6 +24,7 @@ interval over a handful of seeds needs.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -144,8 +145,28 @@ def two_level_replicates(values: np.ndarray, n_boot: int = 1000, seed: int = 0) 
     """Replicate means [..., B] of values [..., S, P] (per seed, per prompt) under the draws of
     `two_level_indices`: the mean over the S drawn seeds of the mean over each one's P drawn prompts."""
     values = np.asarray(values, dtype=float)
-    seeds, prompts = two_level_indices(values.shape[-2], values.shape[-1], n_boot, seed)
-    return values[..., seeds[:, :, None], prompts].mean(axis=(-1, -2))
+    n_seeds, n_prompts = values.shape[-2:]
+    if not np.isfinite(values).all():  # a weight of 0 would still carry a NaN: take the drawn values themselves
+        seeds, prompts = two_level_indices(n_seeds, n_prompts, n_boot, seed)
+        return values[..., seeds[:, :, None], prompts].mean(axis=(-1, -2))
+    # The same means as a product: each draw's prompt frequencies [B·S, P] times every seed's values
+    # gives each draw's prompt mean for every seed, of which the drawn seed's is kept. One matrix
+    # product instead of gathering B·S·P values (the figures and the results table take hundreds).
+    seeds, frequencies = _two_level_frequencies(n_seeds, n_prompts, n_boot, seed)
+    rows = values.reshape(-1, n_seeds, n_prompts)  # [N, S, P]
+    means = (frequencies @ rows.reshape(-1, n_prompts).T).reshape(n_boot, n_seeds, len(rows), n_seeds)  # [B, draw, N, S]
+    drawn = np.take_along_axis(means, np.broadcast_to(seeds[:, :, None, None], (n_boot, n_seeds, len(rows), 1)), axis=3)[..., 0]
+    return drawn.mean(axis=1).T.reshape(values.shape[:-2] + (n_boot,))
+
+
+@functools.lru_cache(maxsize=4)
+def _two_level_frequencies(n_seeds: int, n_prompts: int, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`two_level_indices`' draws as the drawn seeds [B, S] and, per draw, each prompt's share of
+    its P drawn prompts [B·S, P] (kept: the same draws serve every policy and metric)."""
+    seeds, prompts = two_level_indices(n_seeds, n_prompts, n_boot, seed)
+    draw = np.repeat(np.arange(n_boot * n_seeds), n_prompts)
+    counts = np.bincount(draw * n_prompts + prompts.ravel(), minlength=n_boot * n_seeds * n_prompts)
+    return seeds, counts.reshape(n_boot * n_seeds, n_prompts) / n_prompts
 
 
 def two_level_variance(values: np.ndarray) -> float:

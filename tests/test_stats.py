@@ -17,6 +17,7 @@ from alignbench.analysis.stats import (
     replicate_interval,
     replicate_p_value,
     student_t_quantile,
+    two_level_indices,
     two_level_interval,
     two_level_replicates,
     two_level_variance,
@@ -149,3 +150,21 @@ def test_gao_fit_recovers_known_coefficients(form, alpha, beta):
     assert a.mean() == pytest.approx(alpha, abs=0.005) and b.mean() == pytest.approx(beta, abs=0.005)
     assert np.all(np.abs(a - alpha) < 0.05) and np.all(np.abs(b - beta) < 0.05)
     assert np.all(np.isnan(fit_gao(np.array([0.0, 0.0]), np.array([0.0, 0.0]), form)))  # no point with d > 0
+
+
+def test_two_level_replicates_are_the_means_of_the_drawn_values_with_or_without_a_nan():
+    """The replicates come from a product of each draw's prompt frequencies with the values; they
+    are the means of the values those draws pick (`two_level_indices`), and a NaN stays in the
+    replicates that draw it only."""
+    rng = np.random.default_rng(3)
+    for shape in [(3, 64), (1, 64), (2, 3, 40), (4, 1, 1)]:
+        values = rng.normal(size=shape)
+        seeds, prompts = two_level_indices(shape[-2], shape[-1], 200, seed=7)
+        drawn = values[..., seeds[:, :, None], prompts].mean(axis=(-1, -2))
+        np.testing.assert_allclose(two_level_replicates(values, 200, seed=7), drawn, rtol=0, atol=1e-12)
+    values = rng.normal(size=(3, 64))
+    values[1, 5] = np.nan
+    seeds, prompts = two_level_indices(3, 64, 200, seed=7)
+    picks = (seeds[:, :, None] == 1) & (prompts == 5)
+    replicates = two_level_replicates(values, 200, seed=7)
+    assert np.array_equal(np.isnan(replicates), picks.any(axis=(1, 2)))
