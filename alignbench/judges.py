@@ -17,7 +17,7 @@ import torch
 from alignbench.annotator import SimulatedAnnotator
 from alignbench.logprobs import ForwardKeywords, position_ids_from_mask
 from alignbench.reward import ProxyReward
-from alignbench.world import AssistantWorld
+from alignbench.world import AssistantWorld, preference_from_scores  # noqa: F401  (judges' public name too)
 
 
 class Judge(Protocol):
@@ -30,11 +30,6 @@ class Judge(Protocol):
     def prefer_batch(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> np.ndarray: ...
 
     def score_batch(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray: ...
-
-
-def preference_from_scores(score_a: np.ndarray, score_b: np.ndarray) -> np.ndarray:
-    """1 where a scores higher, 0 where lower, 1/2 on a tie."""
-    return 0.5 + 0.5 * np.sign(np.asarray(score_a, dtype=float) - np.asarray(score_b, dtype=float))
 
 
 class GoldJudge:

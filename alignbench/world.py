@@ -76,6 +76,12 @@ _SLOT_SETS = {k: frozenset(v) for k, v in _SLOT_VALUES.items()}
 _INT_SLOTS, _SEQUENCE_SLOTS = ("n", "a", "b", "nums"), ("nums", "words")
 
 
+def preference_from_scores(score_a: np.ndarray, score_b: np.ndarray) -> np.ndarray:
+    """A judge's preference of a over b from their scores: 1 where a scores higher, 0 where lower,
+    1/2 on a tie."""
+    return 0.5 + 0.5 * np.sign(np.asarray(score_a, dtype=float) - np.asarray(score_b, dtype=float))
+
+
 @dataclass(frozen=True)
 class Principle:
     """One rule of the constitution (Bai et al. 2022); `text` is in-vocabulary words."""

@@ -1,9 +1,10 @@
 """Head to head: every policy against every other on the same test prompts, and a ranking.
 
-Each run's `samples.jsonl` holds its responses to the experiment's test prompts. Two policies
-are compared prompt by prompt with the world's gold judge, rebuilt from the runs' resolved
-`config["world"]` (ties count 1/2), only where both answered the same prompts under the same
-world at the same seed. The comparisons give a win-rate matrix and a Bradley–Terry ranking
+Each run's `samples.jsonl` holds its responses to the experiment's test prompts, each with the
+world's gold reward the evaluation gave it (`gold_reward`). Two policies are compared prompt by
+prompt by those gold rewards (ties count 1/2), only where both answered the same prompts under the
+same world (the runs' resolved `config["world"]`) at the same seed; a file without them (written
+before they were recorded) is scored again by the world's gold judge, rebuilt from that config. The comparisons give a win-rate matrix and a Bradley–Terry ranking
 whose intervals come from the two-level bootstrap (seeds, then prompts within each seed; one
 seed: prompts only), and per-cell intervals of the matrix from the same draws.
 """
@@ -91,7 +92,7 @@ def _digest(obj) -> str:
 
 def compare_policies(groups: list[Group]) -> HeadToHead:
     """All pairwise gold-judge comparisons between the groups' runs (see the module docstring)."""
-    from alignbench.judges import preference_from_scores
+    from alignbench.world import preference_from_scores
 
     if not any(run.samples_path for group in groups for run in group.runs):
         raise Skipped("needs the runs' samples.jsonl (their test responses), which only a local experiment directory has (W&B holds metrics, not samples)")
@@ -106,12 +107,15 @@ def compare_policies(groups: list[Group]) -> HeadToHead:
             rows = [json.loads(line) for line in run.samples_path.read_text().splitlines() if line.strip()]
             prompts, responses = [r["prompt"] for r in rows], [r["response"] for r in rows]
             world_key = _digest(run.config.get("world", {}))
-            if world_key not in judges:
-                judges[world_key] = _world_judge(run.config.get("world", {}))
-            try:
-                scores = judges[world_key].score_batch(prompts, responses)
-            except (ValueError, KeyError) as err:
-                raise Skipped(f"the world's gold judge cannot score the prompts of {run.name} ({err}); head-to-head comparisons need runs on the built-in world") from None
+            if all("gold_reward" in r for r in rows):  # what the world's gold judge gives them (evaluation.py)
+                scores = np.array([r["gold_reward"] for r in rows], dtype=float)
+            else:
+                if world_key not in judges:
+                    judges[world_key] = _world_judge(run.config.get("world", {}))
+                try:
+                    scores = judges[world_key].score_batch(prompts, responses)
+                except (ValueError, KeyError) as err:
+                    raise Skipped(f"the world's gold judge cannot score the prompts of {run.name} ({err}); head-to-head comparisons need runs on the built-in world") from None
             unit_key = f"{world_key}-{_digest(prompts)}"
             if unit_key not in unit_sets:
                 unit_sets[unit_key] = total_units

@@ -234,6 +234,13 @@ def test_head_to_head_uses_the_gold_judge_of_the_runs_world_with_ties_one_half(t
     assert rates["ideal"][index["empty"]] == 1.0 and rates["empty"][index["ideal"]] == 0.0
     assert rates["ideal"][index["copy"]] == 0.5
     assert h2h.counts.sum(axis=0)[index["ideal"], index["empty"]] == len(prompts)
+    # The evaluation records each response's gold reward in samples.jsonl: read from there, the
+    # comparisons are the same as the judge's.
+    for path in (tmp_path / "exp").glob("*/samples.jsonl"):
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        path.write_text("".join(json.dumps({**r, "gold_reward": world.gold(r["prompt"], r["response"]).reward}) + "\n" for r in rows))
+    recorded = compare_policies(group_runs(load_local_runs(tmp_path / "exp")))
+    assert recorded.names == h2h.names and np.array_equal(recorded.seed_outcomes, h2h.seed_outcomes)
 
 
 # --- figure 3 ---------------------------------------------------------------------------------------
