@@ -185,29 +185,38 @@ def run_experiment_runs(config, out: Path, shared: bool = False) -> list[str]:
     processes): it runs only those no other one has taken (`_claim`), so the workers share them out
     as each becomes free, and no core idles while another process still has a seed to finish. A
     seed's stages are built by the first worker that needs them (the stage cache's lock keeps that
-    to one); going method by method across the seeds, two workers seldom need the same seed's stage
-    at the same time. A run's numbers do not depend on which process runs it or after what: it
-    starts from its seed, and reading a stage leaves the random state as building it does."""
+    to one). A worker takes the next run of a seed no other worker is on, where there is one: a run
+    of that seed may need a stage the other is building, and would wait for it. A run's numbers do
+    not depend on which process runs it or after what: it starts from its seed, and reading a stage
+    leaves the random state as building it does."""
     pipelines: dict[int, Pipeline] = {}
     failed = []
-    for method in config.methods:
-        for seed in config.seeds:
-            run_dir = output_folder(out, config.name, resolve_run(config, method, seed).name)
-            with _claim(run_dir) if shared else nullcontext(True) as mine:
-                if not mine:
-                    continue
-                try:
-                    if seed not in pipelines:
-                        pipelines[seed] = stage_pipeline(dataclasses.replace(config, seed=seed), out)  # the seed's stages, shared by its methods
-                    run_one(config, out, method=method, seed=seed, pipeline=pipelines[seed])
-                except Exception as err:  # the other runs go on; a rerun retries this one
-                    if not isinstance(err, (ConfigError, NonFiniteLossError)):  # not the user's settings: show where
-                        traceback.print_exc()
-                    warn(f"{method} at seed {seed} failed ({type(err).__name__}: {err}); going on with the other runs")
-                    failed.append(f"{method} (seed {seed})")
-                finally:
-                    release_freed_memory()  # the run's policy, data and samples are gone
+    todo = [(method, seed, output_folder(out, config.name, resolve_run(config, method, seed).name)) for method in config.methods for seed in config.seeds]
+    while todo:
+        busy = {seed for _, seed, run_dir in todo if _held_elsewhere(run_dir)} if shared else set()
+        method, seed, run_dir = next((run for run in todo if run[1] not in busy), todo[0])
+        todo.remove((method, seed, run_dir))
+        with _claim(run_dir) if shared else nullcontext(True) as mine:
+            if not mine:  # another worker runs it
+                continue
+            try:
+                if seed not in pipelines:
+                    pipelines[seed] = stage_pipeline(dataclasses.replace(config, seed=seed), out)  # the seed's stages, shared by its methods
+                run_one(config, out, method=method, seed=seed, pipeline=pipelines[seed])
+            except Exception as err:  # the other runs go on; a rerun retries this one
+                if not isinstance(err, (ConfigError, NonFiniteLossError)):  # not the user's settings: show where
+                    traceback.print_exc()
+                warn(f"{method} at seed {seed} failed ({type(err).__name__}: {err}); going on with the other runs")
+                failed.append(f"{method} (seed {seed})")
+            finally:
+                release_freed_memory()  # the run's policy, data and samples are gone
     return failed
+
+
+def _held_elsewhere(run_dir: Path) -> bool:
+    """Whether another process holds the run's claim now."""
+    with _claim(run_dir) as mine:
+        return not mine
 
 
 @contextmanager
