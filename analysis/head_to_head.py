@@ -4,9 +4,10 @@ Each run's `samples.jsonl` holds its responses to the experiment's test prompts,
 world's gold reward the evaluation gave it (`gold_reward`). Two policies are compared prompt by
 prompt by those gold rewards (ties count 1/2), only where both answered the same prompts under the
 same world (the runs' resolved `config["world"]`) at the same seed; a file without them (written
-before they were recorded) is scored again by the world's gold judge, rebuilt from that config. The comparisons give a win-rate matrix and a Bradley–Terry ranking
-whose intervals come from the two-level bootstrap (seeds, then prompts within each seed; one
-seed: prompts only), and per-cell intervals of the matrix from the same draws.
+before they were recorded) is scored again by the world's gold judge, rebuilt from that config.
+The comparisons give a win-rate matrix and a Bradley–Terry ranking whose intervals come from the
+two-level bootstrap (seeds, then prompts within each seed; one seed: prompts only), and per-cell
+intervals of the matrix from the same draws.
 """
 
 from __future__ import annotations
