@@ -141,7 +141,10 @@ def test_a_failed_run_leaves_the_quickstart_workers_to_finish_the_others_and_a_r
     assert "alignbench: error: failed: worker" in capsys.readouterr().err
     logs = "".join(p.read_text() for p in (out / "quickstart" / "logs").iterdir())
     assert "dpo at seed 0 failed (NonFiniteLossError" in logs and "dpo at seed 1 failed (NonFiniteLossError" in logs
-    finished = lambda: sorted((json.loads(p.read_text())["method"], json.loads(p.read_text())["seed"]) for p in (out / "quickstart").glob("*/metrics.json"))  # noqa: E731
+
+    def finished():
+        return sorted((r["method"], r["seed"]) for r in (json.loads(p.read_text()) for p in (out / "quickstart").glob("*/metrics.json")))
+
     assert finished() == [("cpl", 0), ("cpl", 1), ("sft", 0), ("sft", 1)]  # the runs after the failed ones too
     assert (out / "quickstart" / "figures" / "results.md").exists()  # the table of what finished
     assert main(args) == 0  # with a sane learning rate: only the dpo runs are left to run
