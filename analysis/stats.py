@@ -159,7 +159,7 @@ def two_level_replicates(values: np.ndarray, n_boot: int = 1000, seed: int = 0) 
     return drawn.mean(axis=1).T.reshape(values.shape[:-2] + (n_boot,))
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=2)  # ~50 MB each at 3 seeds x 2,048 prompts x 1,000 draws
 def _two_level_frequencies(n_seeds: int, n_prompts: int, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """`two_level_indices`' draws as the drawn seeds [B, S] and, per draw, each prompt's share of
     its P drawn prompts [B·S, P] (kept: the same draws serve every policy and metric)."""
