@@ -1,6 +1,6 @@
-"""End to end: wall time of `alignbench quickstart` as a newcomer runs it (three seeds, each with its
-own stages, their runs shared between worker processes), its peak memory (RSS of all its processes together, sampled
-every 0.5 s), and the time of every stage build and every method run.
+"""End to end: wall time of `alignbench quickstart` as a newcomer runs it (three seeds, each with
+its own stages, their runs shared between worker processes), its peak memory (RSS of all its
+processes together, sampled every 0.5 s), and the time of every stage build and every method run.
 
 The quickstart runs as a subprocess, exactly `alignbench quickstart --out DIR [key=value ...]`,
 into a fresh output directory (so every stage is built, not reused), figures included. Stage
@@ -155,8 +155,7 @@ def _pss_bytes(pid: int) -> int:
 
 
 def _label(pid: int, root: int) -> str:
-    """What a process of the quickstart's tree is: the parent, a worker, a seed's process (one seed
-    alone), or the program it runs."""
+    """What a process of the quickstart's tree is: the parent, a worker, or the program it runs."""
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
     except OSError:
@@ -165,9 +164,6 @@ def _label(pid: int, root: int) -> str:
         return "quickstart (parent)"
     if "--worker" in argv:
         return "worker"
-    seeds = [a for a in argv if a.startswith("seeds=[")]
-    if seeds:
-        return f"seed process {seeds[-1].removeprefix('seeds=')}"
     return Path(argv[0]).name or "unknown"
 
 

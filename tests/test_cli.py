@@ -124,7 +124,7 @@ def test_a_folder_named_like_a_shipped_experiment_does_not_hide_it(tmp_path, mon
 
 
 def test_released_memory_goes_back_to_the_system():
-    # What the quickstart's seed processes do between runs and stage builds: freed small tensors
+    # What the quickstart's worker processes do between runs and stage builds: freed small tensors
     # stay in the C heap (RSS unchanged) until release_freed_memory trims it.
     import torch
 

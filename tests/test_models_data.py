@@ -314,7 +314,7 @@ def test_rows_hold_the_rows_as_given_and_take_a_datasets_dataset_alike(codec):
 
 
 def test_a_run_on_the_world_imports_no_datasets_pandas_or_pyarrow():
-    # ~85 MB in every seed process of the quickstart; only hub data needs them (alignbench.hf_data).
+    # ~85 MB in every worker process of the quickstart; only hub data needs them (alignbench.hf_data).
     code = (
         "import sys; import alignbench.cli, alignbench.runner, alignbench.pipeline, alignbench.stages.training, methods; "
         "from alignbench.registry import get_method; [get_method(m) for m in ('dpo', 'ppo', 'kto', 'rest')]; "
