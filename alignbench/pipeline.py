@@ -27,7 +27,7 @@ from alignbench.models import AdapterDisabledReference, RewardModel, TextCodec, 
 from alignbench.reward import ProxyReward
 from alignbench.seeding import with_run_seed
 from alignbench.sources import DataSource, make_source
-from alignbench.stage_cache import StageCache, read_jsonl, versioned_key
+from alignbench.stage_cache import StageCache, StageReads, read_jsonl, versioned_key
 from alignbench.stages import ai_labeler, labels, reference_samples, reward_models, sft
 from alignbench.stages.versions import version
 from alignbench.training import Budget
@@ -142,6 +142,7 @@ class Pipeline:
         if seed is not None and seed != c.seed:
             raise ValueError(f"this pipeline's stages are run seed {c.seed}'s, not seed {seed}'s: build a Pipeline of the config at seed {seed}")
         seed = c.seed
+        reads_from = StageReads.mark()  # the stages every run starts from, which its budget leaves out
         sft_dir, _ = self.sft()
         labels_dir, label_summary = self.labels()
         _, rm_summary = self.reward_models()
@@ -167,4 +168,5 @@ class Pipeline:
             proxy=proxy, preferences=preference_rows(overall, allow_empty_responses=True), reward_model_labels=label_summary["human_labels"],
             rm_metrics={k: v for k, v in rm_summary.items() if k.startswith("rm/")}, train_prompts=self.source.train_prompts(self, overall),
             evaluator=evaluator, eval_config=c.eval, gold_judge=self.source.gold_judge, stages=self,
+            budget=Budget(excluded=frozenset(StageReads.since(reads_from).stages)),
         )

@@ -287,6 +287,7 @@ def _run(spec: RunSpec, run_dir: Path, out: Path, group, pipeline, split: str, o
         metrics, records = context.evaluator.evaluate(responses, split=split, prefix="eval" if split == "test" else split)
         metrics.update(context.rm_metrics)
         metrics.update(context.budget.metrics())
+        budget_stages = context.budget.stages()  # the stages whose build seconds budget/wall_s counts
         if split == "test" and config.eval.temperatures:  # after the budget: these samples are evaluation's
             metrics.update(evaluate_at_temperatures(module, context, config.seed))
         final_train = {k: v for row in history.rows() for k, v in row.items() if k.startswith("train/")}
@@ -300,7 +301,7 @@ def _run(spec: RunSpec, run_dir: Path, out: Path, group, pipeline, split: str, o
             f.writelines(json.dumps(r) + "\n" for r in records)
         # What the numbers also depend on (threads, device; not in the run's name), and the checksums
         # of the files written beside metrics.json.
-        result = {**result, "metrics": metrics, "versions": versions(), "environment": environment(device, config.trainer.accelerator),
+        result = {**result, "metrics": metrics, "budget_stages": budget_stages, "versions": versions(), "environment": environment(device, config.trainer.accelerator),
                   "sha256": {name: file_sha256(run_dir / name) for name in ("samples.jsonl", "history.jsonl") if (run_dir / name).exists()}}
         write_json_atomic(run_dir / "metrics.json", result)
         checkpoints.clear()  # only an unfinished run needs them

@@ -23,7 +23,11 @@ when no finished copy exists:
   changed gets a warning naming it, and the stage is rebuilt, never used;
 - temporary folders of builds that died (`.<stage>-<hash>.tmp-<PID>`) are removed once nobody
   holds their stage's lock;
-- a process that waits for another one's lock says so, and on what.
+- a process that waits for another one's lock says so, and on what;
+- `stage.json` also records the build's own seconds (`own_seconds`: without the stages built
+  inside it) and the stages it was built from with theirs (`built_from`), and the process keeps a
+  ledger of the stages it read (`StageReads`): a run's budget counts the seconds of the stages
+  its method needs whether it built them or found them built (`alignbench.training.Budget`).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Callable
 
 from alignbench.config import ConfigError, config_hash
@@ -73,6 +78,66 @@ def versioned_key(key: dict, version: int) -> dict:
     if version < 1:
         raise ValueError(f"a stage's build version starts at 1, got {version}")
     return {**key, "build": version} if version > 1 else dict(key)
+
+
+@dataclass
+class StageRead:
+    """Stages read by one call that asked for a stage (a build of another stage, or this process's
+    own code), and the wall time spent getting them."""
+
+    seconds: float = 0.0
+    """Spent inside the call: checking the cache, waiting for another process's build, building."""
+    stages: dict[str, float] = field(default_factory=dict)
+    """Each stage read (its folder's name), and each stage it was built from, with its own build
+    seconds (the stages built inside it left out)."""
+
+    def add(self, other: StageRead) -> None:
+        self.seconds += other.seconds
+        self.stages.update(other.stages)
+
+
+class StageReads:
+    """What this process read from stage caches, in order: one `StageRead` for every stage asked
+    for outside a stage's build (those inside a build count in the build's `built_from`). A run
+    takes the reads from its start on (`since`), whichever process built the stages, and whether
+    this one built them now or found them built."""
+
+    _reads: list[StageRead] = []
+    _building: list[StageRead] = []  # one per build in progress, innermost last
+
+    @classmethod
+    def mark(cls) -> int:
+        """A position in the ledger, for `since`."""
+        return len(cls._reads)
+
+    @classmethod
+    def since(cls, mark: int) -> StageRead:
+        """Every stage read from `mark` on, and the time spent getting them."""
+        total = StageRead()
+        for read in cls._reads[mark:]:
+            total.add(read)
+        return total
+
+    @classmethod
+    def record(cls, read: StageRead) -> None:
+        (cls._building[-1].add(read) if cls._building else cls._reads.append(read))
+
+    @classmethod
+    @contextmanager
+    def building(cls):
+        """The stages a build reads (the `StageRead` yielded), kept out of the ledger."""
+        cls._building.append(StageRead())
+        try:
+            yield cls._building[-1]
+        finally:
+            cls._building.pop()
+
+
+def stage_seconds(directory_name: str, summary: dict) -> dict[str, float]:
+    """The stage and those it was built from, each with its own build seconds (a stage built
+    before stages recorded them counts its `seconds`, its inner builds included)."""
+    own = summary.get("own_seconds", summary.get("seconds", 0.0))
+    return {directory_name: float(own), **{k: float(v) for k, v in summary.get("built_from", {}).items()}}
 
 
 @contextmanager
@@ -187,9 +252,12 @@ def cached_stage(cache: Path, name: str, key: dict, build: Callable[[Path], dict
         started = time.perf_counter()
         from alignbench.seeding import preserved_global_random_state  # torch: not at import, which `alignbench quickstart`'s parent does
 
-        with preserved_global_random_state():
+        with preserved_global_random_state(), StageReads.building() as inner:
             summary = build(tmp)
-        summary["seconds"] = round(time.perf_counter() - started, 1)
+        seconds = time.perf_counter() - started
+        summary["seconds"] = round(seconds, 1)
+        summary["own_seconds"] = round(seconds - inner.seconds, 1)
+        summary["built_from"] = {name: round(value, 1) for name, value in sorted(inner.stages.items())}
         summary["environment"] = built_with() if built_with is not None else environment("cpu")
         (tmp / "key.json").write_text(json.dumps(key, indent=2))
         summary["sha256"] = folder_checksums(tmp, leave_out=(SUMMARY,))
@@ -218,9 +286,12 @@ class StageCache:
         """The folder and summary of stage `name` with settings `key` at build `version`."""
         key = versioned_key(key, version)
         memo = (name, config_hash(key))
+        started = time.perf_counter()
         if memo not in self._seen:
             self._seen[memo] = cached_stage(self.folder, name, key, build, self.built_with)
-        return self._seen[memo]
+        directory, summary = self._seen[memo]
+        StageReads.record(StageRead(time.perf_counter() - started, stage_seconds(directory.name, summary)))
+        return directory, summary
 
 
 def read_jsonl(path: Path) -> list[dict]:

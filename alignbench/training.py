@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import lightning as L
 import torch
+
+from alignbench.stage_cache import StageReads
 
 
 class NonFiniteLossError(RuntimeError):
@@ -183,30 +185,52 @@ class Budget:
 
     Counts include the shared stages a run uses (SFT demonstrations are not labels; the
     preference labels behind a reward model are), so that runs compare at equal budget.
+
+    `wall_s` is the run's own wall time plus the build seconds of every stage its method needs
+    beyond the run context's (`excluded`: the SFT policy, labels, reward models and reference
+    samples every run starts from), e.g. best-of-n's candidates, the AI labeler and its labels,
+    the helpful-only policy: counted whether this run built them, waited for another process to
+    build them or found them built, so a run's time does not depend on which runs went before it.
     """
 
     human_labels: int = 0
     ai_labels: int = 0
     policy_samples: int = 0
     train_tokens: int = 0
-    wall_s: float = 0.0
+    excluded: frozenset[str] = field(default_factory=frozenset, repr=False)
+    """Stage folders (`<stage>-<hash>`) whose seconds are not counted: those of the run context."""
     _started: float = field(default_factory=time.perf_counter, repr=False)
+    _reads_from: int = field(default_factory=StageReads.mark, repr=False)
+    _carried_stages: dict[str, float] = field(default_factory=dict, repr=False)  # from a checkpoint
 
     COUNTS = ("human_labels", "ai_labels", "policy_samples", "train_tokens")
 
+    def stages(self) -> dict[str, float]:
+        """The stages counted in `wall_s`, each with its own build seconds."""
+        read = StageReads.since(self._reads_from).stages
+        return {k: v for k, v in sorted({**self._carried_stages, **read}.items()) if k not in self.excluded}
+
+    def _run_seconds(self) -> float:
+        """The run's own wall time: the time spent getting stages left out."""
+        return time.perf_counter() - self._started - StageReads.since(self._reads_from).seconds
+
     def metrics(self) -> dict[str, float]:
-        values = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
-        values["wall_s"] = round(time.perf_counter() - self._started, 2)
+        values = {k: getattr(self, k) for k in self.COUNTS}
+        values["wall_s"] = round(self._run_seconds() + sum(self.stages().values()), 2)
         return {f"budget/{k}": v for k, v in values.items()}
 
-    def state_dict(self) -> dict[str, float]:
-        """The counts and the wall time so far (a resumed run keeps counting from them)."""
-        return {**{k: getattr(self, k) for k in self.COUNTS}, "wall_s": time.perf_counter() - self._started}
+    def state_dict(self) -> dict[str, Any]:
+        """The counts, the run's own seconds and the stages counted so far (a resumed run keeps
+        counting from them)."""
+        return {**{k: getattr(self, k) for k in self.COUNTS}, "run_s": self._run_seconds(), "stages": self.stages()}
 
-    def load_state_dict(self, state: dict[str, float]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         for k in self.COUNTS:
             setattr(self, k, int(state[k]))
-        self._started = time.perf_counter() - float(state["wall_s"])
+        # (A checkpoint written before stages were counted holds `wall_s`, the run's time then.)
+        self._started = time.perf_counter() - float(state.get("run_s", state.get("wall_s", 0.0)))
+        self._reads_from = StageReads.mark()
+        self._carried_stages = {k: float(v) for k, v in state.get("stages", {}).items()}
 
 
 def rng_state() -> dict[str, Any]:

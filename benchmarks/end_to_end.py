@@ -4,10 +4,10 @@ processes together, sampled every 0.5 s), and the time of every stage build and 
 
 The quickstart runs as a subprocess, exactly `alignbench quickstart --out DIR [key=value ...]`,
 into a fresh output directory (so every stage is built, not reused), figures included. Stage
-times are the builds' own (`stage.json`; a stage first needed while another is built, as the AI
-labeler while the AI labels are, counts in both), method times their runs' `budget/wall_s`
-(training, evaluation and writing results; stages excluded). The workers run at once, so parts overlap and
-their sum exceeds the wall time.
+times are the builds' own (`stage.json`'s `own_seconds`: the stages built inside one, as the AI
+labeler inside the AI labels, left out), method times their runs' own (`budget/wall_s` less the
+build seconds of the stages it counts, `budget_stages` in metrics.json: training, evaluation and
+writing results). The workers run at once, so parts overlap and their sum exceeds the wall time.
 
 The goal it checks: 3 seeds x 13 policies in at most 10 minutes on 2 CPU cores with peak RSS at
 most 2.5 GB (10^9 bytes; reported with the peak PSS, which counts pages shared between processes once), the
@@ -168,15 +168,18 @@ def _label(pid: int, root: int) -> str:
 
 
 def parts(out: Path) -> tuple[list[list[object]], list[list[object]], set[int]]:
-    """Per stage kind: builds and their seconds (stage.json); per method: runs and budget/wall_s."""
+    """Per stage kind: builds and their own seconds (stage.json); per method: runs and their own
+    seconds (budget/wall_s less the stages it counts)."""
     stages: dict[str, list[float]] = defaultdict(list)
-    for summary in sorted((out / "cache").glob("*/stage.json")):
-        stages[summary.parent.name.rsplit("-", 1)[0]].append(float(json.loads(summary.read_text()).get("seconds", 0.0)))
+    for path in sorted((out / "cache").glob("*/stage.json")):
+        summary = json.loads(path.read_text())
+        stages[path.parent.name.rsplit("-", 1)[0]].append(float(summary.get("own_seconds", summary.get("seconds", 0.0))))
     methods: dict[str, list[float]] = defaultdict(list)
     seeds: set[int] = set()
     for path in sorted((out / "quickstart").glob("*/metrics.json")):
         result = json.loads(path.read_text())
-        methods[result["method"]].append(float(result["metrics"].get("budget/wall_s", float("nan"))))
+        wall = float(result["metrics"].get("budget/wall_s", float("nan")))
+        methods[result["method"]].append(wall - sum(result.get("budget_stages", {}).values()))
         seeds.add(int(result["seed"]))
     row = lambda name, times: [name, len(times), statistics.fmean(times), sum(times)]
     return [row(f"stage: {k}", v) for k, v in stages.items()], [row(f"method: {k}", v) for k, v in methods.items()], seeds

@@ -42,7 +42,8 @@ def test_quickstart_writes_every_contract_file_and_metric(quickstart_dir):
     assert set(runs) == set(load_experiment("quickstart").methods)  # every method and baseline the quickstart lists
     assert {"sft", "best_of_n", "dpo", "ppo", "rlaif", "constitutional"} <= set(runs)
     for method, result in runs.items():
-        assert set(result) == {"experiment", "run_name", "method", "seed", "config", "metrics", "versions", "environment", "sha256"}
+        assert set(result) == {"experiment", "run_name", "method", "seed", "config", "metrics", "budget_stages", "versions", "environment", "sha256"}
+        assert result["metrics"]["budget/wall_s"] >= sum(result["budget_stages"].values())
         missing = [k for k in CONTRACT_EVAL_KEYS if k not in result["metrics"]]
         assert not missing, (method, missing)
         m = result["metrics"]
@@ -54,6 +55,12 @@ def test_quickstart_writes_every_contract_file_and_metric(quickstart_dir):
     dpo = runs["dpo"]["metrics"]
     assert dpo["budget/human_labels"] > 0 and dpo["budget/train_tokens"] > 0
     assert runs["sft"]["metrics"]["budget/human_labels"] == 0
+    # budget/wall_s counts the stages a method needs beyond the run context's, whichever run built them.
+    kinds = {method: {name.rsplit("-", 1)[0] for name in result["budget_stages"]} for method, result in runs.items()}
+    assert kinds["sft"] == kinds["dpo"] == set() and kinds["best_of_n"] == kinds["best_of_n_gold"] == {"candidates"}
+    assert kinds["rlaif"] == {"ai_labeler", "ai_labels", "ai_reward_model"}
+    assert kinds["helpful_only"] == {"helpful_only"} and kinds["constitutional"] >= {"helpful_only", "sl_cai", "cai_preference_model", "ai_labeler"}
+    assert runs["best_of_n"]["budget_stages"] == runs["best_of_n_gold"]["budget_stages"]
     # Best-of-16's tie-aware KL: the mean of its per-prompt estimates, below the tie-free log 16 − 15/16.
     best_of_n = runs["best_of_n"]
     per_prompt = [json.loads(line)["kl"] for line in (quickstart_dir / "quickstart" / best_of_n["run_name"] / "samples.jsonl").read_text().splitlines()]

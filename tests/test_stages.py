@@ -156,6 +156,54 @@ def test_a_bumped_version_rebuilds_and_an_unchanged_one_reuses(tmp_path):
     assert '"build": 2' in (bumped / "key.json").read_text()
 
 
+def test_a_run_counts_the_seconds_of_the_stages_it_needs_whoever_built_them(tmp_path):
+    """budget/wall_s: the run's own time plus the own build seconds of the stages its method reads
+    (and those they were built from), the same whether the run built them, or another run (another
+    process) did before; the stages of the run context (`excluded`) are not counted."""
+    import json
+    import time
+
+    from alignbench.stage_cache import StageCache
+    from alignbench.training import Budget
+
+    def sleeping(seconds: float, inner=None):
+        def build(tmp: Path) -> dict:
+            if inner is not None:
+                inner()
+            time.sleep(seconds)
+            (tmp / "artifact").write_text("x")
+            return {}
+        return build
+
+    def run(cache: StageCache) -> Budget:
+        base, _ = cache.stage("base", {"a": 0}, sleeping(0.05))  # what the run context reads
+        budget = Budget(excluded=frozenset({base.name}))
+        cache.stage("base", {"a": 0}, sleeping(0.05))
+        cache.stage("outer", {"a": 1}, sleeping(0.3, inner=lambda: cache.stage("inner", {"a": 2}, sleeping(0.2))))
+        return budget
+
+    builder = run(StageCache(tmp_path))  # builds inner inside outer
+    _new_process()
+    reader = run(StageCache(tmp_path))  # finds both built
+    outer = next((tmp_path / "cache").glob("outer-*"))
+    summary = json.loads((outer / "stage.json").read_text())
+    inner_name = next((tmp_path / "cache").glob("inner-*")).name
+    assert summary["seconds"] >= 0.5 and 0.3 <= summary["own_seconds"] < summary["seconds"]
+    assert list(summary["built_from"]) == [inner_name] and summary["built_from"][inner_name] >= 0.2
+    assert builder.stages() == reader.stages() == {inner_name: summary["built_from"][inner_name], outer.name: summary["own_seconds"]}
+    walls = [b.metrics()["budget/wall_s"] for b in (builder, reader)]
+    assert all(0.5 <= w < 0.5 + 0.3 for w in walls), walls  # the 0.5 s of builds once, the base stage not at all
+
+    # A resumed run keeps counting from its checkpoint, and a stage read again counts once.
+    resumed = Budget(excluded=builder.excluded)
+    resumed.load_state_dict(builder.state_dict())
+    StageCache(tmp_path).stage("outer", {"a": 1}, sleeping(0.3))
+    assert resumed.stages() == builder.stages() and 0.5 <= resumed.metrics()["budget/wall_s"] < 0.5 + 0.3
+    old = Budget()
+    old.load_state_dict({"human_labels": 1, "ai_labels": 0, "policy_samples": 0, "train_tokens": 0, "wall_s": 7.0})  # a checkpoint from before
+    assert old.stages() == {} and 7.0 <= old.metrics()["budget/wall_s"] < 7.3
+
+
 # --- every setting a stage reads is in its key ------------------------------------------
 @pytest.fixture(scope="module")
 def world_keys():
