@@ -1,5 +1,6 @@
 """Process-level care: how a process that a sweep or the quickstart starts dies with its parent,
-and how a long-lived process gives freed memory back. Light to import (no torch): the
+how a long-lived process gives freed memory back, and keeps the garbage collector off the
+libraries' objects. Light to import (no torch): the
 quickstart's parent, which only waits for its worker processes, imports it."""
 
 from __future__ import annotations
@@ -25,14 +26,37 @@ def follow_parent_process() -> None:
         os._exit(1)
 
 
+_FROZEN = False
+
+
+def freeze_imported_objects() -> None:
+    """Move every object alive now into the garbage collector's permanent generation, once per
+    process, before its first run: the ~400k objects that importing torch, transformers and
+    Lightning leaves tracked. Every full collection walked them all: ~0.13 s each, 1.7 s of
+    garbage collection in a 35 s rejection-sampling run against 0.5 s frozen (measured).
+
+    Frozen objects are still freed when their reference count drops to zero; only a reference
+    cycle among them is never collected. Hence once, at the start, after a full collection (what is
+    frozen is alive then), and never with a run's trainer and models alive, whose cycles must go."""
+    global _FROZEN
+    if _FROZEN:
+        return
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    _FROZEN = True
+
+
 def release_freed_memory() -> None:
     """Collect garbage and hand the C heap's free memory back to the system (glibc's malloc_trim).
 
     Called between a process's runs and stage builds: freed tensors and Python objects leave the
     heap holding memory the next part may not need (a quickstart process held 100-230 MB more
     after a method than after trimming). Several processes run at once, so what one holds idle adds
-    to the others' peaks. About 0.2 s, nearly all of it the full garbage collection over the
-    ~400k objects the imports leave tracked; the trim does nothing where the C library is not glibc."""
+    to the others' peaks. Most of its time is the full garbage collection (~0.2 s, ~0.05 s once the
+    imports' objects are frozen: `freeze_imported_objects`); the trim does nothing where the C
+    library is not glibc."""
     import gc
 
     gc.collect()

@@ -140,3 +140,28 @@ def test_released_memory_goes_back_to_the_system():
     del tensors
     release_freed_memory()
     assert rss_mb() < held - 100
+
+
+def test_the_imports_objects_are_frozen_once_and_later_cycles_still_collected():
+    # What a process does before its first run: the garbage collector stops walking the imported
+    # libraries' objects, and still frees the reference cycles a run leaves (its trainer, models).
+    import gc
+    import weakref
+
+    from alignbench import processes
+
+    processes.freeze_imported_objects()
+    frozen = gc.get_freeze_count()
+    assert frozen > 0
+
+    class Node:
+        pass
+
+    node = Node()
+    node.self = node  # a cycle: only the collector frees it
+    alive = weakref.ref(node)
+    processes.freeze_imported_objects()  # once per process: this node is not frozen
+    assert gc.get_freeze_count() == frozen
+    del node
+    gc.collect()
+    assert alive() is None
