@@ -32,8 +32,9 @@ _FROZEN = False
 def freeze_imported_objects() -> None:
     """Move every object alive now into the garbage collector's permanent generation, once per
     process, before its first run: the ~400k objects that importing torch, transformers and
-    Lightning leaves tracked. Every full collection walked them all: ~0.13 s each, 1.7 s of
-    garbage collection in a 35 s rejection-sampling run against 0.5 s frozen (measured).
+    Lightning leaves tracked. Every full collection walked them all: 1.1 s of garbage collection
+    in a 32 s rejection-sampling run, 0.46 s frozen (measured; a whole quickstart moves less than
+    its run-to-run noise, benchmarks/README.md section 3).
 
     Frozen objects are still freed when their reference count drops to zero; only a reference
     cycle among them is never collected. Hence once, at the start, after a full collection (what is

@@ -39,8 +39,8 @@ import re
 import shutil
 import time
 from contextlib import contextmanager
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from alignbench.config import ConfigError, config_hash
