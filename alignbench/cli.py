@@ -84,8 +84,10 @@ def check_out_folder(out: str) -> None:
 
 def cmd_run(args) -> None:
     from alignbench.experiment import for_run, load_experiment, run_name
+    from alignbench.processes import freeze_imported_objects
     from alignbench.runner import run_one
 
+    freeze_imported_objects()
     config = load_experiment(args.experiment, args.overrides)
     name = run_name(for_run(config))
     if args.expect_run_name and name != args.expect_run_name:
@@ -152,8 +154,10 @@ def cmd_quickstart(args) -> int:
     else:
         _quiet_libraries()
         from alignbench.experiment import load_experiment
+        from alignbench.processes import freeze_imported_objects
         from alignbench.runner import run_experiment_runs
 
+        freeze_imported_objects()
         failed = run_experiment_runs(load_experiment(args.experiment, args.overrides), Path(args.out), shared=args.worker)
     if not args.worker and any((Path(args.out) / name).glob("*/metrics.json")):  # a worker leaves the table and figures to the parent
         print()

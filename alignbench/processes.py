@@ -36,6 +36,10 @@ def freeze_imported_objects() -> None:
     in a 32 s rejection-sampling run, 0.46 s frozen (measured; a whole quickstart moves less than
     its run-to-run noise, benchmarks/README.md section 3).
 
+    Called by the commands that run (`alignbench run`, the quickstart's processes, a tune's
+    workers) once they have imported the libraries; not by `runner.run_one`, whose caller (a
+    notebook, a test) may hold objects of its own that must stay collectable.
+
     Frozen objects are still freed when their reference count drops to zero; only a reference
     cycle among them is never collected. Hence once, at the start, after a full collection (what is
     frozen is alive then), and never with a run's trainer and models alive, whose cycles must go."""

@@ -49,7 +49,7 @@ from alignbench.evaluation import evaluate_at_temperatures
 from alignbench.experiment import RunSpec, finished_config_mismatch, output_folder, resolve_run, run_config_dict
 from alignbench.log import log, warn
 from alignbench.pipeline import Pipeline, RunContext
-from alignbench.processes import follow_parent_process, freeze_imported_objects, release_freed_memory
+from alignbench.processes import follow_parent_process, release_freed_memory
 from alignbench.seeding import seeded_generator
 from alignbench.sources import inference_device
 from alignbench.tracking import HistoryLogger, HistoryWriter, make_wandb_logger, write_json_atomic
@@ -138,7 +138,6 @@ def run_one(
     validation through one).
     """
     follow_parent_process()
-    freeze_imported_objects()  # before this process's first run: none of a run's objects are alive
     spec = resolve_run(config, method, seed)
     config, name = spec.config, spec.name
     run_dir = output_folder(out, config.name, name)

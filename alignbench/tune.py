@@ -59,7 +59,7 @@ from alignbench.config import (
     parse_overrides,
     to_dict,
 )
-from alignbench.processes import release_freed_memory
+from alignbench.processes import freeze_imported_objects, release_freed_memory
 
 # Trials whose ids are in this user attribute failed by their settings (an exception in the
 # run); other failed trials (a killed worker, over the budget) do not count towards it.
@@ -338,6 +338,7 @@ def work(tune_file: str, overrides: list[str], out: Path, storage_url: str, work
 
     from alignbench.runner import stage_pipeline
 
+    freeze_imported_objects()
     tune = load_tune(tune_file, overrides)
     storage = open_storage(storage_url)
     pipeline = stage_pipeline(tune.config, out)

@@ -165,3 +165,27 @@ def test_the_imports_objects_are_frozen_once_and_later_cycles_still_collected():
     del node
     gc.collect()
     assert alive() is None
+
+
+@pytest.mark.usefixtures("shared_stage_cache")
+def test_a_library_run_leaves_the_callers_objects_unfrozen_and_the_run_command_freezes_them(tmp_path, tiny_overrides):
+    # runner.run_one may run inside a notebook, whose objects must stay collectable; the
+    # `alignbench run` command freezes the libraries' objects before its run. A fresh process:
+    # this one's freeze count depends on which tests ran in it before.
+    script = textwrap.dedent(f"""
+        import gc, sys
+        from pathlib import Path
+        from alignbench.cli import main
+        from alignbench.experiment import load_experiment
+        from alignbench.runner import run_one
+
+        overrides = sys.argv[1:]
+        run_one(load_experiment("quickstart", overrides + ["method=sft"]), Path({str(tmp_path / "library")!r}))
+        assert gc.get_freeze_count() == 0, gc.get_freeze_count()
+        assert main(["run", "quickstart", "method=sft", *overrides, "--out", {str(tmp_path / "command")!r}]) == 0
+        assert gc.get_freeze_count() > 0
+        print("both ran")
+    """)
+    done = subprocess.run([sys.executable, "-c", script, *tiny_overrides], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("both ran"), done.stderr[-3000:]
+    assert len(list(tmp_path.glob("*/quickstart/*/metrics.json"))) == 2
