@@ -44,8 +44,8 @@ class TinyModelSize:
 # the world's ~230-word vocabulary.
 TINY_MODELS: dict[str, TinyModelSize] = {
     "world-tiny": TinyModelSize(n_layer=2, n_embd=64, n_head=2),  # ~0.12M parameters
-    "world-mini": TinyModelSize(n_layer=2, n_embd=128, n_head=4),  # ~0.45M
-    "world-small": TinyModelSize(n_layer=4, n_embd=128, n_head=4),  # ~0.85M
+    "world-mini": TinyModelSize(n_layer=2, n_embd=128, n_head=4),  # ~0.43M
+    "world-small": TinyModelSize(n_layer=4, n_embd=128, n_head=4),  # ~0.82M
     "world-base": TinyModelSize(n_layer=6, n_embd=256, n_head=8),  # ~4.8M
 }
 MAX_POSITIONS = 64
