@@ -306,7 +306,10 @@ def draw_reward_vs_kl(runs: list[Run], n_boot: int = 1000) -> Drawn:
     axes[0][0].set_ylabel("Gold reward (test prompts)")
     bars = describe_intervals(intervals)
     seeds = sorted({len(f.seeds) for f in frontiers})
-    _note(axes[0][0], bars)
+    if len(panels) > 1:  # the panels' titles are their families: the note goes above them all, not over the first
+        fig.suptitle(bars, x=0.0, ha="left", fontsize=5, color="0.35")
+    else:
+        _note(axes[0][0], bars)
     # The matched-KL table: every curve's gold reward at each target, best group marked.
     rows = matched_kl(frontiers, n_boot=n_boot)
     matched = pd.DataFrame([{"policy": label, **{f"KL {t:g}": next(interval_cell(r.interval) + (" †" if r.best_group else "") for r in rows if r.label == label and r.kl == t) for t in KL_TARGETS}}
