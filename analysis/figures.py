@@ -108,6 +108,11 @@ def _note(ax, text: str) -> None:
     ax.set_title(text, loc="left", fontsize=5, color="0.35")
 
 
+def _figure_note(fig, text: str) -> None:
+    """`_note` above all of a figure's panels, where their own titles name them."""
+    fig.suptitle(text, x=0.0, ha="left", fontsize=5, color="0.35")
+
+
 # --- 1. win rate vs SFT -------------------------------------------------------------------
 def draw_win_rates(runs: list[Run], n_boot: int = 1000) -> Drawn:
     groups = [g for g in group_runs(runs) if all(WIN_RATE in r.metrics for r in g.runs)]
@@ -307,7 +312,7 @@ def draw_reward_vs_kl(runs: list[Run], n_boot: int = 1000) -> Drawn:
     bars = describe_intervals(intervals)
     seeds = sorted({len(f.seeds) for f in frontiers})
     if len(panels) > 1:  # the panels' titles are their families: the note goes above them all, not over the first
-        fig.suptitle(bars, x=0.0, ha="left", fontsize=5, color="0.35")
+        _figure_note(fig, bars)
     else:
         _note(axes[0][0], bars)
     # The matched-KL table: every curve's gold reward at each target, best group marked.
@@ -743,7 +748,7 @@ def draw_training_curves(runs: list[Run]) -> Drawn:
         if lowest is not None:
             axes[lowest, col].set_xlabel("Training step")
     band = ("bands: range (min–max) over " + "/".join(map(str, sorted(n for n in seed_counts if n > 1))) + " seeds around the mean") if max(seed_counts) > 1 else "one seed per policy (no band)"
-    fig.suptitle(band, x=0.0, ha="left", fontsize=5, color="0.35")
+    _figure_note(fig, band)
     caption = f"Training curves per policy (rows): loss, estimated KL to SFT, the objective's own metric and the validation win rate where logged; {band}."
     return Drawn("training_curves", "Training curves", fig, caption)
 
