@@ -1,8 +1,8 @@
 """Shared-prompt rows (`pack_shared_prompts`, `shared_prompt_logprobs`): a prompt's responses packed
 into one row with a block attention mask score as they do one per row (`sequence_logprobs`), on a
 Llama and a GPT-2, also packed several prompts to a row (`pack_width`); a response never sees its
-row's other responses or prompts; packed demonstrations give the fine-tuning loss and gradients of
-one per row; and a DPO step over shared rows (and a CPL step, which reads per-token log-probs) gives
+row's other responses or prompts; packed demonstrations (in rows twice as wide where they are too
+long to share a row of max_length) give the fine-tuning loss and gradients of one per row; and a DPO step over shared rows (and a CPL step, which reads per-token log-probs) gives
 the loss and gradients of the step over one row per response."""
 
 from __future__ import annotations
@@ -151,6 +151,31 @@ def test_groups_are_packed_only_where_that_saves_tokens():
     assert even.input_ids.shape == (3, 12) and even.group.max() == 0
     mixed = pack_shared_prompts([[1] * 20, [1] * 2, [1] * 2, [1] * 2], [[[2] * 4], [[2]], [[2]], [[2]]], pad_token_id=0, pack_width=24)
     assert mixed.input_ids.shape == (2, 24) and mixed.num_responses == 4
+
+
+def test_demonstrations_too_long_to_share_a_row_pack_into_rows_twice_as_wide(codec):
+    """Requests of 14 to 22 tokens (as the AI labeler's, 22-55 of 64) cannot share a row of
+    max_length 24, but pack into rows of 48; the loss and gradients are those of one per row."""
+    prompts = [("please list the numbers " * n).strip() for n in (2, 4, 2, 2, 4, 2, 2, 2)]
+    data = DemonstrationDataModule(Dataset.from_dict({"prompt": prompts, "response": ["one two three"] * 8}), codec, 8, 24, pack=True)
+    batch = next(iter(data.train_dataloader()))
+    sizes = batch.batch.attention_mask.sum(1)
+    assert 24 < 2 * sizes.min() and sizes.max() <= 24  # no two share a row of 24
+    assert batch.scored is batch.packed and 24 < batch.packed.input_ids.shape[1] <= 48
+    assert batch.packed.input_ids.numel() < batch.batch.input_ids.numel()
+    torch.manual_seed(0)
+    policy = build_tiny_policy("world-tiny", codec.tokenizer, seed=1)
+    results = []
+    for layout in (batch.batch, batch.packed):
+        policy.zero_grad()
+        loss, n_tokens = response_nll(policy, layout)
+        loss.backward()
+        results.append((loss.detach(), int(n_tokens), [p.grad.clone() for p in policy.parameters()]))
+    (padded_loss, padded_tokens, padded_grads), (packed_loss, packed_tokens, packed_grads) = results
+    assert packed_tokens == padded_tokens
+    torch.testing.assert_close(packed_loss, padded_loss, atol=1e-6, rtol=0)
+    for a, b in zip(padded_grads, packed_grads):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
 
 
 def test_demonstrations_that_do_not_pack_keep_the_padded_layout(codec):
