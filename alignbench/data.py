@@ -398,7 +398,7 @@ class DemonstrationDataModule(L.LightningDataModule):
     1.37x faster), the loss the same up to float rounding. Demonstrations too long to share a row
     of `max_length` are packed into rows twice as wide where that saves tokens: the AI labeler's
     requests (22-55 tokens, `max_length` 64; a row each took 0.93x the time of packing into rows of
-    64) train 1.30x faster in rows of 128 (18% fewer tokens; 1.26x in rows of 192, 1.17x in 256),
+    64) train 1.30x faster in rows of 128 (19% fewer tokens; 1.26x in rows of 192, 1.17x in 256),
     while the SFT stage's short demonstrations are fastest in rows of `max_length` (1.42x, against
     1.31x in rows twice as wide)."""
 

@@ -2,8 +2,9 @@
 into one row with a block attention mask score as they do one per row (`sequence_logprobs`), on a
 Llama and a GPT-2, also packed several prompts to a row (`pack_width`); a response never sees its
 row's other responses or prompts; packed demonstrations (in rows twice as wide where they are too
-long to share a row of max_length) give the fine-tuning loss and gradients of one per row; and a DPO step over shared rows (and a CPL step, which reads per-token log-probs) gives
-the loss and gradients of the step over one row per response."""
+long to share a row of max_length) give the fine-tuning loss and gradients of one per row; and a DPO
+step over shared rows (and a CPL step, which reads per-token log-probs) gives the loss and
+gradients of the step over one row per response."""
 
 from __future__ import annotations
 
@@ -79,6 +80,24 @@ def test_a_response_never_sees_the_other_responses_of_its_row(model, pack_width)
     torch.testing.assert_close(after[1:], before[1:], atol=1e-6, rtol=0)
 
 
+def assert_packed_trains_as_padded(codec, batch) -> None:
+    """The fine-tuning loss (`response_nll`), its token count and its gradients on a batch's packed
+    layout equal those on its padded one (a row per demonstration)."""
+    torch.manual_seed(0)
+    policy = build_tiny_policy("world-tiny", codec.tokenizer, seed=1)
+    results = []
+    for layout in (batch.batch, batch.packed):
+        policy.zero_grad()
+        loss, n_tokens = response_nll(policy, layout)
+        loss.backward()
+        results.append((loss.detach(), int(n_tokens), [p.grad.clone() for p in policy.parameters()]))
+    (padded_loss, padded_tokens, padded_grads), (packed_loss, packed_tokens, packed_grads) = results
+    assert packed_tokens == padded_tokens == int(batch.batch.response_mask.sum())
+    torch.testing.assert_close(packed_loss, padded_loss, atol=1e-6, rtol=0)
+    for a, b in zip(padded_grads, packed_grads):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+
+
 def test_packed_demonstrations_give_the_loss_and_gradients_of_one_per_row(world, codec):
     """The fine-tuning loss (`response_nll`) on `DemonstrationDataModule(pack=True)` batches."""
     prompts = world.sample_prompts("train", 48, seed=5)
@@ -87,19 +106,7 @@ def test_packed_demonstrations_give_the_loss_and_gradients_of_one_per_row(world,
     batch = next(iter(data.train_dataloader()))
     assert batch.scored is batch.packed and batch.size == 16
     assert batch.packed.input_ids.numel() < batch.batch.input_ids.numel() and batch.packed.input_ids.shape[1] <= 48
-    torch.manual_seed(0)
-    policy = build_tiny_policy("world-tiny", codec.tokenizer, seed=1)
-    grads = []
-    for layout in (batch.batch, batch.packed):
-        policy.zero_grad()
-        loss, n_tokens = response_nll(policy, layout)
-        loss.backward()
-        grads.append((loss.detach(), int(n_tokens), [p.grad.clone() for p in policy.parameters()]))
-    (padded_loss, padded_tokens, padded_grads), (packed_loss, packed_tokens, packed_grads) = grads
-    assert packed_tokens == padded_tokens == int(batch.batch.response_mask.sum())
-    torch.testing.assert_close(packed_loss, padded_loss, atol=1e-6, rtol=0)
-    for a, b in zip(padded_grads, packed_grads):
-        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+    assert_packed_trains_as_padded(codec, batch)
     unpacked = DemonstrationDataModule(data.dataset, codec, 16, 48)
     assert next(iter(unpacked.train_dataloader())).packed is None
 
@@ -163,19 +170,7 @@ def test_demonstrations_too_long_to_share_a_row_pack_into_rows_twice_as_wide(cod
     assert 24 < 2 * sizes.min() and sizes.max() <= 24  # no two share a row of 24
     assert batch.scored is batch.packed and 24 < batch.packed.input_ids.shape[1] <= 48
     assert batch.packed.input_ids.numel() < batch.batch.input_ids.numel()
-    torch.manual_seed(0)
-    policy = build_tiny_policy("world-tiny", codec.tokenizer, seed=1)
-    results = []
-    for layout in (batch.batch, batch.packed):
-        policy.zero_grad()
-        loss, n_tokens = response_nll(policy, layout)
-        loss.backward()
-        results.append((loss.detach(), int(n_tokens), [p.grad.clone() for p in policy.parameters()]))
-    (padded_loss, padded_tokens, padded_grads), (packed_loss, packed_tokens, packed_grads) = results
-    assert packed_tokens == padded_tokens
-    torch.testing.assert_close(packed_loss, padded_loss, atol=1e-6, rtol=0)
-    for a, b in zip(padded_grads, packed_grads):
-        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+    assert_packed_trains_as_padded(codec, batch)
 
 
 def test_demonstrations_that_do_not_pack_keep_the_padded_layout(codec):
