@@ -420,11 +420,11 @@ class DemonstrationDataModule(L.LightningDataModule):
         prompts, responses = [r["prompt_ids"] for r in rows], [r["response_ids"] for r in rows]
         padded = pack_sequences(prompts, responses, self.codec.pad_token_id, max_length=self.max_length)
         packed = None
-        for width in (self.max_length, 2 * self.max_length) if self.pack else ():
-            packed = pack_shared_prompts(prompts, [[r] for r in responses], self.codec.pad_token_id, max_length=self.max_length, pack_width=width)
-            if packed.input_ids.shape[0] < len(prompts):
-                break
-            packed = None  # they did not pack at this width (see pack_shared_prompts): the plain causal layout is cheaper
+        if self.pack:
+            widths = (self.max_length, 2 * self.max_length)  # rows twice as wide for those too long to share one of max_length
+            packed = pack_shared_prompts(prompts, [[r] for r in responses], self.codec.pad_token_id, max_length=self.max_length, pack_width=widths)
+            if packed.input_ids.shape[0] == len(prompts):
+                packed = None  # they did not pack (see pack_shared_prompts): the plain causal layout is cheaper
         return DemonstrationBatch(padded, int(padded.attention_mask.sum()), prompts, responses, packed)
 
     def train_dataloader(self) -> DataLoader:

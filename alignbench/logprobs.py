@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -205,7 +206,8 @@ PACKED_TOKENS_WORTH_IT = 0.9
 
 
 def pack_shared_prompts(
-    prompt_ids: list[list[int]], response_ids: list[list[list[int]]], pad_token_id: int, max_length: int | None = None, pack_width: int | None = None
+    prompt_ids: list[list[int]], response_ids: list[list[list[int]]], pad_token_id: int, max_length: int | None = None,
+    pack_width: int | Sequence[int] | None = None,
 ) -> SharedPromptBatch:
     """Pack each prompt with all of its responses (:class:`SharedPromptBatch`): one row per prompt,
     or with ``pack_width`` as few rows as fit.
@@ -223,7 +225,9 @@ def pack_shared_prompts(
             instead of padding to the longest: for the world's demonstrations, 95% of the tokens
             are real at 48 against 66% one per row. Where the packed rows would hold more than
             ``PACKED_TOKENS_WORTH_IT`` of the tokens of one group per row, the groups keep a row
-            each. Scores are the same up to float rounding.
+            each. Several widths: the first at which the groups pack (``(64, 128)``: groups too
+            long to share a row of 64 go two or more to a row of 128). Scores are the same up to
+            float rounding.
 
     Raises:
         ValueError: as :func:`pack_sequences` (names the prompt).
@@ -243,11 +247,13 @@ def pack_shared_prompts(
         groups.append((list(prompt), [list(r) for r in responses]))
     sizes = [len(p) + sum(map(len, rs)) for p, rs in groups]
     rows = [[g] for g in range(len(groups))]
-    if pack_width is not None:
-        packed = _first_fit(sizes, max(max(sizes), pack_width))
+    widths = [] if pack_width is None else [pack_width] if isinstance(pack_width, int) else list(pack_width)
+    for width in widths:
+        packed = _first_fit(sizes, max(max(sizes), width))
         # Groups near the width fill almost as many rows as they are, each wider: no packing then.
         if len(packed) * max(sum(sizes[g] for g in row) for row in packed) <= PACKED_TOKENS_WORTH_IT * len(groups) * max(sizes):
             rows = packed
+            break
     first_response = [0]  # responses are numbered in the input's order, whatever row a group lands in
     for _, responses in groups:
         first_response.append(first_response[-1] + len(responses))

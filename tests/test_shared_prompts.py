@@ -153,11 +153,16 @@ def test_a_reward_model_scores_shared_packed_rows_as_one_row_per_response(tiny_g
 
 def test_groups_are_packed_only_where_that_saves_tokens():
     """Three 12-token groups would fill 2 rows of 24 (48 tokens) against 3 rows of 12 (36): a row
-    each. Three 3-token groups beside a 24-token one pack into its second row (48 against 96)."""
+    each. Three 3-token groups beside a 24-token one pack into its second row (48 against 96).
+    Eight groups of 14 and 22 tokens keep a row each at width 24 and pack into 3 rows of 48."""
     even = pack_shared_prompts([[1] * 6] * 3, [[[2] * 6]] * 3, pad_token_id=0, pack_width=24)
     assert even.input_ids.shape == (3, 12) and even.group.max() == 0
     mixed = pack_shared_prompts([[1] * 20, [1] * 2, [1] * 2, [1] * 2], [[[2] * 4], [[2]], [[2]], [[2]]], pad_token_id=0, pack_width=24)
     assert mixed.input_ids.shape == (2, 24) and mixed.num_responses == 4
+    # Groups of 14 and 22 tokens cannot share a row of 24; of several widths the first that packs.
+    long = ([[1] * 10] * 6 + [[1] * 18] * 2, [[[2] * 4]] * 8)
+    assert pack_shared_prompts(*long, pad_token_id=0, pack_width=24).input_ids.shape == (8, 22)
+    assert pack_shared_prompts(*long, pad_token_id=0, pack_width=(24, 48)).input_ids.shape == (3, 44)
 
 
 def test_demonstrations_too_long_to_share_a_row_pack_into_rows_twice_as_wide(codec):
