@@ -67,19 +67,18 @@ def main(argv: list[str] | None = None) -> None:
         out = Path(args.out) if args.out else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="alignbench-e2e-")))
         started = time.time()
         seconds, peak_gb, peak_pss_gb, processes = run_measured(command + ["--out", str(out)], out / "quickstart.log")
-        stage_rows, method_rows, seeds, reused = parts(out, since=started)
-    policies = {row[0] for row in method_rows} | reused["policies"]
+        stage_rows, method_rows, policies, seeds, reused = parts(out, since=started)
     print(f"## End to end: `alignbench quickstart` ({len(policies)} policies x {len(seeds)} seed(s)){' (--quick: smoke-test size)' if args.quick else ''}")
     print(machine_line())
     print()
     if stage_rows or method_rows:
         print_table(["part", "runs", "mean s", "sum s"], stage_rows + method_rows)
         print()
-    if reused["stages"] or reused["runs"]:
+    if reused:
         print(f"Reused from {out}, not timed here (not in the table above): {reused['stages']} cached stage build(s), {reused['runs']} finished run(s).")
         print()
     # A quickstart that reused work measures less than the goal is about: no verdict then.
-    verdict = lambda met: "n/a (reused)" if reused["stages"] or reused["runs"] else "met" if met else "NOT met"
+    verdict = lambda met: "n/a (reused)" if reused else "met" if met else "NOT met"
     print_table(["whole quickstart", "value", "goal", "verdict"], [
         ["wall seconds (figures included)", seconds, float(GOAL_SECONDS), verdict(seconds <= GOAL_SECONDS)],
         ["peak RSS GB (all processes)", peak_gb, GOAL_MEMORY_GB, verdict(peak_gb <= GOAL_MEMORY_GB)],
@@ -176,15 +175,17 @@ def _label(pid: int, root: int) -> str:
     return Path(argv[0]).name or "unknown"
 
 
-def parts(out: Path, since: float) -> tuple[list[list[object]], list[list[object]], set[int], dict]:
+def parts(out: Path, since: float) -> tuple[list[list[object]], list[list[object]], set[str], set[int], dict[str, int]]:
     """Per stage kind: builds and their own seconds (stage.json); per method: runs and their own
     seconds (budget/wall_s less the stages it counts). Only what was written after `since` (this
     measurement): with `--out` reusing a folder, its cached stages and finished runs, and those
-    of earlier code versions beside them, are counted apart (`reused`: stages, runs, policies)."""
+    of earlier code versions beside them, are counted apart (`reused`: stages and runs, empty where
+    none). Policies and seeds: of every run in the folder, reused or not."""
     stages: dict[str, list[float]] = defaultdict(list)
     methods: dict[str, list[float]] = defaultdict(list)
+    policies: set[str] = set()
     seeds: set[int] = set()
-    reused = {"stages": 0, "runs": 0, "policies": set()}
+    reused: dict[str, int] = defaultdict(int)
     for path in sorted((out / "cache").glob("*/stage.json")):
         if path.stat().st_mtime < since:
             reused["stages"] += 1
@@ -193,15 +194,15 @@ def parts(out: Path, since: float) -> tuple[list[list[object]], list[list[object
         stages[path.parent.name.rsplit("-", 1)[0]].append(float(summary.get("own_seconds", summary.get("seconds", 0.0))))
     for path in sorted((out / "quickstart").glob("*/metrics.json")):
         result = json.loads(path.read_text())
+        policies.add(result["method"])
         seeds.add(int(result["seed"]))
         if path.stat().st_mtime < since:
             reused["runs"] += 1
-            reused["policies"].add(f"method: {result['method']}")
             continue
         wall = float(result["metrics"].get("budget/wall_s", float("nan")))
         methods[result["method"]].append(wall - sum(result.get("budget_stages", {}).values()))
     row = lambda name, times: [name, len(times), statistics.fmean(times), sum(times)]
-    return [row(f"stage: {k}", v) for k, v in stages.items()], [row(f"method: {k}", v) for k, v in methods.items()], seeds, reused
+    return [row(f"stage: {k}", v) for k, v in stages.items()], [row(f"method: {k}", v) for k, v in methods.items()], policies, seeds, reused
 
 
 if __name__ == "__main__":
