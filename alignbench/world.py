@@ -527,6 +527,19 @@ def _family_pool(family: str, rng: np.random.Generator, max_words: int = MAX_IDE
     return list(pool)[:SAMPLED_POOL_SIZE]
 
 
+@functools.lru_cache(maxsize=None)
+def _split_family_pool(family: str, seed: int, max_words: int) -> dict[str, tuple[str, ...]]:
+    """A family's pool (`_family_pool`, drawn from the family's own stream of `seed`) by split, in
+    pool order. Made once per process for each (family, seed, max_words): every world with those
+    settings has these pools, and a world's making was ~0.2 s of hashing and filling templates,
+    paid by each pipeline, stage key and test that made one."""
+    pool = _family_pool(family, np.random.default_rng([seed, list(TEMPLATES).index(family)]), max_words)
+    by_split: dict[str, list[str]] = {split: [] for split in SPLITS}
+    for prompt in pool:
+        by_split[_split_of(prompt)].append(prompt)
+    return {split: tuple(prompts) for split, prompts in by_split.items()}
+
+
 def _pretraining_sentence(rng: np.random.Generator) -> str:
     """One unlabeled sentence: category members, a run of numbers, a sum, a difference, praise, a sorted list."""
     cat = tuple(CATEGORIES)[rng.integers(len(CATEGORIES))]
@@ -562,9 +575,9 @@ class AssistantWorld:
         # each family draws from its own stream, so its pool does not depend on the other families.
         self._pools: dict[str, dict[str, list[str]]] = {split: {} for split in SPLITS}
         for family in self.families:
-            pool = _family_pool(family, np.random.default_rng([self.config.seed, list(TEMPLATES).index(family)]), self.config.max_answer_words)
+            pools = _split_family_pool(family, self.config.seed, self.config.max_answer_words)
             for split in SPLITS:
-                self._pools[split][family] = [p for p in pool if _split_of(p) == split]
+                self._pools[split][family] = list(pools[split])
 
     def vocabulary(self) -> list[str]:
         """Every word a prompt, response, critique, revision, request or pretraining sentence can hold, sorted."""
