@@ -112,6 +112,34 @@ def test_console_script_runs_from_another_directory(tmp_path):
     assert proc.returncode == 0 and "dpo" in proc.stdout
 
 
+def test_an_installed_wheel_would_hold_every_module_and_shipped_experiment():
+    """The README installs editable, which finds every module in the checkout; a wheel (`pip install
+    .`, or from an index) holds only the packages pyproject.toml lists and their package data. A
+    subpackage missing there (alignbench.stages was, from 2aed578 on) breaks every
+    non-editable install at its first run while the tests pass."""
+    tomllib = pytest.importorskip("tomllib")
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    setuptools_config = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed, folders, data = set(setuptools_config["packages"]), setuptools_config["package-dir"], setuptools_config["package-data"]
+
+    def folder_of(package: str) -> Path:  # setuptools' rule: the longest mapped parent, then one folder per name
+        parent = max((p for p in folders if package == p or package.startswith(p + ".")), key=len)
+        return root / folders[parent] / Path(*package[len(parent):].split(".")[1:])
+
+    found = set()
+    for top, folder in folders.items():
+        for init in (root / folder).rglob("__init__.py"):
+            found.add(".".join([top, *init.parent.relative_to(root / folder).parts]))
+    assert found - listed == set(), f"packages with modules that a wheel would leave out: {sorted(found - listed)}"
+    shipped = {p.resolve() for p in (root / folders["alignbench.experiments"]).rglob("*.yaml")}
+    packaged = {p.resolve() for package, patterns in data.items() for pattern in patterns for p in folder_of(package).glob(pattern)}
+    assert shipped - packaged == set(), f"shipped experiments that a wheel would leave out: {sorted(map(str, shipped - packaged))}"
+    for package in listed:  # a listed package without a folder makes the build fail
+        assert folder_of(package).is_dir(), package
+
+
 def test_a_folder_named_like_a_shipped_experiment_does_not_hide_it(tmp_path, monkeypatch):
     """`--out .` writes ./quickstart/; `alignbench run quickstart` from there still means the shipped file."""
     from alignbench.experiment import find_experiment, shipped_experiments
