@@ -189,7 +189,8 @@ def test_the_imports_objects_are_frozen_once_and_later_cycles_still_collected():
     node.self = node  # a cycle: only the collector frees it
     alive = weakref.ref(node)
     processes.freeze_imported_objects()  # once per process: this node is not frozen
-    assert gc.get_freeze_count() == frozen
+    # (not `==`: a frozen object freed since, by another thread of this pytest worker say, leaves the count)
+    assert gc.get_freeze_count() <= frozen
     del node
     gc.collect()
     assert alive() is None
