@@ -16,15 +16,19 @@ seeds) plus an optional `sweep:` section:
 
 Runs = methods x seeds x grid x zip. Each run is exactly
 `alignbench run SWEEP [key=value ...] method=M seed=S <its grid and zip values>` (a plain
-`run` ignores the sweep section), started as its own process, so a crash, a NaN or a kill
-stays inside that run. A run's name hashes its resolved config, in which only its own
-method's section counts: the `sft` baseline under three `dpo.beta` values is one run.
+`run` ignores the sweep section), run by one of `--workers` worker processes, which take the
+runs one after another and pay the imports once rather than once a run. A run that fails ends
+its worker, and its retry (or whatever runs next in that slot) starts in a fresh process, so a
+crash, a NaN or a kill stays inside that run; a distributed run (`trainer.distributed`) starts
+its own process. A run's name hashes its resolved config, in which only its own method's
+section counts: the `sft` baseline under three `dpo.beta` values is one run.
 
 Before any run starts, the shared stages (SFT, labels, reward models, reference samples)
 are built once in this process; the runs then load them from the cache. A run whose
 metrics.json exists is skipped, an interrupted one resumes from its checkpoint, and a
 failed one is retried `max_retries` times and then reported: the sweep exits non-zero and
-lists it (never dropping it silently), with its log at `OUT/<sweep>/<run>/run.log`. Every run
+lists it (never dropping it silently), with its log at `OUT/<sweep>/<run>/run.log` (what a worker
+writes between runs goes to `OUT/<sweep>/logs/worker<K>.log`). Every run
 is in the W&B group named after the sweep. At the end the sweep prints the table of its
 runs, averaged over seeds per method and swept setting, and writes `OUT/<sweep>/sweep.json`.
 """
@@ -36,6 +40,7 @@ import dataclasses
 import itertools
 import json
 import os
+import select
 import subprocess
 import sys
 import time
@@ -183,10 +188,10 @@ def _run_environment(workers: int, slot: int, distributed: bool = False, gpus: i
     """The environment of a worker process in `slot` of `workers`; `gpus` is the machine's GPU count
     (None: ask torch)."""
     env = dict(os.environ)
-    # Each run starts its own W&B service: one shared with this process would outlive a killed run.
+    # Each worker starts its own W&B service: one shared with this process would outlive a killed worker.
     env.pop("WANDB_SERVICE", None)
-    # The run dies with the sweep, even when the sweep is SIGKILLed, rather than running on
-    # unwatched (running the sweep again resumes it from its checkpoint).
+    # The worker and its run die with the sweep, even when the sweep is SIGKILLed, rather than
+    # running on unwatched (running the sweep again resumes the run from its checkpoint).
     env[PARENT_PID_VARIABLE] = str(os.getpid())
     if "OMP_NUM_THREADS" not in os.environ:  # share the cores instead of each run taking them all
         threads = str(max(1, (os.cpu_count() or 1) // workers))
@@ -210,6 +215,46 @@ def _tail(path: Path, lines: int = 15) -> str:
         return "    (no log)"
 
 
+class _SweepWorker:
+    """One of a sweep's worker processes (`alignbench.sweep_worker`): it is given one run at a time, as the
+    `alignbench run` command line, and replies with the run's exit status when the run ends. A
+    run costs it the run itself; a process of its own per run also cost the imports (~6 s on 2
+    cores) and the shared stages' loading, every run."""
+
+    def __init__(self, env: dict[str, str], log_path: Path):
+        with open(log_path, "a") as handle:
+            self.process = subprocess.Popen([sys.executable, "-m", "alignbench.sweep_worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                            stderr=handle, env=env, text=True)
+
+    def start(self, name: str, command: list[str], log_path: Path) -> None:
+        try:
+            self.process.stdin.write(json.dumps({"name": name, "command": command, "log": str(log_path)}) + "\n")
+            self.process.stdin.flush()
+        except BrokenPipeError:  # it died waiting (killed from outside): `exit_status` says so
+            pass
+
+    def exit_status(self) -> int | None:
+        """The exit status of the run it was given, once the run has ended; None before. A worker
+        that died in the run (killed, out of memory, a crash below Python) gives its own: negative
+        where a signal killed it. After a non-zero status the worker is gone (see `sweep_worker`)."""
+        if not select.select([self.process.stdout], [], [], 0)[0]:
+            return None
+        reply = self.process.stdout.readline()
+        if reply:
+            status = json.loads(reply)["exit"]
+            if status != 0:
+                self.process.wait()
+            return status
+        return self.process.wait() or 1  # it ended without replying
+
+    def stop(self) -> None:
+        """Let it end: it exits once its input closes."""
+        try:
+            self.process.stdin.close()
+        except BrokenPipeError:
+            pass
+
+
 def run_sweep(experiment: str, overrides: list[str], out: Path, workers: int = 1) -> tuple[list[SweepRun], dict[str, Any]]:
     """Run every unfinished run of a sweep in up to `workers` processes; returns the runs and
     the status written to OUT/<sweep>/sweep.json ({"runs": [...], "failed": [...]})."""
@@ -230,6 +275,8 @@ def run_sweep(experiment: str, overrides: list[str], out: Path, workers: int = 1
         build_shared_stages(todo, out)
     path = str(find_experiment(experiment).resolve())
     pending, running, free = deque(todo), {}, list(range(workers))
+    processes: dict[int, _SweepWorker] = {}  # slot -> its worker process, while it has one
+    stopped: list[_SweepWorker] = []  # told to exit: no run is left for them
     started = time.perf_counter()
     try:
         while pending or running:
@@ -240,32 +287,53 @@ def run_sweep(experiment: str, overrides: list[str], out: Path, workers: int = 1
                 run_dir.mkdir(parents=True, exist_ok=True)
                 with open(run_dir / "run.log", "a") as handle:
                     handle.write(f"--- attempt {status[run.name]['attempts']} ---\n")
-                    handle.flush()
-                    command = [sys.executable, "-m", "alignbench", "run", path, *overrides, *run.argv, "--out", str(out), "--expect-run-name", run.name]
-                    process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=_run_environment(workers, slot, run.config.trainer.distributed))
-                running[process] = (run, slot, time.perf_counter())
+                command = ["run", path, *overrides, *run.argv, "--out", str(out), "--expect-run-name", run.name]
+                env = _run_environment(workers, slot, run.config.trainer.distributed)
+                if run.config.trainer.distributed:  # it starts processes of its own, and so gets one of its own
+                    with open(run_dir / "run.log", "a") as handle:
+                        running[slot] = (run, time.perf_counter(), subprocess.Popen([sys.executable, "-m", "alignbench", *command], stdout=handle, stderr=subprocess.STDOUT, env=env))
+                else:
+                    if slot not in processes:
+                        (folder / "logs").mkdir(exist_ok=True)
+                        processes[slot] = _SweepWorker(env, folder / "logs" / f"worker{slot}.log")
+                    processes[slot].start(run.name, command, run_dir / "run.log")
+                    running[slot] = (run, time.perf_counter(), processes[slot])
                 log(f"started {run.label} ({run.name}); log: {run_dir / 'run.log'}")
             time.sleep(0.5)
-            for process in [p for p in running if p.poll() is not None]:
-                run, slot, began = running.pop(process)
+            for slot in list(running):
+                run, began, runner = running[slot]
+                exit_status = runner.exit_status() if isinstance(runner, _SweepWorker) else runner.poll()
+                if exit_status is None:
+                    continue
+                del running[slot]
                 free.append(slot)
+                if exit_status != 0 and isinstance(runner, _SweepWorker):
+                    del processes[slot]  # it has exited (`sweep_worker`): the slot's next run gets a fresh one
+                if not pending and slot in processes:  # its memory goes back while the others finish
+                    stopped.append(processes.pop(slot))
+                    stopped[-1].stop()
                 entry = status[run.name]
-                if process.returncode == 0:
+                if exit_status == 0:
                     entry["status"] = "finished"
                     log(f"finished {run.label} in {time.perf_counter() - began:.0f}s ({len(todo) - len(pending) - len(running)} of {len(todo)} done)")
                     continue
                 log_path = folder / run.name / "run.log"
                 if entry["attempts"] <= spec.max_retries:
-                    log(f"{run.label} failed (exit {process.returncode}); retrying ({entry['attempts']} of {spec.max_retries} retries). Its log ends:\n{_tail(log_path)}")
+                    log(f"{run.label} failed (exit {exit_status}); retrying ({entry['attempts']} of {spec.max_retries} retries). Its log ends:\n{_tail(log_path)}")
                     pending.append(run)
                 else:
                     entry["status"] = "failed"
-                    entry["exit_code"] = process.returncode
+                    entry["exit_code"] = exit_status
                     entry["log"] = str(log_path)
-                    log(f"{run.label} failed (exit {process.returncode}) after {entry['attempts']} attempt(s). Its log ends:\n{_tail(log_path)}")
+                    log(f"{run.label} failed (exit {exit_status}) after {entry['attempts']} attempt(s). Its log ends:\n{_tail(log_path)}")
+        for worker in [*processes.values(), *stopped]:
+            worker.stop()
+            worker.process.wait()
     except BaseException:  # KeyboardInterrupt included: no run outlives the sweep
-        for process in running:
-            process.kill()
+        for _, _, runner in running.values():
+            (runner.process if isinstance(runner, _SweepWorker) else runner).kill()
+        for worker in [*processes.values(), *stopped]:
+            worker.process.kill()
         raise
     failed = [s for s in status.values() if s["status"] == "failed"]
     result = {"sweep": sweep_name, "runs": list(status.values()), "failed": [s["run_name"] for s in failed], "seconds": round(time.perf_counter() - started, 1)}
@@ -341,7 +409,7 @@ def summary(runs: list[SweepRun], folder: Path) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sweep", help="a shipped sweep or experiment name (head_to_head) or a YAML path")
     parser.add_argument("overrides", nargs="*", help="key=value overrides applied to every run, e.g. eval.n_test_prompts=512")
-    parser.add_argument("--workers", type=int, default=1, help="runs at once, each in its own process (default 1)")
+    parser.add_argument("--workers", type=int, default=1, help="runs at once, in as many worker processes (default 1)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and whether each is finished, and run nothing")
 
 

@@ -183,6 +183,35 @@ def test_a_failed_run_is_retried_then_reported_and_a_finished_run_is_skipped(tmp
     assert "2 runs, 1 finished, 1 to run" in capsys.readouterr().out
 
 
+def test_runs_that_share_a_worker_process_give_the_numbers_each_gives_alone(tmp_path):
+    """A sweep's worker process runs its runs one after another; the second one's metrics must
+    be those it has in a process of its own (here: run in this one, after whatever tests ran
+    before), and each run's output must go to its own log."""
+    from alignbench.cli import main
+    from tests.conftest import TINY_OVERRIDES
+
+    path = _write(tmp_path / "pair.yaml", {"name": "pair", "methods": ["dpo", "rejection_sampling"], "seeds": [0], "tracking": {"wandb": "disabled"}})
+    out = tmp_path / "runs"
+    main(["sweep", str(path), "--workers", "1", "--out", str(out), *TINY_OVERRIDES])
+    status = json.loads((out / "pair" / "sweep.json").read_text())
+    assert [r["status"] for r in status["runs"]] == ["finished", "finished"]
+    names = {r["method"]: r["run_name"] for r in status["runs"]}
+    worker_log = (out / "pair" / "logs" / "worker0.log").read_text()
+    pids = {line.split()[3] for line in worker_log.splitlines() if ": running " in line}
+    assert len(pids) == 1 and all(f"running {name}" in worker_log for name in names.values())  # one process ran both
+    for method, name in names.items():
+        run_log = (out / "pair" / name / "run.log").read_text()
+        assert "eval/win_rate" in run_log and f"results: {out / 'pair' / name}" in run_log
+        assert all(other not in run_log for other in names.values() if other != name)
+    assert "eval/win_rate" not in worker_log
+
+    alone = tmp_path / "alone"
+    assert main(["run", str(path), "method=rejection_sampling", *TINY_OVERRIDES, "--out", str(alone)]) == 0
+    timing = ("budget/wall_s", "budget/stage_s")
+    in_worker, by_itself = (json.loads((folder / "pair" / names["rejection_sampling"] / "metrics.json").read_text()) for folder in (out, alone))
+    assert {k: v for k, v in in_worker["metrics"].items() if k not in timing} == {k: v for k, v in by_itself["metrics"].items() if k not in timing}
+
+
 def test_a_sweep_run_whose_config_resolves_differently_refuses_to_start(tmp_path, capsys):
     """`alignbench sweep` passes each worker the run name it expects; a worker whose config now
     resolves to another name (alignbench or the file changed mid-sweep) must not run, or the
