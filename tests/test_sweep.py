@@ -212,6 +212,30 @@ def test_runs_that_share_a_worker_process_give_the_numbers_each_gives_alone(tmp_
     assert {k: v for k, v in in_worker["metrics"].items() if k not in timing} == {k: v for k, v in by_itself["metrics"].items() if k not in timing}
 
 
+def test_a_worker_killed_in_a_run_or_waiting_for_one_reports_the_run_as_failed_by_its_signal(tmp_path):
+    """A worker process that dies (the OOM killer, a kill -9) ends its run as a failed attempt that
+    the sweep retries in a fresh process: the exit status is the signal's, never a hang or a crash
+    of the sweep, whether it died in the run or before it was given one."""
+    import os
+    import signal
+    import time
+
+    from alignbench.sweep import _SweepWorker
+
+    for given_a_run_first in (True, False):
+        worker = _SweepWorker(dict(os.environ), tmp_path / "worker.log")
+        if given_a_run_first:
+            worker.start("a-run", ["methods"], tmp_path / "run.log")
+        worker.process.kill()
+        worker.process.wait()
+        if not given_a_run_first:
+            worker.start("a-run", ["methods"], tmp_path / "run.log")  # into a closed pipe: no exception
+        deadline = time.monotonic() + 30
+        while (status := worker.exit_status()) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert status == -signal.SIGKILL
+
+
 def test_a_sweep_run_whose_config_resolves_differently_refuses_to_start(tmp_path, capsys):
     """`alignbench sweep` passes each worker the run name it expects; a worker whose config now
     resolves to another name (alignbench or the file changed mid-sweep) must not run, or the
