@@ -49,6 +49,8 @@ def serve_runs() -> int:
                 os.dup2(own_output, 2)
         torch.set_num_threads(threads)  # a run's trainer.threads is that run's alone
         release_freed_memory()
+        if torch.cuda.is_available():  # the next run may need memory in other block sizes than this one cached
+            torch.cuda.empty_cache()
         log(f"worker process {os.getpid()}: {request['name']} ended with exit status {status}")
         replies.write(json.dumps({"exit": status}) + "\n")
         replies.flush()
