@@ -216,10 +216,10 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 
 class _SweepWorker:
-    """One of a sweep's worker processes (`alignbench.sweep_worker`): it is given one run at a time, as the
-    `alignbench run` command line, and replies with the run's exit status when the run ends. A
-    run costs it the run itself; a process of its own per run also cost the imports (~6 s on 2
-    cores) and the shared stages' loading, every run."""
+    """One of a sweep's worker processes (`alignbench.sweep_worker`): it is given one run at a
+    time, as the `alignbench run` command line, and replies with the run's exit status when the
+    run ends. It pays the imports (~4.5–9 s on 2 cores) once; a process per run paid them every
+    run (`benchmarks/sweep.py`). Each run still loads the shared stages it needs from the cache."""
 
     def __init__(self, env: dict[str, str], log_path: Path):
         with open(log_path, "a") as handle:

@@ -11,13 +11,15 @@ import traceback
 
 from alignbench.processes import follow_parent_process, release_freed_memory
 
+
 def serve_runs() -> int:
     """Run the `alignbench run` command lines read from this process's input, one JSON line each,
     one after another in this process, each run's output going to the run's log; the run's exit
-    status goes back as one JSON line on this process's output. A run's numbers do not depend on what ran before it in the
-    process (each starts from its seed; `runner.run_experiment_runs` relies on the same). It exits
-    when its input closes, and after a run that failed: whatever failed may have left the process
-    in a state no later run should inherit, so the retry starts in a fresh one."""
+    status goes back as one JSON line on this process's output. A run's numbers do not depend on
+    what ran before it in the process (each starts from its seed; `runner.run_experiment_runs`
+    relies on the same; tests/test_sweep.py checks it). It exits when its input closes, and after
+    a run that failed: whatever failed may have left the process in a state no later run should
+    inherit, so the retry starts in a fresh one."""
     follow_parent_process()  # first: it dies with the sweep even while it imports
     replies = os.fdopen(os.dup(1), "w")
     own_output = os.dup(2)  # the worker's log
