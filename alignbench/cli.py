@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 
 from alignbench.config import ConfigError
+from alignbench.log import quiet_libraries
+from alignbench.processes import in_forked_child
 
 EXIT_USER_ERROR = 2
 
@@ -38,21 +40,6 @@ def _quiet_environment() -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-
-
-def _quiet_libraries() -> None:
-    """transformers' own logging and progress bars off, and datasets' (its switch is read from the
-    environment when hub data first imports it: a run on the world never loads datasets, ~85 MB)."""
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    import logging
-
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
-    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
-    logging.getLogger("lightning.pytorch.accelerators.cuda").setLevel(logging.WARNING)
 
 
 def _print_results(directory: Path, fmt: str) -> None:
@@ -110,7 +97,7 @@ def cmd_run(args) -> None:
 def _quickstart_plan(experiment: str, overrides: list[str]) -> tuple[str, list[int], bool, int]:
     """The experiment's name, seeds, whether it trains distributed, and the machine's GPU count;
     loading it checks the whole config (a ConfigError names what is wrong)."""
-    _quiet_libraries()
+    quiet_libraries()
     import torch
 
     from alignbench.experiment import load_experiment
@@ -119,25 +106,12 @@ def _quickstart_plan(experiment: str, overrides: list[str]) -> tuple[str, list[i
     return config.name, list(config.seeds), config.trainer.distributed, torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def _in_forked_child(function, *args):
-    """`function(*args)` in a forked child process, its result (or its exception) returned (raised)
-    here: what the child imports (torch, transformers, Lightning: ~450 MB) is freed when it exits.
-    In this process where torch is loaded already (nothing to keep out; and a fork after torch's
-    threads started is unsafe) or the platform cannot fork."""
-    import multiprocessing
-
-    if "torch" in sys.modules or "fork" not in multiprocessing.get_all_start_methods():
-        return function(*args)
-    with multiprocessing.get_context("fork").Pool(1) as pool:
-        return pool.apply(function, args)
-
-
 def cmd_quickstart(args) -> int:
     started = time.perf_counter()
     # The parent of worker processes only waits for them, then writes the table and figures:
     # loading the experiment in a child keeps torch out of it, and ~450 MB off the quickstart's memory.
     if args.workers != 1 and not args.worker:
-        name, seeds, distributed, gpus = _in_forked_child(_quickstart_plan, args.experiment, list(args.overrides))
+        name, seeds, distributed, gpus = in_forked_child(_quickstart_plan, args.experiment, list(args.overrides))
     else:
         name, seeds, distributed, gpus = _quickstart_plan(args.experiment, list(args.overrides))
     # One process per core at most: three one-thread processes on two cores do the same work in the
@@ -152,7 +126,7 @@ def cmd_quickstart(args) -> int:
         failed = [f"worker {slot} (its log: {folder / 'logs' / f'worker{slot}.log'})"
                   for slot in run_quickstart_workers(args.experiment, list(args.overrides), Path(args.out), folder, workers, gpus=gpus)]
     else:
-        _quiet_libraries()
+        quiet_libraries()
         from alignbench.experiment import load_experiment
         from alignbench.processes import freeze_imported_objects
         from alignbench.runner import run_experiment_runs
@@ -233,8 +207,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         args.overrides = list(args.overrides) + unknown
     _quiet_environment()
-    if args.command != "quickstart":  # which quiets them where it loads them: its parent may load none
-        _quiet_libraries()
+    if args.command not in ("quickstart", "sweep"):  # which quiet them where they load them: their parents may load none
+        quiet_libraries()
     try:
         if args.command not in _NOT_WRITING_OUT:
             check_out_folder(args.out)

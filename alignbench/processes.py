@@ -73,3 +73,16 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # musl and other C libraries have no malloc_trim
         pass
+
+
+def in_forked_child(function, *args):
+    """`function(*args)` in a forked child process, its result (or its exception) returned (raised)
+    here: what the child imports (torch, transformers, Lightning: ~450 MB) is freed when it exits.
+    In this process where torch is loaded already (nothing to keep out; and a fork after torch's
+    threads started is unsafe) or the platform cannot fork."""
+    import multiprocessing
+
+    if "torch" in sys.modules or "fork" not in multiprocessing.get_all_start_methods():
+        return function(*args)
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        return pool.apply(function, args)

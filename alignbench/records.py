@@ -5,7 +5,8 @@
   (stage.json, metrics.json) rather than hash them into cache keys or run names, which must stay
   what the settings alone make them.
 - SHA-256 checksums of the files written, checked where they are read back.
-- A run's metrics.json, read back with an error naming the file when it cannot be.
+- A run's metrics.json, read back with an error naming the file when it cannot be; JSON results
+  written atomically (`write_json_atomic`), so a kill never leaves half a file.
 
 Light to import (no torch until `environment` is called): `alignbench results` reads runs with it.
 """
@@ -14,6 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -79,3 +83,31 @@ def read_result(path: Path) -> dict[str, Any]:
     if missing:
         raise UnreadableResult(f"{path} is not a run's result (no {', '.join(missing)})")
     return result
+
+
+def json_safe(value: Any) -> Any:
+    """Floats that JSON cannot hold (NaN, inf) become None; tensors and numpy scalars become numbers."""
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 0) == 0:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over the target."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(json_safe(data), f, indent=2, sort_keys=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -44,7 +44,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import ParallelStrategy
 
 from alignbench.config import ConfigError
-from alignbench.records import UnreadableResult, environment, file_sha256, read_result
+from alignbench.records import UnreadableResult, environment, file_sha256, read_result, write_json_atomic
 from alignbench.evaluation import evaluate_at_temperatures
 from alignbench.experiment import RunSpec, finished_config_mismatch, output_folder, resolve_run, run_config_dict
 from alignbench.log import log, warn
@@ -52,7 +52,7 @@ from alignbench.pipeline import Pipeline, RunContext
 from alignbench.processes import follow_parent_process, release_freed_memory
 from alignbench.seeding import seeded_generator
 from alignbench.sources import inference_device
-from alignbench.tracking import HistoryLogger, HistoryWriter, make_wandb_logger, write_json_atomic
+from alignbench.tracking import HistoryLogger, HistoryWriter, make_wandb_logger
 from alignbench.training import NonFiniteLossError, ResumableLoader, make_trainer, rng_state, set_rng_state, steps_per_epoch
 
 

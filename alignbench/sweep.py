@@ -24,7 +24,8 @@ its own process. A run's name hashes its resolved config, in which only its own 
 section counts: the `sft` baseline under three `dpo.beta` values is one run.
 
 Before any run starts, the shared stages (SFT, labels, reward models, reference samples)
-are built once in this process; the runs then load them from the cache. A run whose
+are built once, in a child of this process that also loads the configs (so that this process,
+which then only waits for its workers, holds no torch); the runs load them from the cache. A run whose
 metrics.json exists is skipped, an interrupted one resumes from its checkpoint, and a
 failed one is retried `max_retries` times and then reported: the sweep exits non-zero and
 lists it (never dropping it silently), with its log at `OUT/<sweep>/<run>/run.log` (what a worker
@@ -50,7 +51,9 @@ from pathlib import Path
 from typing import Any
 
 from alignbench.config import ConfigError, apply_overrides, from_dict, parse_overrides
-from alignbench.processes import PARENT_PID_VARIABLE
+from alignbench.log import log, quiet_libraries
+from alignbench.processes import PARENT_PID_VARIABLE, in_forked_child
+from alignbench.records import write_json_atomic
 
 # Set by the sweep's own expansion, not by the grid.
 _RESERVED_KEYS = ("method", "methods", "seed", "seeds", "name")
@@ -97,10 +100,34 @@ class SweepRun:
     argv: list[str]
     """The overrides that make it: method=, seed= and the values (after the user's overrides)."""
     config: Any
+    """Its resolved config; None in a `SweepPlan` (the sweep's parent never loads one)."""
     name: str
     """The run's folder name: method, seed and the hash of its resolved config."""
     label: str
     """The method and the swept values that matter to it (what the summary table groups by)."""
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """What the sweep's parent process keeps of a sweep: plain values, made in a forked child
+    (`_plan`) that loads the configs and builds the shared stages, so that the parent, which only
+    hands runs to its workers and waits for them, never loads torch, transformers and Lightning
+    (~400 MB, held for the whole sweep beside the workers' own)."""
+
+    name: str
+    folder: Path
+    """OUT/<sweep>: the runs' folders, sweep.json and the workers' logs."""
+    experiment_path: str
+    """The sweep file, resolved: what every run's `alignbench run` reads."""
+    max_retries: int
+    runs: list[SweepRun]
+    """Every run, each without its config."""
+    todo: list[str]
+    """The names of the runs not finished yet, in the sweep's order."""
+    distributed: frozenset[str]
+    """The names of the runs that train distributed (`trainer.distributed`): a process each."""
+    gpus: int
+    """The machine's GPU count (asking torch would load it)."""
 
 
 def override_text(key: str, value: Any) -> str:
@@ -255,25 +282,32 @@ class _SweepWorker:
             pass
 
 
-def run_sweep(experiment: str, overrides: list[str], out: Path, workers: int = 1) -> tuple[list[SweepRun], dict[str, Any]]:
-    """Run every unfinished run of a sweep in up to `workers` processes; returns the runs and
-    the status written to OUT/<sweep>/sweep.json ({"runs": [...], "failed": [...]})."""
+def _plan(experiment: str, overrides: list[str], out: Path, workers: int) -> SweepPlan:
+    """The sweep's runs, which of them are finished, and their shared stages built (see `SweepPlan`)."""
     from alignbench.experiment import find_experiment, output_folder
-    from alignbench.log import log
     from alignbench.runner import finished_result
-    from alignbench.tracking import write_json_atomic
 
-    if workers < 1:
-        raise ConfigError(f"--workers={workers} must be >= 1")
+    quiet_libraries()
     runs, spec = expand(experiment, overrides)
-    sweep_name = runs[0].config.name
-    folder = output_folder(out, sweep_name)
+    folder = output_folder(out, runs[0].config.name)
     todo = [r for r in runs if finished_result(folder / r.name, r.config) is None]
-    log(f"sweep {sweep_name}: {len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run in {workers} worker process(es)")
-    status = {r.name: {"run_name": r.name, "method": r.method, "seed": r.seed, "values": r.values, "attempts": 0, "status": "finished"} for r in runs}
+    log(f"sweep {runs[0].config.name}: {len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run in {workers} worker process(es)")
     if todo:
         build_shared_stages(todo, out)
-    path = str(find_experiment(experiment).resolve())
+    return SweepPlan(name=runs[0].config.name, folder=folder, experiment_path=str(find_experiment(experiment).resolve()), max_retries=spec.max_retries,
+                     runs=[dataclasses.replace(r, config=None) for r in runs], todo=[r.name for r in todo],
+                     distributed=frozenset(r.name for r in runs if r.config.trainer.distributed), gpus=_gpu_count())
+
+
+def run_sweep(experiment: str, overrides: list[str], out: Path, workers: int = 1) -> tuple[list[SweepRun], dict[str, Any]]:
+    """Run every unfinished run of a sweep in up to `workers` processes; returns the runs (without
+    their configs) and the status written to OUT/<sweep>/sweep.json ({"runs": [...], "failed": [...]})."""
+    if workers < 1:
+        raise ConfigError(f"--workers={workers} must be >= 1")
+    plan = in_forked_child(_plan, experiment, list(overrides), Path(out), workers)
+    runs, folder, path = plan.runs, plan.folder, plan.experiment_path
+    status = {r.name: {"run_name": r.name, "method": r.method, "seed": r.seed, "values": r.values, "attempts": 0, "status": "finished"} for r in runs}
+    todo = [r for r in runs if r.name in plan.todo]
     pending, running, free = deque(todo), {}, list(range(workers))
     processes: dict[int, _SweepWorker] = {}  # slot -> its worker process, while it has one
     stopped: list[_SweepWorker] = []  # told to exit: no run is left for them
@@ -288,8 +322,8 @@ def run_sweep(experiment: str, overrides: list[str], out: Path, workers: int = 1
                 with open(run_dir / "run.log", "a") as handle:
                     handle.write(f"--- attempt {status[run.name]['attempts']} ---\n")
                 command = ["run", path, *overrides, *run.argv, "--out", str(out), "--expect-run-name", run.name]
-                env = _run_environment(workers, slot, run.config.trainer.distributed)
-                if run.config.trainer.distributed:  # it starts processes of its own, and so gets one of its own
+                env = _run_environment(workers, slot, run.name in plan.distributed, plan.gpus)
+                if run.name in plan.distributed:  # it starts processes of its own, and so gets one of its own
                     with open(run_dir / "run.log", "a") as handle:
                         running[slot] = (run, time.perf_counter(), subprocess.Popen([sys.executable, "-m", "alignbench", *command], stdout=handle, stderr=subprocess.STDOUT, env=env))
                 else:
@@ -318,8 +352,8 @@ def run_sweep(experiment: str, overrides: list[str], out: Path, workers: int = 1
                     log(f"finished {run.label} in {time.perf_counter() - began:.0f}s ({len(todo) - len(pending) - len(running)} of {len(todo)} done)")
                     continue
                 log_path = folder / run.name / "run.log"
-                if entry["attempts"] <= spec.max_retries:
-                    log(f"{run.label} failed (exit {exit_status}); retrying ({entry['attempts']} of {spec.max_retries} retries). Its log ends:\n{_tail(log_path)}")
+                if entry["attempts"] <= plan.max_retries:
+                    log(f"{run.label} failed (exit {exit_status}); retrying ({entry['attempts']} of {plan.max_retries} retries). Its log ends:\n{_tail(log_path)}")
                     pending.append(run)
                 else:
                     entry["status"] = "failed"
@@ -336,7 +370,7 @@ def run_sweep(experiment: str, overrides: list[str], out: Path, workers: int = 1
             worker.process.kill()
         raise
     failed = [s for s in status.values() if s["status"] == "failed"]
-    result = {"sweep": sweep_name, "runs": list(status.values()), "failed": [s["run_name"] for s in failed], "seconds": round(time.perf_counter() - started, 1)}
+    result = {"sweep": plan.name, "runs": list(status.values()), "failed": [s["run_name"] for s in failed], "seconds": round(time.perf_counter() - started, 1)}
     write_json_atomic(folder / "sweep.json", result)
     return runs, result
 
@@ -351,8 +385,6 @@ def run_quickstart_workers(experiment: str, overrides: list[str], out: Path, fol
     Returns the workers that failed: a worker goes on past a run that fails and exits non-zero at
     the end, its log naming the runs (`runner.run_experiment_runs`); rerunning retries them.
     `gpus`: the machine's GPU count, where the caller knows it (see `_run_environment`)."""
-    from alignbench.log import log
-
     (folder / "logs").mkdir(parents=True, exist_ok=True)
     running, failed = {}, []
     started = last_report = time.perf_counter()
@@ -416,6 +448,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args) -> None:
     out = Path(args.out)
     if args.dry_run:
+        quiet_libraries()
         runs, _ = expand(args.sweep, args.overrides)
         for run in runs:
             done = (out / run.config.name / run.name / "metrics.json").exists()

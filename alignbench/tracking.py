@@ -8,16 +8,16 @@ analysis works offline. W&B credentials are never written anywhere by alignbench
 from __future__ import annotations
 
 import json
-import math
 import netrc
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
+
+from alignbench.records import json_safe
 
 
 @dataclass
@@ -51,34 +51,6 @@ def resolve_wandb_mode(setting: str) -> str:
     if env_mode:
         return {"dryrun": "offline", "run": "online"}.get(env_mode, env_mode)
     return "online" if wandb_logged_in() else "offline"
-
-
-def json_safe(value: Any) -> Any:
-    """Floats that JSON cannot hold (NaN, inf) become None; tensors and numpy scalars become numbers."""
-    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 0) == 0:
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over the target."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(json_safe(data), f, indent=2, sort_keys=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class HistoryWriter:

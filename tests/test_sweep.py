@@ -212,6 +212,40 @@ def test_runs_that_share_a_worker_process_give_the_numbers_each_gives_alone(tmp_
     assert {k: v for k, v in in_worker["metrics"].items() if k not in timing} == {k: v for k, v in by_itself["metrics"].items() if k not in timing}
 
 
+@pytest.mark.usefixtures("shared_stage_cache")
+def test_the_sweep_parent_of_worker_processes_loads_no_torch(tmp_path, tiny_overrides):
+    """The parent only hands runs to its workers and waits: it loads the configs and builds the
+    shared stages in a forked child, so that torch, transformers and Lightning (~400 MB) are not
+    held beside the workers for the whole sweep. A bad config is still refused at once, by the
+    parent, with status 2 and no traceback."""
+    import subprocess
+    import sys
+    import textwrap
+
+    path = _write(tmp_path / "pair.yaml", {"name": "pair", "methods": ["sft", "dpo"], "seeds": [0], "tracking": {"wandb": "disabled"}})
+    code = textwrap.dedent("""
+        import json, os, sys
+        import alignbench.sweep
+
+        def worker_started(self, env, log_path):
+            loaded = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "transformers", "lightning", "numpy", "pandas"})
+            print(json.dumps({"loaded": loaded}), flush=True)
+            os._exit(0)
+
+        alignbench.sweep._SweepWorker.__init__ = worker_started
+        from alignbench.cli import main
+        sys.exit(main(["sweep", *sys.argv[1:]]))
+    """)
+    done = subprocess.run([sys.executable, "-c", code, str(path), "--out", str(tmp_path / "runs"), *tiny_overrides], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"loaded": []}
+    assert "sweep pair: 2 runs, 0 finished, 2 to run" in done.stdout  # the child's plan reached the parent
+    bad = subprocess.run([sys.executable, "-m", "alignbench", "sweep", str(path), "dpo.beta=abc", "--out", str(tmp_path / "bad"), *tiny_overrides],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "config key 'dpo.beta' must be a number, got 'abc'" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "bad" / "pair").exists()
+
+
 def test_a_worker_killed_in_a_run_or_waiting_for_one_reports_the_run_as_failed_by_its_signal(tmp_path):
     """A worker process that dies (the OOM killer, a kill -9) ends its run as a failed attempt that
     the sweep retries in a fresh process: the exit status is the signal's, never a hang or a crash
