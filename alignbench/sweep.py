@@ -122,8 +122,8 @@ class SweepPlan:
     max_retries: int
     runs: list[SweepRun]
     """Every run, each without its config."""
-    todo: list[str]
-    """The names of the runs not finished yet, in the sweep's order."""
+    todo: list[SweepRun]
+    """The runs not finished yet, in the sweep's order (without their configs)."""
     distributed: frozenset[str]
     """The names of the runs that train distributed (`trainer.distributed`): a process each."""
     gpus: int
@@ -257,13 +257,14 @@ class _SweepWorker:
         try:
             self.process.stdin.write(json.dumps({"name": name, "command": command, "log": str(log_path)}) + "\n")
             self.process.stdin.flush()
-        except BrokenPipeError:  # it died waiting (killed from outside): `exit_status` says so
+        except BrokenPipeError:  # it died waiting (killed from outside): `poll` says so
             pass
 
-    def exit_status(self) -> int | None:
-        """The exit status of the run it was given, once the run has ended; None before. A worker
-        that died in the run (killed, out of memory, a crash below Python) gives its own: negative
-        where a signal killed it. After a non-zero status the worker is gone (see `sweep_worker`)."""
+    def poll(self) -> int | None:
+        """As a run's own process's `Popen.poll`: the exit status of the run it was given, once the
+        run has ended; None before. A worker that died in the run (killed, out of memory, a crash
+        below Python) gives its own: negative where a signal killed it. After a non-zero status the
+        worker is gone (see `sweep_worker`)."""
         if not select.select([self.process.stdout], [], [], 0)[0]:
             return None
         reply = self.process.stdout.readline()
@@ -281,6 +282,9 @@ class _SweepWorker:
         except BrokenPipeError:
             pass
 
+    def kill(self) -> None:
+        self.process.kill()
+
 
 def _plan(experiment: str, overrides: list[str], out: Path, workers: int) -> SweepPlan:
     """The sweep's runs, which of them are finished, and their shared stages built (see `SweepPlan`)."""
@@ -295,7 +299,7 @@ def _plan(experiment: str, overrides: list[str], out: Path, workers: int) -> Swe
     if todo:
         build_shared_stages(todo, out)
     return SweepPlan(name=runs[0].config.name, folder=folder, experiment_path=str(find_experiment(experiment).resolve()), max_retries=spec.max_retries,
-                     runs=[dataclasses.replace(r, config=None) for r in runs], todo=[r.name for r in todo],
+                     runs=[dataclasses.replace(r, config=None) for r in runs], todo=[dataclasses.replace(r, config=None) for r in todo],
                      distributed=frozenset(r.name for r in runs if r.config.trainer.distributed), gpus=_gpu_count())
 
 
@@ -307,7 +311,7 @@ def run_sweep(experiment: str, overrides: list[str], out: Path, workers: int = 1
     plan = in_forked_child(_plan, experiment, list(overrides), Path(out), workers)
     runs, folder, path = plan.runs, plan.folder, plan.experiment_path
     status = {r.name: {"run_name": r.name, "method": r.method, "seed": r.seed, "values": r.values, "attempts": 0, "status": "finished"} for r in runs}
-    todo = [r for r in runs if r.name in plan.todo]
+    todo = plan.todo
     pending, running, free = deque(todo), {}, list(range(workers))
     processes: dict[int, _SweepWorker] = {}  # slot -> its worker process, while it has one
     stopped: list[_SweepWorker] = []  # told to exit: no run is left for them
@@ -322,26 +326,26 @@ def run_sweep(experiment: str, overrides: list[str], out: Path, workers: int = 1
                 with open(run_dir / "run.log", "a") as handle:
                     handle.write(f"--- attempt {status[run.name]['attempts']} ---\n")
                 command = ["run", path, *overrides, *run.argv, "--out", str(out), "--expect-run-name", run.name]
-                env = _run_environment(workers, slot, run.name in plan.distributed, plan.gpus)
                 if run.name in plan.distributed:  # it starts processes of its own, and so gets one of its own
                     with open(run_dir / "run.log", "a") as handle:
-                        running[slot] = (run, time.perf_counter(), subprocess.Popen([sys.executable, "-m", "alignbench", *command], stdout=handle, stderr=subprocess.STDOUT, env=env))
+                        running[slot] = (run, time.perf_counter(), subprocess.Popen([sys.executable, "-m", "alignbench", *command], stdout=handle,
+                                                                                    stderr=subprocess.STDOUT, env=_run_environment(workers, slot, True, plan.gpus)))
                 else:
                     if slot not in processes:
                         (folder / "logs").mkdir(exist_ok=True)
-                        processes[slot] = _SweepWorker(env, folder / "logs" / f"worker{slot}.log")
+                        processes[slot] = _SweepWorker(_run_environment(workers, slot, False, plan.gpus), folder / "logs" / f"worker{slot}.log")
                     processes[slot].start(run.name, command, run_dir / "run.log")
                     running[slot] = (run, time.perf_counter(), processes[slot])
                 log(f"started {run.label} ({run.name}); log: {run_dir / 'run.log'}")
             time.sleep(0.5)
             for slot in list(running):
-                run, began, runner = running[slot]
-                exit_status = runner.exit_status() if isinstance(runner, _SweepWorker) else runner.poll()
+                run, began, runner = running[slot]  # the slot's worker, or a distributed run's own process
+                exit_status = runner.poll()
                 if exit_status is None:
                     continue
                 del running[slot]
                 free.append(slot)
-                if exit_status != 0 and isinstance(runner, _SweepWorker):
+                if exit_status != 0 and processes.get(slot) is runner:
                     del processes[slot]  # it has exited (`sweep_worker`): the slot's next run gets a fresh one
                 if not pending and slot in processes:  # its memory goes back while the others finish
                     stopped.append(processes.pop(slot))
@@ -365,9 +369,9 @@ def run_sweep(experiment: str, overrides: list[str], out: Path, workers: int = 1
             worker.process.wait()
     except BaseException:  # KeyboardInterrupt included: no run outlives the sweep
         for _, _, runner in running.values():
-            (runner.process if isinstance(runner, _SweepWorker) else runner).kill()
+            runner.kill()
         for worker in [*processes.values(), *stopped]:
-            worker.process.kill()
+            worker.kill()
         raise
     failed = [s for s in status.values() if s["status"] == "failed"]
     result = {"sweep": plan.name, "runs": list(status.values()), "failed": [s["run_name"] for s in failed], "seconds": round(time.perf_counter() - started, 1)}

@@ -265,7 +265,7 @@ def test_a_worker_killed_in_a_run_or_waiting_for_one_reports_the_run_as_failed_b
         if not given_a_run_first:
             worker.start("a-run", ["methods"], tmp_path / "run.log")  # into a closed pipe: no exception
         deadline = time.monotonic() + 30
-        while (status := worker.exit_status()) is None and time.monotonic() < deadline:
+        while (status := worker.poll()) is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert status == -signal.SIGKILL
 
