@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         args.overrides = list(args.overrides) + unknown
     _quiet_environment()
-    if args.command not in ("quickstart", "sweep"):  # which quiet them where they load them: their parents may load none
+    if args.command not in ("quickstart", "sweep", "tune"):  # which quiet them where they load them: their parents may load none
         quiet_libraries()
     try:
         if args.command not in _NOT_WRITING_OUT:

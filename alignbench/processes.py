@@ -1,8 +1,8 @@
 """Process-level care: how a process that a sweep or the quickstart starts dies with its parent,
 how a long-lived process gives freed memory back, and keeps the garbage collector off the
 libraries' objects, and how a parent does torch's work in a forked child. Light to import (no
-torch): the quickstart's and a sweep's parents, which only wait for their worker processes,
-import it."""
+torch): the quickstart's, a sweep's and a tune's parents, which only wait for their worker
+processes, import it."""
 
 from __future__ import annotations
 

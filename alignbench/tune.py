@@ -59,6 +59,7 @@ from alignbench.config import (
     parse_overrides,
     to_dict,
 )
+from alignbench.log import quiet_libraries
 from alignbench.processes import freeze_imported_objects, release_freed_memory
 
 # Trials whose ids are in this user attribute failed by their settings (an exception in the
@@ -194,12 +195,19 @@ class Tune:
     name: str
     data: dict
     """The experiment mapping (base merged, overrides applied, tune/sweep sections removed)."""
-    config: Any
     spec: TuneConfig
     spaces: dict[str, dict[str, ParameterSpace]]
 
     def study_name(self, method: str) -> str:
         return f"{self.name}-{method}"
+
+    def experiment(self):
+        """The experiment the trials share, as a config object (checked by `load_tune`). Plain
+        values otherwise, so that a tune's parent, which only waits for its trial workers, can hold
+        a Tune without torch: making the config object imports every method."""
+        from alignbench.experiment import experiment_from_data
+
+        return experiment_from_data(dict(self.data))
 
 
 def load_tune(name_or_path: str, overrides: list[str] = ()) -> Tune:
@@ -229,7 +237,7 @@ def load_tune(name_or_path: str, overrides: list[str] = ()) -> Tune:
                     raise ConfigError(f"tune.space.{method}.{key}: {err}") from None
         if not spaces[method]:
             raise ConfigError(f"tune.space.{method} is empty; give it parameters or leave the method out of tune.space")
-    return Tune(config.name, data, config, spec, spaces)
+    return Tune(config.name, data, spec, spaces)
 
 
 # --- storage -----------------------------------------------------------------------------
@@ -338,10 +346,11 @@ def work(tune_file: str, overrides: list[str], out: Path, storage_url: str, work
 
     from alignbench.runner import stage_pipeline
 
+    quiet_libraries()
     freeze_imported_objects()
     tune = load_tune(tune_file, overrides)
     storage = open_storage(storage_url)
-    pipeline = stage_pipeline(tune.config, out)
+    pipeline = stage_pipeline(tune.experiment(), out)
     heartbeat = isinstance(storage, optuna.storages.RDBStorage)
     for method in tune.spaces:
         c = tune.spec
@@ -478,30 +487,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trials-only", action="store_true", help="only work on the studies' trials (for the second and later machines of a shared storage)")
 
 
+def build_trial_stages(tune: Tune, out: Path) -> None:
+    """The trial seed's shared stages (SFT, reward models, ...), built once before the workers start,
+    so that they do not all build them at once."""
+    from alignbench.runner import stage_pipeline
+
+    quiet_libraries()
+    stage_pipeline(dataclasses.replace(tune.experiment(), seed=tune.spec.trial_seed), out).context()
+
+
 def main(args) -> None:
     from alignbench.log import log
-    from alignbench.runner import stage_pipeline
+    from alignbench.processes import in_forked_child
     from alignbench.sweep import run_sweep, summary
 
     out = Path(args.out)
     overrides = list(args.overrides) + ([f"tune.n_trials={args.n_trials}"] if args.n_trials is not None else [])
     if args.workers < 1:
         raise ConfigError(f"--workers={args.workers} must be >= 1")
-    tune = load_tune(args.tune, overrides)
+    # What needs torch (reading the experiment, building stages, writing the best config) runs in a
+    # forked child: this process only waits for its trial workers and reads the storage, and would
+    # otherwise hold torch, transformers, Lightning and the stage models (~0.5 GB) beside them.
+    tune = in_forked_child(load_tune, args.tune, overrides)
     storage_url = args.storage or default_storage(out, tune.name)
     _quiet_optuna()
     create_studies(tune, storage_url)
     searched = ", ".join(tune.spaces) or "none"
     log(f"tune {tune.name}: {tune.spec.n_trials} trials for each of {searched} on {tune.spec.objective.key} ({tune.spec.objective.direction}); storage {storage_url}")
     if tune.spaces:
-        stage_pipeline(dataclasses.replace(tune.config, seed=tune.spec.trial_seed), out).context()  # the trial seed's stages once, before the workers
+        in_forked_child(build_trial_stages, tune, out)
         run_workers(args.tune, overrides, out, storage_url, args.workers, tune)
     if args.trials_only:
         return
     best = best_settings(tune, storage_url)
     for method, found in best.items():
         log(f"best {method}: trial {found['trial']} {tune.spec.objective.key}={found['value']:.4f} {found['params']}")
-    best_path = write_best_config(tune, best, out / tune.name / "best.yaml")
+    best_path = in_forked_child(write_best_config, tune, best, out / tune.name / "best.yaml")
     log(f"best configuration: {best_path}; running it on the final seeds {tune.spec.final_seeds} (test split)")
     runs, result = run_sweep(str(best_path), [], out, args.workers)
     print()

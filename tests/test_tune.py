@@ -135,3 +135,53 @@ def test_tune_with_two_workers_on_sqlite_then_the_best_config_on_fresh_seeds(tmp
     assert sorted(t["number"] for t in json.loads(cli.stdout)) == [0, 1, 2, 3]
     cli = subprocess.run([optuna_cli, "best-trial", "--study-name", "tiny_tune-dpo", "--storage", storage, "-f", "json"], capture_output=True, text=True, timeout=120, check=False)
     assert cli.returncode == 0 and json.loads(cli.stdout)["number"] == study.best_trial.number
+
+
+def test_the_tune_parent_of_trial_workers_loads_no_torch(tmp_path, tiny_overrides):
+    """With several trial workers the parent only waits for them and reads the storage: it reads the
+    tune file, builds the trial seed's stages and writes the best config in forked children, so that
+    torch, transformers, Lightning and the stage models (~0.5 GB) are not held beside the workers for
+    the whole search. A bad config is still refused by the parent, with status 2 and no traceback."""
+    import textwrap
+
+    path = _write(tmp_path / "t.yaml", {
+        "name": "t", "methods": ["dpo"], "tracking": {"wandb": "disabled"},
+        "tune": {"n_trials": 1, "final_seeds": [7], "space": {"dpo": {"dpo.beta": {"type": "float", "low": 0.1, "high": 0.5}}}},
+    })
+    code = textwrap.dedent("""
+        import json, os, sys
+        import optuna
+        import alignbench.sweep, alignbench.tune
+
+        def loaded():
+            return sorted({m.split(".")[0] for m in sys.modules} & {"torch", "transformers", "lightning"})
+
+        def workers_run(tune_file, overrides, out, storage_url, workers, tune):
+            print(json.dumps({"when the workers start": loaded()}), flush=True)
+            for method, spaces in tune.spaces.items():  # the workers' trials, as they would leave them
+                study = optuna.load_study(study_name=tune.study_name(method), storage=storage_url)
+                trial = study.ask()
+                for key, space in spaces.items():
+                    space.suggest(trial, key)
+                study.tell(trial, 0.5)
+
+        def final_sweep(experiment, overrides, out, workers):
+            import yaml
+            with open(experiment) as best:  # the best config, which a child wrote
+                print(json.dumps({"at the final sweep": loaded(), "beta": yaml.safe_load(best)["dpo"]["beta"]}), flush=True)
+            os._exit(0)
+
+        alignbench.tune.run_workers = workers_run
+        alignbench.sweep.run_sweep = final_sweep
+        from alignbench.cli import main
+        sys.exit(main(["tune", *sys.argv[1:]]))
+    """)
+    out = tmp_path / "runs"
+    done = subprocess.run([sys.executable, "-c", code, str(path), "--workers", "2", "--out", str(out), *tiny_overrides], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reports = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert reports[0] == {"when the workers start": []}
+    assert reports[1]["at the final sweep"] == [] and 0.1 <= reports[1]["beta"] <= 0.5
+    bad = subprocess.run([sys.executable, "-m", "alignbench", "tune", str(path), "dpo.beta=abc", "--workers", "2", "--out", str(tmp_path / "bad"), *tiny_overrides],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "config key 'dpo.beta' must be a number, got 'abc'" in bad.stderr and "Traceback" not in bad.stderr
