@@ -487,13 +487,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trials-only", action="store_true", help="only work on the studies' trials (for the second and later machines of a shared storage)")
 
 
-def build_trial_stages(tune: Tune, out: Path) -> None:
-    """The trial seed's shared stages (SFT, reward models, ...), built once before the workers start,
-    so that they do not all build them at once."""
+def prepare_search(tune_file: str, overrides: list[str], out: Path, storage: str | None) -> tuple[Tune, str]:
+    """Before any worker starts: read the tune file, create every method's study (or check the
+    existing one) and build the trial seed's shared stages (SFT, reward models, ...) once, so that
+    the workers do not all build them at once. Returns the tune and its storage URL."""
+    from alignbench.log import log
     from alignbench.runner import stage_pipeline
 
     quiet_libraries()
-    stage_pipeline(dataclasses.replace(tune.experiment(), seed=tune.spec.trial_seed), out).context()
+    tune = load_tune(tune_file, overrides)
+    storage_url = storage or default_storage(out, tune.name)
+    _quiet_optuna()
+    create_studies(tune, storage_url)
+    searched = ", ".join(tune.spaces) or "none"
+    log(f"tune {tune.name}: {tune.spec.n_trials} trials for each of {searched} on {tune.spec.objective.key} ({tune.spec.objective.direction}); storage {storage_url}")
+    if tune.spaces:
+        stage_pipeline(dataclasses.replace(tune.experiment(), seed=tune.spec.trial_seed), out).context()
+    return tune, storage_url
 
 
 def main(args) -> None:
@@ -508,14 +518,9 @@ def main(args) -> None:
     # What needs torch (reading the experiment, building stages, writing the best config) runs in a
     # forked child: this process only waits for its trial workers and reads the storage, and would
     # otherwise hold torch, transformers, Lightning and the stage models (~0.5 GB) beside them.
-    tune = in_forked_child(load_tune, args.tune, overrides)
-    storage_url = args.storage or default_storage(out, tune.name)
+    tune, storage_url = in_forked_child(prepare_search, args.tune, overrides, out, args.storage)
     _quiet_optuna()
-    create_studies(tune, storage_url)
-    searched = ", ".join(tune.spaces) or "none"
-    log(f"tune {tune.name}: {tune.spec.n_trials} trials for each of {searched} on {tune.spec.objective.key} ({tune.spec.objective.direction}); storage {storage_url}")
     if tune.spaces:
-        in_forked_child(build_trial_stages, tune, out)
         run_workers(args.tune, overrides, out, storage_url, args.workers, tune)
     if args.trials_only:
         return
