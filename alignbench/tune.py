@@ -515,10 +515,15 @@ def main(args) -> None:
     overrides = list(args.overrides) + ([f"tune.n_trials={args.n_trials}"] if args.n_trials is not None else [])
     if args.workers < 1:
         raise ConfigError(f"--workers={args.workers} must be >= 1")
-    # What needs torch (reading the experiment, building stages, writing the best config) runs in a
-    # forked child: this process only waits for its trial workers and reads the storage, and would
-    # otherwise hold torch, transformers, Lightning and the stage models (~0.5 GB) beside them.
-    tune, storage_url = in_forked_child(prepare_search, args.tune, overrides, out, args.storage)
+    # With several workers, what needs torch (reading the experiment, building stages, writing the
+    # best config) runs in a forked child: this process only waits for its trial workers and reads
+    # the storage, and would otherwise hold torch, transformers, Lightning and the stage models
+    # (~0.5 GB) beside them. With one, this process is the worker, and a child would only import
+    # torch a second time.
+    def step(function, *arguments):
+        return in_forked_child(function, *arguments) if args.workers > 1 else function(*arguments)
+
+    tune, storage_url = step(prepare_search, args.tune, overrides, out, args.storage)
     _quiet_optuna()
     if tune.spaces:
         run_workers(args.tune, overrides, out, storage_url, args.workers, tune)
@@ -527,7 +532,7 @@ def main(args) -> None:
     best = best_settings(tune, storage_url)
     for method, found in best.items():
         log(f"best {method}: trial {found['trial']} {tune.spec.objective.key}={found['value']:.4f} {found['params']}")
-    best_path = in_forked_child(write_best_config, tune, best, out / tune.name / "best.yaml")
+    best_path = step(write_best_config, tune, best, out / tune.name / "best.yaml")
     log(f"best configuration: {best_path}; running it on the final seeds {tune.spec.final_seeds} (test split)")
     runs, result = run_sweep(str(best_path), [], out, args.workers)
     print()
