@@ -57,6 +57,21 @@ def test_two_level_interval_covers_the_true_mean_when_seed_variance_dominates():
     assert two_level - prompt_only > 0.2
 
 
+@pytest.mark.parametrize("block", [7, 2**20])  # several blocks of draws (a block need not end on a replicate), and one
+def test_two_level_replicates_equal_the_means_of_the_drawn_values(monkeypatch, block):
+    """The replicates computed from each draw's prompt frequencies (counted a block of draws at a
+    time) are the means of the values `two_level_indices` draws, gathered one by one."""
+    from alignbench.analysis import stats
+
+    monkeypatch.setattr(stats, "_BINCOUNT_BLOCK", block)
+    stats._two_level_frequencies.cache_clear()
+    values = np.random.default_rng(3).normal(size=(2, 3, 5))  # two policies, 3 seeds, 5 prompts
+    seeds, prompts = two_level_indices(3, 5, n_boot=40, seed=2)
+    drawn = values[:, seeds[:, :, None], prompts]  # [2, B, S, P]
+    np.testing.assert_allclose(two_level_replicates(values, n_boot=40, seed=2), drawn.mean(axis=(-1, -2)), rtol=1e-12)
+    stats._two_level_frequencies.cache_clear()
+
+
 def test_two_level_bootstrap_matches_its_closed_form():
     """The replicates' variance tends to (1/S)[mean_s (m_s − m̄)² + mean_s v_s / P]; here seed
     means 0, 1, 2 (spread 2/3) and within-seed values ±1 (v_s = 1) with P = 4: (2/3 + 1/4) / 3."""
