@@ -68,20 +68,21 @@ class Run:
     def setting(self, key: str, default: Any = None) -> Any:
         return self.settings.get(key, default)
 
-    def samples(self) -> list[dict]:
-        """The rows of samples.jsonl (one per test prompt), read once; [] where there is none."""
-        if not hasattr(self, "_samples"):
-            self._samples = _read_jsonl(self.samples_path) if self.samples_path is not None else []
-        return self._samples
+    def _sample_columns(self) -> _SampleColumns:
+        """What the figures read of samples.jsonl, read once (`_SampleColumns`)."""
+        if not hasattr(self, "_columns"):
+            self._columns = _SampleColumns.read(self.samples_path)
+        return self._columns
 
     def per_prompt(self, key: str) -> np.ndarray | None:
         """The metric `key` (e.g. eval/gold_reward) on each test prompt, from samples.jsonl; None where
         the run has no such column or the column's mean is not the run's reported value (a KL given
         in closed form, such as best-of-n's, has no per-prompt values)."""
-        column, rows = PER_PROMPT.get(key), self.samples()
-        if column is None or not rows or any(column not in row for row in rows):
+        column = PER_PROMPT.get(key)
+        cells = self._sample_columns().columns.get(column) if column is not None else None
+        if cells is None:
             return None
-        values = np.array([row[column] for row in rows], dtype=float)
+        values = np.array(cells, dtype=float)
         reported = self.metrics.get(key)
         if reported is None or not np.isfinite(values).all() or abs(values.mean() - reported) > 1e-6 * max(1.0, abs(reported)):
             return None
@@ -89,10 +90,27 @@ class Run:
 
     def prompts_digest(self) -> str | None:
         """A digest of the test prompts in samples.jsonl, in order (paired comparisons need equal ones)."""
-        rows = self.samples()
+        return self._sample_columns().prompts_digest
+
+
+@dataclass(frozen=True)
+class _SampleColumns:
+    """Of a run's samples.jsonl, what the figures use: each `PER_PROMPT` column that every row has
+    (its values in row order) and the digest of the prompts. The rows themselves are not kept: a
+    sweep's figures read every run's, and the texts of 2,048 prompts and responses took ~2 MB of
+    Python objects a run, held until the last figure."""
+
+    columns: dict[str, list[Any]]
+    prompts_digest: str | None
+
+    @classmethod
+    def read(cls, path: Path | None) -> _SampleColumns:
+        rows = _read_jsonl(path) if path is not None else []
         if not rows:
-            return None
-        return hashlib.sha256("\n".join(row.get("prompt", "") for row in rows).encode()).hexdigest()[:16]
+            return cls({}, None)
+        columns = {column: [row[column] for row in rows] for column in PER_PROMPT.values() if all(column in row for row in rows)}
+        digest = hashlib.sha256("\n".join(row.get("prompt", "") for row in rows).encode()).hexdigest()[:16]
+        return cls(columns, digest)
 
 
 def _settings(config: dict) -> dict[str, Any]:

@@ -168,6 +168,32 @@ def test_runs_are_grouped_into_policies_by_their_differing_settings(runs):
     assert all(g.seeds == list(SEEDS) for g in group_runs(runs))
 
 
+def test_a_run_reads_its_per_prompt_columns_and_prompt_digest_and_keeps_no_texts(tmp_path):
+    import hashlib
+
+    prompts = AssistantWorld().sample_prompts("test", 2, seed=0)
+    responses = ["I can help with that", "sorry I cannot"]
+    _write_run(tmp_path, "sft", 0, {}, {}, [], responses, prompts, wins=np.array([1.0, 0.5]))
+    (run,) = load_local_runs(tmp_path / EXPERIMENT)
+    np.testing.assert_array_equal(run.per_prompt("eval/win_rate"), [1.0, 0.5])
+    gold = run.per_prompt("eval/gold_reward")
+    assert gold is not None and gold.mean() == pytest.approx(run.metrics["eval/gold_reward"])
+    assert run.per_prompt("eval/kl") is None  # no such column
+    assert run.prompts_digest() == hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
+    # A sweep's figures hold every run at once: the texts of its samples are not kept.
+    assert not any(text in repr(vars(run)) for text in responses)
+    # A column that one row lacks is no per-prompt column; a run without samples.jsonl has none.
+    path = run.samples_path
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    del rows[1]["win"]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run,) = load_local_runs(tmp_path / EXPERIMENT)
+    assert run.per_prompt("eval/win_rate") is None and run.per_prompt("eval/gold_reward") is not None
+    path.unlink()
+    (run,) = load_local_runs(tmp_path / EXPERIMENT)
+    assert run.per_prompt("eval/gold_reward") is None and run.prompts_digest() is None
+
+
 # --- figure 1 ---------------------------------------------------------------------------------
 def test_win_rate_bars_one_per_policy_with_two_level_intervals(runs, draw):
     from alignbench.analysis.figures import draw_win_rates
