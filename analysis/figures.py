@@ -488,8 +488,10 @@ def _parameter_counts(names: Sequence[str], world_config: dict) -> dict[str, int
         build_world_tokenizer,
         count_parameters,
     )
+    from alignbench.log import quiet_libraries
     from alignbench.world import AssistantWorld, WorldConfig
 
+    quiet_libraries()  # `alignbench plot` loads transformers only here (its other figures read files)
     tokenizer = build_world_tokenizer(AssistantWorld(from_dict(WorldConfig, world_config, "world")).vocabulary())
     return {n: count_parameters(build_tiny_policy(n, tokenizer)) for n in names}
 

@@ -447,6 +447,28 @@ def test_plot_directory_writes_every_figure_and_the_tables(fixture_dir, tmp_path
     assert "## Skipped" not in (target / "figures" / "index.md").read_text()
 
 
+def test_the_commands_that_read_results_load_no_torch_or_transformers(fixture_dir, tmp_path):
+    """`alignbench results` and `alignbench plot` read files only: importing transformers (to quiet
+    its logging) or torch would cost them most of their time and memory. (The model-size figure
+    builds the tiny world models to count their parameters: its runs are left out here.)"""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    target = tmp_path / EXPERIMENT
+    shutil.copytree(fixture_dir, target, ignore=lambda folder, names: [n for n in names if "world-tiny" in n])
+    check = (
+        "import sys; from alignbench.cli import main; code = main(sys.argv[1:]); "
+        "print('loaded:', sorted(m for m in ('torch', 'transformers', 'lightning') if m in sys.modules)); sys.exit(code)"
+    )
+    for command in (["results", str(target)], ["plot", str(target), "--formats", "png"]):
+        done = subprocess.run([sys.executable, "-c", check, *command], capture_output=True, text=True, env={**os.environ, "MPLBACKEND": "Agg"}, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert "loaded: []" in done.stdout, (command[0], done.stdout[-300:])
+    assert (target / "figures" / "results.md").exists()
+
+
 def test_a_directory_without_sweeps_lists_the_skipped_figures(fixture_dir, tmp_path, capsys):
     import shutil
 
