@@ -147,6 +147,8 @@ def test_a_folder_named_like_a_shipped_experiment_does_not_hide_it(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     (tmp_path / "quickstart").mkdir()
     assert find_experiment("quickstart") == shipped_experiments()["quickstart"]
+    shipped_experiments().clear()  # a caller's copy: the list read once a process stays whole
+    assert find_experiment("quickstart") == shipped_experiments()["quickstart"]
     (tmp_path / "mine.yaml").write_text("name: mine\n")
     assert find_experiment("mine.yaml").resolve() == (tmp_path / "mine.yaml").resolve()
 
