@@ -293,12 +293,13 @@ def _plan(experiment: str, overrides: list[str], out: Path, workers: int) -> Swe
 
     quiet_libraries()
     runs, spec = expand(experiment, overrides)
-    folder = output_folder(out, runs[0].config.name)
+    name = runs[0].config.name
+    folder = output_folder(out, name)
     todo = [r for r in runs if finished_result(folder / r.name, r.config) is None]
-    log(f"sweep {runs[0].config.name}: {len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run in {workers} worker process(es)")
+    log(f"sweep {name}: {len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run in {workers} worker process(es)")
     if todo:
         build_shared_stages(todo, out)
-    return SweepPlan(name=runs[0].config.name, folder=folder, experiment_path=str(find_experiment(experiment).resolve()), max_retries=spec.max_retries,
+    return SweepPlan(name=name, folder=folder, experiment_path=str(find_experiment(experiment).resolve()), max_retries=spec.max_retries,
                      runs=[dataclasses.replace(r, config=None) for r in runs], todo=[dataclasses.replace(r, config=None) for r in todo],
                      distributed=frozenset(r.name for r in runs if r.config.trainer.distributed), gpus=_gpu_count())
 

@@ -59,8 +59,8 @@ from alignbench.config import (
     parse_overrides,
     to_dict,
 )
-from alignbench.log import quiet_libraries
-from alignbench.processes import freeze_imported_objects, release_freed_memory
+from alignbench.log import log, quiet_libraries
+from alignbench.processes import freeze_imported_objects, in_forked_child, release_freed_memory
 
 # Trials whose ids are in this user attribute failed by their settings (an exception in the
 # run); other failed trials (a killed worker, over the budget) do not count towards it.
@@ -371,8 +371,6 @@ def work(tune_file: str, overrides: list[str], out: Path, storage_url: str, work
 
 
 def _log_trial(study, trial, method: str, key: str) -> None:
-    from alignbench.log import log
-
     log(f"{method} trial {trial.number}: {describe_trial(trial, key)}")
 
 
@@ -392,8 +390,6 @@ def run_workers(tune_file: str, overrides: list[str], out: Path, storage_url: st
     import multiprocessing
 
     import optuna
-
-    from alignbench.log import log
 
     if workers == 1:
         return work(tune_file, overrides, out, storage_url)
@@ -491,7 +487,6 @@ def prepare_search(tune_file: str, overrides: list[str], out: Path, storage: str
     """Before any worker starts: read the tune file, create every method's study (or check the
     existing one) and build the trial seed's shared stages (SFT, reward models, ...) once, so that
     the workers do not all build them at once. Returns the tune and its storage URL."""
-    from alignbench.log import log
     from alignbench.runner import stage_pipeline
 
     quiet_libraries()
@@ -507,8 +502,6 @@ def prepare_search(tune_file: str, overrides: list[str], out: Path, storage: str
 
 
 def main(args) -> None:
-    from alignbench.log import log
-    from alignbench.processes import in_forked_child
     from alignbench.sweep import run_sweep, summary
 
     out = Path(args.out)
