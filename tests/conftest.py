@@ -3,9 +3,41 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# Set when pytest imports this file, before it collects the test modules: huggingface_hub, datasets
+# and matplotlib read these variables once, when they are first imported, and many test modules
+# import them (through transformers) as they are collected, before any fixture runs. Set later, in
+# a fixture, they came too late: in-process the hub was online and datasets' and matplotlib's caches
+# went to ~/.cache. The first pytest process makes the home and removes it at its end; the processes
+# it starts (xdist's workers, CLI subprocesses, spawned workers that import this file) inherit it.
+_OWNS_HOME = "ALIGNBENCH_TESTS_HOME" not in os.environ
+_HOME = Path(tempfile.mkdtemp(prefix="alignbench-tests-home-")) if _OWNS_HOME else Path(os.environ["ALIGNBENCH_TESTS_HOME"])
+ISOLATED_ENVIRONMENT = {
+    "ALIGNBENCH_TESTS_HOME": str(_HOME),
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HOME": str(_HOME / "hf"),
+    "HF_DATASETS_CACHE": str(_HOME / "hf" / "datasets"),
+    "MPLCONFIGDIR": str(_HOME / "mpl"),
+    "WANDB_DIR": str(_HOME / "wandb"),
+    "WANDB_CACHE_DIR": str(_HOME / "wandb-cache"),
+    "WANDB_CONFIG_DIR": str(_HOME / "wandb-config"),
+    "WANDB_DATA_DIR": str(_HOME / "wandb-data"),
+    "XDG_CACHE_HOME": str(_HOME / "cache"),
+    "TOKENIZERS_PARALLELISM": "false",
+}
+# ALIGNBENCH_STAGE_CACHE too: the tests' stages go in temporary folders, never in a user's stage cache.
+_UNSET = ("WANDB_MODE", "WANDB_API_KEY", "ALIGNBENCH_STAGE_CACHE")
+_SAVED_ENVIRONMENT = {key: os.environ.get(key) for key in (*ISOLATED_ENVIRONMENT, *_UNSET)}
+os.environ.update(ISOLATED_ENVIRONMENT)
+for _key in _UNSET:
+    os.environ.pop(_key, None)
 
 TINY_OVERRIDES = [
     "seeds=[0]",  # the quickstart's three seeds run in processes of their own: tests/test_seeds.py runs two
@@ -36,6 +68,16 @@ TINY_OVERRIDES = [
 ]
 
 
+def pytest_unconfigure(config):
+    for key, value in _SAVED_ENVIRONMENT.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    if _OWNS_HOME:
+        shutil.rmtree(_HOME, ignore_errors=True)
+
+
 def pytest_configure(config):
     """pytest-xdist's workers (`-n 2` in pyproject.toml) run one torch thread each, and so do the
     CLI subprocesses they start (they inherit the variables): two workers of two threads each on
@@ -50,33 +92,9 @@ def pytest_configure(config):
 
 
 @pytest.fixture(autouse=True, scope="session")
-def isolated_environment(tmp_path_factory):
-    home = tmp_path_factory.mktemp("home")
-    env = {
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "HF_HOME": str(home / "hf"),
-        "HF_DATASETS_CACHE": str(home / "hf" / "datasets"),
-        "MPLCONFIGDIR": str(home / "mpl"),
-        "WANDB_DIR": str(home / "wandb"),
-        "WANDB_CACHE_DIR": str(home / "wandb-cache"),
-        "WANDB_CONFIG_DIR": str(home / "wandb-config"),
-        "WANDB_DATA_DIR": str(home / "wandb-data"),
-        "XDG_CACHE_HOME": str(home / "cache"),
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    # ALIGNBENCH_STAGE_CACHE too: the tests' stages go in temporary folders, never in a user's stage cache.
-    for key in ("WANDB_MODE", "WANDB_API_KEY", "ALIGNBENCH_STAGE_CACHE"):
-        os.environ.pop(key, None)
-    yield Path(home)
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+def isolated_environment() -> Path:
+    """The temporary home that this pytest process's caches and configs go in (set at import, above)."""
+    return _HOME
 
 
 @pytest.fixture(scope="session")

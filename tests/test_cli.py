@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -220,3 +221,16 @@ def test_a_library_run_leaves_the_callers_objects_unfrozen_and_the_run_command_f
     done = subprocess.run([sys.executable, "-c", script, *tiny_overrides], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("both ran"), done.stderr[-3000:]
     assert len(list(tmp_path.glob("*/quickstart/*/metrics.json"))) == 2
+
+
+def test_the_tests_run_offline_with_every_cache_in_a_temporary_home(isolated_environment):
+    """The libraries read these settings once, when first imported (which collecting the test
+    modules does): tests/conftest.py must have set them before, not in a fixture."""
+    import datasets
+    import matplotlib
+    from huggingface_hub import constants
+
+    assert constants.HF_HUB_OFFLINE and datasets.config.HF_HUB_OFFLINE
+    home = isolated_environment.resolve()
+    for folder in (constants.HF_HOME, constants.HF_HUB_CACHE, datasets.config.HF_DATASETS_CACHE, matplotlib.get_configdir()):
+        assert Path(folder).resolve().is_relative_to(home), folder
