@@ -23,7 +23,7 @@ from alignbench.ai_feedback import AILabelerConfig
 from alignbench.annotator import AnnotatorConfig
 from alignbench.config import ConfigError, apply_overrides, config_hash, did_you_mean, flatten, from_dict, load_yaml, parse_overrides, to_dict
 from alignbench.evaluation import EvalConfig
-from alignbench.hf_data import DataConfig
+from alignbench.hf_data import DataConfig, missing_local_path
 from alignbench.models import TINY_MODELS, LoRAConfig
 from alignbench.registry import METHODS, get_method
 from alignbench.reward import RewardModelConfig
@@ -257,6 +257,10 @@ def validate_for_source(config) -> None:
             f"model.name={config.model.name!r} is a world model, whose tokenizer knows only the world's words; "
             "with data.source=hf use a Hugging Face causal LM (a hub name or a local path)"
         )
+    datasets = [(f"data.{name}.path", spec.path) for name in ("preferences", "sft", "prompts", "eval_prompts") if (spec := getattr(config.data, name)) is not None]
+    for key, path in [("model.name", config.model.name), *datasets]:
+        if missing_local_path(path):
+            raise ConfigError(f"{key}={path!r}: there is no such file or folder")
     if config.eval.judge in ("gold", "annotator"):
         raise ConfigError(f"eval.judge={config.eval.judge!r} needs the built-in world's gold reward; with data.source=hf use eval.judge=reward_model or eval.judge=lm (the AI labeler as judge)")
     on_cpu = config.trainer.accelerator == "cpu" or (config.trainer.accelerator == "auto" and not torch.cuda.is_available())

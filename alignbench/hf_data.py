@@ -160,6 +160,13 @@ class DataConfig:
             raise ValueError(f"data.{given[0]} is only read with data.source=hf (the world writes its own data); set data.source=hf")
 
 
+def missing_local_path(path: str) -> bool:
+    """Whether `path` names a local file or folder that does not exist: it starts with /, . or ~,
+    or ends like a data file (.jsonl, ...). Checked when a config loads, so that a typo fails
+    before the SFT stage trains, not after; a hub name (org/name) is left to the loader."""
+    return (path.startswith(("/", ".", "~")) or Path(path).suffix in _LOCAL_BUILDERS) and not Path(path).expanduser().exists()
+
+
 # --- loading ---------------------------------------------------------------------------
 def load_rows(spec: DatasetSpec, where: str):
     """The dataset's rows (a `datasets.Dataset`), at most `spec.limit` of them."""

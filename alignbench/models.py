@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from alignbench.config import ConfigError
+
 SPECIAL_TOKENS = {"pad_token": "<pad>", "unk_token": "<unk>", "bos_token": "<bos>", "eos_token": "<eos>"}
 SEPARATOR = "<sep>"
 # The world's prompt format is a one-turn chat template, so the world takes the same
@@ -180,21 +182,57 @@ def build_tiny_policy(name: str, tokenizer, seed: int = 0):
         return LlamaForCausalLM(config)
 
 
-def load_pretrained_policy(path: str, *, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32):
-    """Load any HF causal LM by hub name or local path (weights via safetensors where offered)."""
+def load_pretrained_policy(path: str, *, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32, key: str | None = None):
+    """Load any HF causal LM by hub name or local path (weights via safetensors where offered).
+    `key`: the config key that named it (e.g. "model.name"); a model that cannot be found or read
+    is then a ConfigError naming the key (see `named_model`)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=dtype)
+    with named_model(key, path):
+        return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=dtype)
 
 
-def load_tokenizer(path: str, *, trust_remote_code: bool = False):
+def load_tokenizer(path: str, *, trust_remote_code: bool = False, key: str | None = None):
+    """A model's tokenizer, left-padded (pad = EOS where it has none); `key` as in `load_pretrained_policy`."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with named_model(key, path):
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return tokenizer
+
+
+@contextlib.contextmanager
+def named_model(key: str | None, name: str):
+    """Where a config key (`key`) names the model `name`, turn transformers' errors for a model that
+    cannot be found or read (OSError: not on the hub, no network, not a repo id; ValueError: a folder
+    that holds no model) into a ConfigError that names the key, the value and what is accepted,
+    instead of a traceback. The folders alignbench writes itself load with `key` None: a damaged one
+    is not the user's input, and its error is left as it is."""
+    if key is None:
+        yield
+        return
+    try:
+        yield
+    except (OSError, ValueError) as error:
+        from huggingface_hub import is_offline_mode
+
+        reason = " ".join(str(error).split())
+        folder = Path(name).expanduser()
+        if name.startswith((".", "/", "~")) and not folder.exists():
+            reason = f"there is no folder {name}"  # transformers would call it a malformed hub name
+        elif folder.is_dir() and not (folder / "config.json").is_file():
+            reason = f"the folder {name} holds no config.json, so no model saved with save_pretrained"
+        if "trust_remote_code" in reason:
+            reason += f" (set {key.rpartition('.')[0]}.trust_remote_code=true if you trust that code)"
+        offline = " (the hub is offline here: HF_HUB_OFFLINE is set, so a hub model loads only if it is in the local cache)" if is_offline_mode() else ""
+        sft = "'sft' (the SFT checkpoint), " if key == "ai_labeler.model" else ""
+        raise ConfigError(
+            f"{key}={name!r} cannot be loaded: {reason} -- {key} takes {sft}a world model ({', '.join(TINY_MODELS)}), a local folder "
+            f"saved with save_pretrained, or a Hugging Face hub name{offline}"
+        ) from error
 
 
 def count_parameters(model: nn.Module) -> int:

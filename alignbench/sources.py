@@ -94,7 +94,7 @@ class DataSource(ABC):
 
     def tokenizer(self):
         model = self.config.model
-        return load_tokenizer(model.name, trust_remote_code=model.trust_remote_code)
+        return load_tokenizer(model.name, trust_remote_code=model.trust_remote_code, key="model.name")
 
     def harmful_of(self, prompt: str) -> bool:
         """Whether a prompt asks for harm (Llama 2's safety prompts); no dataset says so."""

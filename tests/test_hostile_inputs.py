@@ -142,6 +142,47 @@ def test_a_bad_value_on_the_command_line_exits_2_naming_it(world, override, mess
     assert snapshot(world) == before
 
 
+@pytest.mark.parametrize("model, reason", [
+    ("missing", "there is no folder"),
+    ("empty", "holds no config.json"),  # a folder that holds no saved model
+    ("world-huge", "couldn't find them in the cached files"),  # neither a world model nor in the hub's cache, offline
+])
+def test_a_model_that_cannot_be_loaded_exits_2_naming_the_key_and_what_is_accepted(world, model, reason, capsys):
+    if model in ("missing", "empty"):
+        model = str(world / "in" / model)
+    if model.endswith("empty"):
+        Path(model).mkdir()
+    before = snapshot(world / "in")
+    rc, err = run_cli(["run", "quickstart", "method=sft", f"model.name={model}", "--out", str(world / "work" / "out")], capsys)
+    assert rc == 2 and f"model.name={model!r} cannot be loaded" in err and reason in err, err
+    assert "world-small" in err and "save_pretrained" in err and "HF_HUB_OFFLINE is set" in err
+    assert snapshot(world / "in") == before
+
+
+def test_a_model_folder_alignbench_wrote_itself_fails_with_the_loaders_own_error(tmp_path):
+    from alignbench.config import ConfigError
+    from alignbench.models import load_pretrained_policy
+
+    with pytest.raises(OSError) as raised:  # no config key named it: not the user's input, so not a ConfigError
+        load_pretrained_policy(str(tmp_path / "cache" / "sft-0" / "policy"))
+    assert not isinstance(raised.value, ConfigError)
+    with pytest.raises(ConfigError, match="ai_labeler.model="):
+        load_pretrained_policy(str(tmp_path / "cache" / "sft-0" / "policy"), key="ai_labeler.model")
+
+
+def test_a_model_with_its_own_code_is_refused_unless_trusted_naming_the_switch(tmp_path):
+    import json
+
+    from alignbench.config import ConfigError
+    from alignbench.models import load_pretrained_policy
+
+    folder = tmp_path / "custom"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "custom_x", "auto_map": {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XModel"}}))
+    with pytest.raises(ConfigError, match=r"custom code.*set model\.trust_remote_code=true if you trust that code"):
+        load_pretrained_policy(str(folder), key="model.name")  # no code of the folder's is run: it has none to run
+
+
 # --- damaged files of a finished experiment ----------------------------------------------
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):

@@ -210,6 +210,17 @@ def test_a_missing_column_fails_naming_it(real, tmp_path, capsys):
     assert "no column 'rejected'" in err and "data.preferences.columns.rejected" in err, err
 
 
+@pytest.mark.parametrize("key", ["model.name", "data.preferences.path", "data.sft.path"])
+def test_a_local_path_that_does_not_exist_fails_before_anything_is_built(real, tmp_path, capsys, key):
+    missing = tmp_path / "typo" / ("model" if key == "model.name" else "rows.jsonl")
+    assert main(_run_args(real, tmp_path / "runs", f"{key}={missing}", "method=dpo")) == 2
+    assert f"{key}={str(missing)!r}: there is no such file or folder" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # refused as the config loads: no SFT stage trained first
+    relative = "data/typo.jsonl"  # a relative data file is checked too; a hub name (org/name) is not
+    assert main(_run_args(real, tmp_path / "runs", f"data.preferences.path={relative}", "method=dpo")) == 2
+    assert f"data.preferences.path={relative!r}: there is no such file or folder" in capsys.readouterr().err
+
+
 def test_what_needs_the_world_fails_with_a_config_error(real, tmp_path, capsys):
     assert main(_run_args(real, tmp_path, "method=best_of_n_gold")) == 2
     assert "best_of_n_gold" in capsys.readouterr().err

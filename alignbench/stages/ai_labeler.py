@@ -79,6 +79,6 @@ def ai_judge(p: "Pipeline", principles: Sequence[str] | None = None, principle_s
         directory, _ = ai_labeler(p)
         model, codec = load_pretrained_policy(str(directory / "labeler")), p.codec
     else:
-        model = load_pretrained_policy(c.model, trust_remote_code=c.trust_remote_code)
-        codec = TextCodec(load_tokenizer(c.model, trust_remote_code=c.trust_remote_code))
+        codec = TextCodec(load_tokenizer(c.model, trust_remote_code=c.trust_remote_code, key="ai_labeler.model"))
+        model = load_pretrained_policy(c.model, trust_remote_code=c.trust_remote_code, key="ai_labeler.model")
     return world_judge(freeze(model), codec, c, p.world, principles, principle_sampling)

@@ -27,7 +27,7 @@ def build(p: "Pipeline", tmp: Path) -> dict:
     if model.name in TINY_MODELS:
         policy = build_tiny_policy(model.name, p.codec.tokenizer, seed=model.init_seed)
     else:
-        policy = load_pretrained_policy(model.name, trust_remote_code=model.trust_remote_code, dtype=weights_dtype(p.config.trainer.precision))
+        policy = load_pretrained_policy(model.name, trust_remote_code=model.trust_remote_code, dtype=weights_dtype(p.config.trainer.precision), key="model.name")
     prompts, responses, summary = p.source.demonstrations(p)
     policy, trained = fine_tune(policy, p.codec, prompts, responses, epochs=c.epochs, batch_size=c.batch_size, max_length=c.max_length, optim=c.optim,
                                 trainer=p.config.trainer, seed=c.seed, lora=model.lora, gradient_checkpointing=model.gradient_checkpointing)

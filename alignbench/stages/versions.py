@@ -28,36 +28,39 @@ SHARED = ("stages/training.py", "sources.py")
 # gained those stages' build versions: the keys changed, not what is built.
 # Hashes recorded without a bump when the data modules took their rows as `alignbench.data.Rows`
 # instead of `datasets.Dataset` (stages/training.py): the same rows in the same order.
+# Hashes recorded without a bump when a model named by model.name or ai_labeler.model that cannot
+# be loaded became a ConfigError naming the key (sources.py, stages/sft.py, stages/ai_labeler.py):
+# what loads, loads as before.
 
 BUILD: dict[str, Build] = {
     # 2: fine-tuned on demonstrations packed several to a row (`DemonstrationDataModule(pack=True)`): the
     # same loss up to float rounding, about 30% fewer tokens through the model.
-    "sft": Build(2, ("stages/sft.py", *SHARED), "8ed317dc0af7befe"),
-    "labels": Build(1, ("stages/labels.py", *SHARED), "4d7a6fad9c6fabaf"),
+    "sft": Build(2, ("stages/sft.py", *SHARED), "1199ad109c1ba54d"),
+    "labels": Build(1, ("stages/labels.py", *SHARED), "446da0951b59381d"),
     # 2: the safety RM's Platt calibration no longer diverges (`fit_calibration`).
     # 3: trained on shared-prompt rows, packed (`train_reward_model`): the same loss up to float rounding.
     # 4: scored (held-out accuracy, the safety calibration) in smaller batches, a prompt's responses
     # with the prompt once (`score_texts`): the same scores up to float rounding.
-    "reward_models": Build(4, ("stages/reward_models.py", *SHARED), "2b664cdb993c0619"),
-    "reference_samples": Build(1, ("stages/reference_samples.py", *SHARED), "983393d5dec15157"),
-    "candidates": Build(1, ("stages/candidates.py", *SHARED), "23cd96cb8ea150d1"),
+    "reward_models": Build(4, ("stages/reward_models.py", *SHARED), "f36c9f892ee15c14"),
+    "reference_samples": Build(1, ("stages/reference_samples.py", *SHARED), "5659dae138921798"),
+    "candidates": Build(1, ("stages/candidates.py", *SHARED), "98baf80d8d0cbdda"),
     # 2: fine-tuned by the packing fine_tune, as sft 2 (the quickstart's requests do not pack, so
     # its labeler is built as at 1; a shorter request would pack).
     # 3: requests too long to share a row of max_length packed into rows twice as wide
     # (`DemonstrationDataModule`): the same loss up to float rounding, 19% fewer tokens.
-    "ai_labeler": Build(3, ("stages/ai_labeler.py", "ai_feedback.py", *SHARED), "18d4743bbb664eba"),
+    "ai_labeler": Build(3, ("stages/ai_labeler.py", "ai_feedback.py", *SHARED), "e1c6e80c3054e0b2"),
     # 2: the labeler reads requests batched by length, the last position's logits only
     # (`judges.next_token_logprobs`): the same labels up to float rounding.
-    "ai_labels": Build(2, ("stages/ai_labels.py", "stages/ai_labeler.py", *SHARED), "b745140777d55486"),
+    "ai_labels": Build(2, ("stages/ai_labels.py", "stages/ai_labeler.py", *SHARED), "27e541e7de286b22"),
     # 2: trained by the one `train_reward_model`, which honours reward_model.architecture and LoRA
     # (version 1 always built the backbone + head, without adapters). 3, 4: as reward_models 3, 4.
-    "pair_reward_model": Build(4, ("stages/pair_reward_model.py", *SHARED), "967ee16851bf8541"),
+    "pair_reward_model": Build(4, ("stages/pair_reward_model.py", *SHARED), "3d57dca70f9a040e"),
     # 2: fine-tuned packed, as sft 2.
-    "helpful_only": Build(2, ("stages/helpful_only.py", *SHARED), "200eecf14d8494f6"),
+    "helpful_only": Build(2, ("stages/helpful_only.py", *SHARED), "75fad2483d6c2b2f"),
     # 2: fine-tuned packed, as sft 2.
-    "sl_cai": Build(2, ("stages/sl_cai.py", "stages/helpful_only.py", *SHARED), "06cf302029f61e4e"),
+    "sl_cai": Build(2, ("stages/sl_cai.py", "stages/helpful_only.py", *SHARED), "a75ef0556c95eb68"),
     # 2, 3, 4: as pair_reward_model.
-    "cai_preference_model": Build(4, ("stages/cai_preference_model.py", "stages/pair_reward_model.py", *SHARED), "66ede2bac1fb3870"),
+    "cai_preference_model": Build(4, ("stages/cai_preference_model.py", "stages/pair_reward_model.py", *SHARED), "78b4bfd360134449"),
 }
 
 
