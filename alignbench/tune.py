@@ -255,14 +255,26 @@ def open_storage(url: str):
 
     if "://" not in url:
         Path(url).parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(url))
+        try:
+            return JournalStorage(JournalFileBackend(url))  # replays the file: a damaged line fails here
+        except ValueError as error:  # (a line cut short by a killed worker is the last, and Optuna skips it)
+            raise ConfigError(f"the Optuna journal file {url} cannot be read: {error}; it is damaged or not Optuna's: "
+                              "move it away to start the studies afresh there, or give another --storage") from error
     if url.startswith("redis"):
         return JournalStorage(JournalRedisBackend(url))
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     # SQLite serves several local workers if they wait for its lock rather than fail at once.
     engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else None
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=10, grace_period=60)
+    from sqlalchemy.exc import DatabaseError
+
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=10, grace_period=60)
+    except DatabaseError as error:  # e.g. a file that is not (or no longer) an SQLite database
+        reason = str(getattr(error, "orig", None) or error).strip()
+        damaged = any(word in reason for word in ("not a database", "malformed"))
+        advice = "; it is damaged or not Optuna's: move it away to start the studies afresh there, or give another --storage" if damaged else ""
+        raise ConfigError(f"the Optuna storage {url} cannot be opened: {reason}{advice}") from error
 
 
 def _counts(trial) -> bool:

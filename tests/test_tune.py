@@ -58,6 +58,32 @@ def test_bad_search_spaces_name_the_key_and_what_is_accepted(tmp_path, space, me
         load_tune(str(path))
 
 
+@pytest.mark.parametrize("kind", ["not a database", "cut in half", "journal"])
+def test_a_damaged_study_storage_is_a_config_error_naming_it_and_is_left_as_it_was(tmp_path, kind):
+    from alignbench.tune import open_storage
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    if kind == "journal":
+        path = tmp_path / "studies.log"
+        path.write_text('{"op_code": 0, "worker_id"\nnot json\n')
+        url = str(path)
+    else:
+        path = tmp_path / "optuna.db"
+        url = f"sqlite:///{path}"
+        if kind == "not a database":
+            path.write_text("not an SQLite file\n")
+        else:
+            study = optuna.create_study(study_name="t-dpo", storage=open_storage(url))
+            for _ in range(20):
+                trial = study.ask()
+                study.tell(trial, trial.suggest_float("beta", 0.0, 1.0))
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    before = path.read_bytes()
+    with pytest.raises(ConfigError, match=rf"{url} cannot be (opened|read): .*damaged or not Optuna's: move it away"):
+        open_storage(url)
+    assert path.read_bytes() == before
+
+
 def test_the_objective_is_measured_on_the_validation_split_and_trials_run_in_one_process(tmp_path):
     assert Objective("eval/win_rate").key == "val/win_rate" and Objective("val/kl", "minimize").key == "val/kl"
     assert Objective("budget/wall_s", "minimize").key == "budget/wall_s"
