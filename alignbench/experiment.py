@@ -247,7 +247,12 @@ def experiment_from_data(data: dict):
 
 def validate_for_source(config) -> None:
     """Refuse, before anything is built, what needs the world or cannot work with real data
-    (`data.source=hf`): for the run's method, or for every method compared when none is chosen."""
+    (`data.source=hf`): for the run's method, or for every method compared when none is chosen;
+    and, with any source, a model or data file named by a local path that does not exist."""
+    datasets = [(f"data.{name}.path", spec.path) for name in ("preferences", "sft", "prompts", "eval_prompts") if (spec := getattr(config.data, name)) is not None]
+    for key, path in [("model.name", config.model.name), ("ai_labeler.model", config.ai_labeler.model), *datasets]:
+        if missing_local_path(path):
+            raise ConfigError(f"{key}={path!r}: there is no such file or folder")
     if config.data.source != "hf":
         return
     import torch
@@ -257,10 +262,6 @@ def validate_for_source(config) -> None:
             f"model.name={config.model.name!r} is a world model, whose tokenizer knows only the world's words; "
             "with data.source=hf use a Hugging Face causal LM (a hub name or a local path)"
         )
-    datasets = [(f"data.{name}.path", spec.path) for name in ("preferences", "sft", "prompts", "eval_prompts") if (spec := getattr(config.data, name)) is not None]
-    for key, path in [("model.name", config.model.name), *datasets]:
-        if missing_local_path(path):
-            raise ConfigError(f"{key}={path!r}: there is no such file or folder")
     if config.eval.judge in ("gold", "annotator"):
         raise ConfigError(f"eval.judge={config.eval.judge!r} needs the built-in world's gold reward; with data.source=hf use eval.judge=reward_model or eval.judge=lm (the AI labeler as judge)")
     on_cpu = config.trainer.accelerator == "cpu" or (config.trainer.accelerator == "auto" and not torch.cuda.is_available())

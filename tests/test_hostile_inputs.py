@@ -143,20 +143,27 @@ def test_a_bad_value_on_the_command_line_exits_2_naming_it(world, override, mess
 
 
 @pytest.mark.parametrize("model, reason", [
-    ("missing", "there is no folder"),
     ("empty", "holds no config.json"),  # a folder that holds no saved model
     ("world-huge", "couldn't find them in the cached files"),  # neither a world model nor in the hub's cache, offline
 ])
 def test_a_model_that_cannot_be_loaded_exits_2_naming_the_key_and_what_is_accepted(world, model, reason, capsys):
-    if model in ("missing", "empty"):
+    if model == "empty":
         model = str(world / "in" / model)
-    if model.endswith("empty"):
         Path(model).mkdir()
     before = snapshot(world / "in")
     rc, err = run_cli(["run", "quickstart", "method=sft", f"model.name={model}", "--out", str(world / "work" / "out")], capsys)
     assert rc == 2 and f"model.name={model!r} cannot be loaded" in err and reason in err, err
     assert "world-small" in err and "save_pretrained" in err and "HF_HUB_OFFLINE is set" in err
     assert snapshot(world / "in") == before
+
+
+@pytest.mark.parametrize("key", ["model.name", "ai_labeler.model"])
+def test_a_model_path_that_does_not_exist_is_refused_as_the_config_loads(world, key, capsys):
+    missing = world / "in" / "typo"
+    before = snapshot(world)
+    rc, err = run_cli(["run", "quickstart", "method=rlaif", f"{key}={missing}", "--out", str(world / "work" / "out")], capsys)
+    assert rc == 2 and f"{key}={str(missing)!r}: there is no such file or folder" in err, err
+    assert snapshot(world) == before  # nothing built, no run folder made
 
 
 def test_a_model_folder_alignbench_wrote_itself_fails_with_the_loaders_own_error(tmp_path):
