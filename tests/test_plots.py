@@ -218,6 +218,23 @@ def test_win_rate_bars_one_per_policy_with_two_level_intervals(runs, draw):
     assert (high - low) / 2 == pytest.approx(half)
 
 
+def test_a_note_of_two_kinds_of_interval_is_wrapped_and_leaves_the_axes_their_width(runs, draw):
+    """One policy with one seed beside policies with two: the note names both kinds of interval,
+    wider than the figure on one line, where constrained layout squeezed the axes to a strip."""
+    import io
+    import warnings
+
+    from alignbench.analysis.figures import draw_win_rates
+
+    drawn = draw(draw_win_rates, [r for r in runs if not (r.method == "ppo" and r.seed == 1)])
+    ax = drawn.figure.axes[0]
+    assert "bootstrap over test prompts of one seed" in ax.get_title(loc="left") and "\n" in ax.get_title(loc="left")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "constrained_layout not applied because axes sizes collapsed to zero"
+        drawn.figure.savefig(io.BytesIO(), format="png")
+    assert ax.get_position().width > 0.6
+
+
 # --- figure 2 ---------------------------------------------------------------------------------------
 def test_head_to_head_matrix_and_ranking_cover_every_policy(runs, draw):
     from alignbench.analysis.figures import draw_head_to_head
