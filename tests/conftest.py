@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -13,10 +14,14 @@ import pytest
 # and matplotlib read these variables once, when they are first imported, and many test modules
 # import them (through transformers) as they are collected, before any fixture runs. Set later, in
 # a fixture, they came too late: in-process the hub was online and datasets' and matplotlib's caches
-# went to ~/.cache. The first pytest process makes the home and removes it at its end; the processes
-# it starts (xdist's workers, CLI subprocesses, spawned workers that import this file) inherit it.
+# went to ~/.cache. The first process to import this file makes the home and removes it at exit;
+# the processes it starts (xdist's workers, CLI subprocesses, spawned workers that import this
+# file) inherit it.
 _OWNS_HOME = "ALIGNBENCH_TESTS_HOME" not in os.environ
 _HOME = Path(tempfile.mkdtemp(prefix="alignbench-tests-home-")) if _OWNS_HOME else Path(os.environ["ALIGNBENCH_TESTS_HOME"])
+if _OWNS_HOME:  # at exit, also when a script imports this file for TINY_OVERRIDES, outside pytest
+    _OWNER = os.getpid()  # a forked child that exits through atexit must not remove it under its parent
+    atexit.register(lambda: os.getpid() == _OWNER and shutil.rmtree(_HOME, ignore_errors=True))
 ISOLATED_ENVIRONMENT = {
     "ALIGNBENCH_TESTS_HOME": str(_HOME),
     "HF_HUB_OFFLINE": "1",
@@ -74,8 +79,6 @@ def pytest_unconfigure(config):
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
-    if _OWNS_HOME:
-        shutil.rmtree(_HOME, ignore_errors=True)
 
 
 def pytest_configure(config):
