@@ -238,6 +238,10 @@ def experiment_from_data(data: dict):
         get_method(config.method)
     if not config.methods or not config.seeds:
         raise ConfigError("an experiment needs at least one entry in 'methods' and in 'seeds'")
+    for key, values in (("methods", config.methods), ("seeds", config.seeds)):
+        # A run is one (method, seed): a repeat would be merged, and [0, 1, 1] meant for three seeds give two.
+        if repeated := sorted({str(v) for v in values if values.count(v) > 1}):
+            raise ConfigError(f"{key}={values} lists {', '.join(repeated)} more than once; each entry must be distinct")
     for key, value in [("seeds", s) for s in config.seeds] + [("seed", config.seed)] + [(k, get_dotted(config, k)) for k in STAGE_SEEDS]:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise ConfigError(f"{key}={value!r}: a seed must be an integer >= 0" + (" (or null: the run's seed)" if key in STAGE_SEEDS else ""))

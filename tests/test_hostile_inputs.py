@@ -134,6 +134,8 @@ def test_every_temperature_learning_rate_and_top_p_is_checked_naming_its_key():
     ("dpo.optim.lr=0", "lr=0.0 must be a positive number"),
     ("eval.top_p=0", "eval.top_p=0.0 must be in (0, 1]"),
     ("seed=-1", "seed=-1: a seed must be an integer >= 0"),
+    ("seeds=[0,1,1]", "seeds=[0, 1, 1] lists 1 more than once"),  # three seeds meant, two would run
+    ("methods=[dpo,ppo,dpo]", "methods=['dpo', 'ppo', 'dpo'] lists dpo more than once"),
 ])
 def test_a_bad_value_on_the_command_line_exits_2_naming_it(world, override, message, capsys):
     before = snapshot(world)
