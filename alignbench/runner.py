@@ -146,6 +146,9 @@ def run_one(
         log(f"{config.name}/{name} is finished; skipping (delete {metrics_path} to run it again)")
         return finished
     primary = is_primary_process()
+    # Before the run's folder is made: a model or tokenizer that cannot be loaded is a config error
+    # that leaves no empty run folder behind (the stages themselves are built later, in the run).
+    pipeline = pipeline or stage_pipeline(config, out)
     with _exclusive(run_dir) if primary else nullcontext():
         if (finished := finished_result(run_dir, config)) is not None:  # another process finished it while this one waited
             log(f"{config.name}/{name} was finished by another process; skipping")
@@ -249,7 +252,7 @@ def _exclusive(run_dir: Path):
 
 def _run(spec: RunSpec, run_dir: Path, out: Path, group, pipeline, split: str, observers, primary: bool) -> dict[str, Any]:
     config, name = spec.config, spec.name
-    context = (pipeline or stage_pipeline(config, out)).context(config.seed)
+    context = pipeline.context(config.seed)
     checkpoints = Checkpoints(run_dir / "checkpoints", primary)
     resume = checkpoints.resume_point()
     history_path = run_dir / "history.jsonl"
