@@ -186,6 +186,8 @@ class TuneConfig:
             raise ValueError(f"tune.n_trials={self.n_trials} must be >= 1")
         if not self.final_seeds:
             raise ValueError("tune.final_seeds needs at least one seed")
+        if len(set(self.final_seeds)) < len(self.final_seeds):  # checked now, not when the search is over
+            raise ValueError(f"tune.final_seeds={self.final_seeds} lists a seed more than once; each entry must be distinct")
 
 
 @dataclass

@@ -58,6 +58,12 @@ def test_bad_search_spaces_name_the_key_and_what_is_accepted(tmp_path, space, me
         load_tune(str(path))
 
 
+def test_a_final_seed_listed_twice_is_refused_before_the_search(tmp_path):
+    path = _write(tmp_path / "bad.yaml", {"methods": ["dpo"], "tune": {"final_seeds": [100, 100], "space": {"dpo": {"dpo.beta": {"type": "float", "low": 0.1, "high": 0.5}}}}})
+    with pytest.raises(ConfigError, match=r"tune.final_seeds=\[100, 100\] lists a seed more than once"):
+        load_tune(str(path))
+
+
 @pytest.mark.parametrize("kind", ["not a database", "cut in half", "journal"])
 def test_a_damaged_study_storage_is_a_config_error_naming_it_and_is_left_as_it_was(tmp_path, kind):
     from alignbench.tune import open_storage
