@@ -220,10 +220,9 @@ def named_model(key: str | None, name: str):
         from huggingface_hub import is_offline_mode
 
         reason = " ".join(str(error).split())
+        # (A local path that does not exist is refused earlier, as the config loads: validate_for_source.)
         folder = Path(name).expanduser()
-        if name.startswith((".", "/", "~")) and not folder.exists():
-            reason = f"there is no folder {name}"  # transformers would call it a malformed hub name
-        elif folder.is_dir() and not (folder / "config.json").is_file():
+        if folder.is_dir() and not (folder / "config.json").is_file():
             reason = f"the folder {name} holds no config.json, so no model saved with save_pretrained"
         if "trust_remote_code" in reason:
             reason += f" (set {key.rpartition('.')[0]}.trust_remote_code=true if you trust that code)"
