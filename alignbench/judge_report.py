@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from alignbench.config import ConfigError
+
 
 @dataclass
 class JudgeRow:
@@ -70,7 +72,6 @@ def judge_rows(pipeline, n_pairs: int) -> list[JudgeRow]:
     import numpy as np
 
     from alignbench.annotator import SimulatedAnnotator, annotator_profile
-    from alignbench.config import ConfigError
     from alignbench.judges import AnnotatorJudge, RewardModelJudge
     from alignbench.stages.ai_labeler import ai_judge
 
@@ -109,6 +110,8 @@ def main(args) -> None:
     from alignbench.log import log
     from alignbench.pipeline import Pipeline
 
+    if args.pairs < 1:  # before any stage is built (0 ended in 'no held-out pairs', -5 judged all but 5)
+        raise ConfigError(f"--pairs={args.pairs} must be >= 1: the number of held-out pairs to judge")
     config = load_experiment(args.experiment, args.overrides)
     pipeline = Pipeline(config, Path(args.out))
     rows = judge_rows(pipeline, args.pairs)

@@ -31,6 +31,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
         (["run", "quickstart", "dpo.beta"], "bad override 'dpo.beta'"),
         (["run", "quickstart"], "choose one with method=NAME"),
         (["run", "quickstart", "method=sft", "reward_model.architecture=sequence_classification"], "set reward_model.likelihood=none"),
+        (["judge-report", "quickstart", "--pairs", "-5"], "--pairs=-5 must be >= 1"),
+        (["judge-report", "quickstart", "--pairs", "0"], "--pairs=0 must be >= 1"),
     ],
 )
 def test_bad_input_names_the_problem_and_exits_2(args, expected, tmp_path, capsys):
@@ -38,7 +40,7 @@ def test_bad_input_names_the_problem_and_exits_2(args, expected, tmp_path, capsy
     err = capsys.readouterr().err
     assert expected in err
     assert "Traceback" not in err
-    assert not list(tmp_path.rglob("metrics.json"))
+    assert not list(tmp_path.rglob("metrics.json")) and not (tmp_path / "cache").exists()  # no stage built either
 
 
 def test_the_quickstart_parent_of_worker_processes_loads_no_torch(tmp_path):
