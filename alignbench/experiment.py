@@ -253,7 +253,7 @@ def validate_for_source(config) -> None:
     """Refuse, before anything is built, what needs the world or cannot work with real data
     (`data.source=hf`): for the run's method, or for every method compared when none is chosen;
     and, with any source, a model or data file named by a local path that does not exist."""
-    data_paths = [(f"data.{name}.path", spec.path) for name in ("preferences", "sft", "prompts", "eval_prompts") if (spec := getattr(config.data, name)) is not None]
+    data_paths = [(f"data.{name}.path", spec.path) for name, spec in config.data.datasets().items()]
     for key, path in [("model.name", config.model.name), ("ai_labeler.model", config.ai_labeler.model), *data_paths]:
         if missing_local_path(path):
             raise ConfigError(f"{key}={path!r}: there is no such file or folder")

@@ -153,11 +153,15 @@ class DataConfig:
     def __post_init__(self):
         if self.max_prompt_tokens < 1:
             raise ValueError(f"data.max_prompt_tokens={self.max_prompt_tokens} must be >= 1")
-        given = [name for name in ("preferences", "sft", "prompts", "eval_prompts") if getattr(self, name) is not None]
+        given = self.datasets()
         if self.source == "hf" and self.preferences is None:
             raise ValueError("data.source=hf needs data.preferences: a preference dataset (data.preferences.path and data.preferences.format)")
         if self.source == "world" and given:
-            raise ValueError(f"data.{given[0]} is only read with data.source=hf (the world writes its own data); set data.source=hf")
+            raise ValueError(f"data.{next(iter(given))} is only read with data.source=hf (the world writes its own data); set data.source=hf")
+
+    def datasets(self) -> dict[str, DatasetSpec]:
+        """The datasets given, by their key under `data` (preferences, sft, prompts, eval_prompts)."""
+        return {name: spec for name in ("preferences", "sft", "prompts", "eval_prompts") if (spec := getattr(self, name)) is not None}
 
 
 def missing_local_path(path: str) -> bool:
