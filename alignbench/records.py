@@ -82,7 +82,36 @@ def read_result(path: Path) -> dict[str, Any]:
     missing = [k for k in RESULT_KEYS if not isinstance(result, dict) or k not in result]
     if missing:
         raise UnreadableResult(f"{path} is not a run's result (no {', '.join(missing)})")
+    wrong = _wrongly_typed(result)
+    if wrong:
+        raise UnreadableResult(f"{path} is not a run's result ({'; '.join(wrong[:3])})")
     return result
+
+
+def _wrongly_typed(result: dict[str, Any]) -> list[str]:
+    """What in a parsed metrics.json is not of the type the runner writes: text names, an integer
+    seed, a mapping of metric names to numbers (None for a value that was not finite), mappings for
+    the config and the checksums. Each as 'KEY is VALUE, not TYPE'."""
+
+    def number(value):
+        return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+    checks = [(key, lambda v: isinstance(v, str), "text") for key in ("experiment", "run_name", "method")]
+    checks += [
+        ("seed", lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+        ("metrics", lambda v: isinstance(v, dict), "a mapping of metric names to numbers"),
+        ("config", lambda v: isinstance(v, dict), "a mapping"),
+        ("sha256", lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()), "a mapping of file names to checksums"),
+    ]
+    wrong = [f"{key} is {_shown(result[key])}, not {kind}" for key, ok, kind in checks if key in result and not ok(result[key])]
+    if isinstance(result.get("metrics"), dict):
+        wrong += [f"metrics.{key} is {_shown(value)}, not a number" for key, value in result["metrics"].items() if not number(value)]
+    return wrong
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def json_safe(value: Any) -> Any:
@@ -103,6 +132,9 @@ def write_json_atomic(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp makes the file readable by its owner only; results are shared like any file the
+        # user writes, so they get the mode open() would give them (0666 less the umask).
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w") as f:
             json.dump(json_safe(data), f, indent=2, sort_keys=False)
             f.flush()
@@ -111,3 +143,9 @@ def write_json_atomic(path: Path, data: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask

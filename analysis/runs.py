@@ -79,14 +79,12 @@ class Run:
         the run has no such column or the column's mean is not the run's reported value (a KL given
         in closed form, such as best-of-n's, has no per-prompt values)."""
         column = PER_PROMPT.get(key)
-        cells = self._sample_columns().columns.get(column) if column is not None else None
-        if cells is None:
-            return None
-        values = np.array(cells, dtype=float)
+        columns = self._sample_columns()
+        mean = columns.mean(column) if column is not None else None
         reported = self.metrics.get(key)
-        if reported is None or not np.isfinite(values).all() or abs(values.mean() - reported) > 1e-6 * max(1.0, abs(reported)):
+        if mean is None or reported is None or not _agrees(mean, reported):
             return None
-        return values
+        return np.array(columns.columns[column], dtype=float)
 
     def prompts_digest(self) -> str | None:
         """A digest of the test prompts in samples.jsonl, in order (paired comparisons need equal ones)."""
@@ -103,14 +101,28 @@ class _SampleColumns:
     columns: dict[str, list[Any]]
     prompts_digest: str | None
 
+    def mean(self, column: str) -> float | None:
+        """The column's mean; None where there is no such column or a value is not a finite number."""
+        cells = self.columns.get(column)
+        if not cells or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in cells):
+            return None
+        values = np.array(cells, dtype=float)
+        return float(values.mean()) if np.isfinite(values).all() else None
+
     @classmethod
     def read(cls, path: Path | None) -> _SampleColumns:
         rows = _read_jsonl(path) if path is not None else []
         if not rows:
             return cls({}, None)
         columns = {column: [row[column] for row in rows] for column in PER_PROMPT.values() if all(column in row for row in rows)}
-        digest = hashlib.sha256("\n".join(row.get("prompt", "") for row in rows).encode()).hexdigest()[:16]
+        digest = hashlib.sha256("\n".join(str(row.get("prompt", "")) for row in rows).encode()).hexdigest()[:16]
         return cls(columns, digest)
+
+
+def _agrees(mean: float, reported: float) -> bool:
+    """Whether a per-prompt column's mean is the run's reported metric (float32 sums differ from
+    float64 ones in the 8th digit)."""
+    return abs(mean - reported) <= 1e-6 * max(1.0, abs(reported))
 
 
 def _settings(config: dict) -> dict[str, Any]:
@@ -123,41 +135,87 @@ def _settings(config: dict) -> dict[str, Any]:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON-lines file ([] where there is none); ValueError names the file and line
+    of a row that is not a JSON object."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} line {number} is not JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path} line {number} is not a JSON object")
+        rows.append(row)
+    return rows
 
 
 def load_local_runs(directory: Path) -> list[Run]:
-    """Every finished run (with a metrics.json) under an experiment directory. A metrics.json that
-    cannot be read is skipped, and a history.jsonl or samples.jsonl that differs from the checksum
-    its metrics.json recorded is not used; each with a warning naming the file."""
-    runs = []
+    """Every finished run (with a metrics.json) under an experiment directory. Left out, each with a
+    warning naming the file: a run whose metrics.json cannot be read, or whose metrics disagree
+    with its own samples.jsonl, and a copy of a run in a folder of another name. A history.jsonl or
+    samples.jsonl that differs from the checksum its metrics.json recorded, or cannot be read, is
+    not used. Two folders that hold the same run are refused (ConfigError): which one counts
+    cannot be told."""
+    runs, folders = [], {}
     for run_dir in find_run_dirs(Path(directory)):
         try:
-            result = read_result(run_dir / "metrics.json")
+            run = _load_run(run_dir)
         except UnreadableResult as err:
             warn(f"{err}; that run is left out (run it again to replace it)")
             continue
-        recorded = result.get("sha256") or {}
-        intact = {}
-        for name in ("history.jsonl", "samples.jsonl"):
-            path = run_dir / name
-            problems = checksum_problems(run_dir, {name: recorded[name]}) if name in recorded else []
-            if problems:
-                warn(f"{problems[0]}; its run's {name} is not used")
-            intact[name] = path if path.exists() and not problems else None
-        try:
-            history = _read_jsonl(intact["history.jsonl"]) if intact["history.jsonl"] is not None else []
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            warn(f"{run_dir / 'history.jsonl'} cannot be read ({err}); its run's curves are left out")
-            history = []
-        runs.append(Run(
-            experiment=result["experiment"], name=result["run_name"], method=result["method"], seed=int(result["seed"]),
-            config=result.get("config", {}), metrics=result.get("metrics", {}), history=history,
-            samples_path=intact["samples.jsonl"], settings=_settings(result.get("config", {})),
-        ))
+        if (run.experiment, run.name) in folders:
+            raise ConfigError(
+                f"{folders[run.experiment, run.name]} and {run_dir} hold the same run ({run.experiment}/{run.name}): "
+                "it would count twice, as if it were two seeds; move one of the two folders out of this directory"
+            )
+        folders[run.experiment, run.name] = run_dir
+        runs.append(run)
     return runs
+
+
+def _load_run(run_dir: Path) -> Run:
+    """One run's folder as a Run; UnreadableResult where it is not a run that can be counted."""
+    result = read_result(run_dir / "metrics.json")
+    name, method, seed = result["run_name"], result["method"], result["seed"]
+    if run_dir.name != name:
+        raise UnreadableResult(f"{run_dir} holds the run {name} (its metrics.json says so): a copy of a run under another name")
+    recorded = result.get("sha256") or {}
+    intact = {}
+    for file in ("history.jsonl", "samples.jsonl"):
+        path = run_dir / file
+        problems = checksum_problems(run_dir, {file: recorded[file]}) if file in recorded else []
+        if problems:
+            warn(f"{problems[0]}; its run's {file} is not used")
+        intact[file] = path if path.exists() and not problems else None
+    try:
+        history = _read_jsonl(intact["history.jsonl"]) if intact["history.jsonl"] is not None else []
+    except ValueError as err:
+        warn(f"{err}; its run's curves are left out")
+        history = []
+    config = result.get("config", {})
+    run = Run(experiment=result["experiment"], name=name, method=method, seed=seed, config=config, metrics=result["metrics"],
+              history=history, samples_path=intact["samples.jsonl"], settings=_settings(config))
+    if run.samples_path is not None:
+        try:
+            columns = run._sample_columns()
+        except ValueError as err:
+            warn(f"{err}; its run's samples are not used")
+            run.samples_path, run._columns = None, _SampleColumns({}, None)
+        else:
+            disagree = [f"{key}={run.metrics[key]:.6g} but the mean of samples.jsonl's {column!r} is {mean:.6g}"
+                        for key, column in PER_PROMPT.items() if (mean := columns.mean(column)) is not None
+                        and run.metrics.get(key) is not None and not _agrees(mean, run.metrics[key])]
+            if disagree:
+                raise UnreadableResult(f"{run_dir / 'metrics.json'} and its samples.jsonl disagree ({'; '.join(disagree[:3])}): one of them was edited or damaged")
+    return run
 
 
 def load_wandb_runs(path: str, api: Any = None) -> list[Run]:

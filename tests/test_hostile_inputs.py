@@ -257,7 +257,7 @@ def test_results_and_plot_skip_a_truncated_metrics_json_naming_it(tiny, tmp_path
 
     _, out = tiny
     folder = tmp_path / "tiny"
-    shutil.copytree(_run_dir(out), folder / "sft-seed0-good")
+    shutil.copytree(_run_dir(out), folder / _run_dir(out).name)
     shutil.copytree(_run_dir(out), folder / "sft-seed0-bad")
     bad = folder / "sft-seed0-bad" / "metrics.json"
     bad.write_bytes(bad.read_bytes()[:100])
@@ -280,12 +280,116 @@ def test_a_samples_file_that_differs_from_its_checksum_is_not_used(tiny, tmp_pat
 
     _, out = tiny
     folder = tmp_path / "tiny"
-    shutil.copytree(_run_dir(out), folder / "sft-seed0-x")
-    samples = folder / "sft-seed0-x" / "samples.jsonl"
+    shutil.copytree(_run_dir(out), folder / _run_dir(out).name)
+    samples = folder / _run_dir(out).name / "samples.jsonl"
     samples.write_bytes(samples.read_bytes()[:-50])
     (run,) = load_local_runs(folder)
     assert run.samples_path is None and run.history
     assert f"{samples} has changed since it was written" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key, value, problem", [
+    ("metrics", None, "metrics is null, not a mapping of metric names to numbers"),
+    ("seed", "zero", 'seed is "zero", not an integer'),
+    ("seed", 0.7, "seed is 0.7, not an integer"),
+    ("config", None, "config is null, not a mapping"),
+    ("eval/win_rate", "0.9", 'metrics.eval/win_rate is "0.9", not a number'),
+])
+def test_a_metrics_json_with_a_value_of_the_wrong_type_is_left_out_naming_it(tiny, tmp_path, key, value, problem, capsys):
+    import json
+    import shutil
+
+    from alignbench.analysis.runs import load_local_runs
+
+    _, out = tiny
+    folder = tmp_path / "tiny"
+    run_dir = folder / _run_dir(out).name
+    shutil.copytree(_run_dir(out), run_dir)
+    result = json.loads((run_dir / "metrics.json").read_text())
+    (result["metrics"] if key.startswith("eval/") else result)[key] = value
+    (run_dir / "metrics.json").write_text(json.dumps(result))
+    before = snapshot(tmp_path)
+    rc, err = run_cli(["results", str(folder)], capsys)
+    assert rc == 2 and f"{run_dir / 'metrics.json'} is not a run's result ({problem})" in err and "left out" in err
+    assert load_local_runs(folder) == [] and snapshot(tmp_path) == before
+
+
+def test_a_metric_that_its_own_samples_contradict_leaves_the_run_out(tiny, tmp_path, capsys):
+    """An edited or damaged metrics.json (its samples.jsonl still matching the checksum it holds)
+    must not put a number in the table that the run's own per-prompt results do not give."""
+    import json
+    import shutil
+
+    from alignbench.analysis.runs import load_local_runs
+
+    _, out = tiny
+    folder = tmp_path / "tiny"
+    run_dir = folder / _run_dir(out).name
+    shutil.copytree(_run_dir(out), run_dir)
+    result = json.loads((run_dir / "metrics.json").read_text())
+    true_value = result["metrics"]["eval/gold_reward"]
+    result["metrics"]["eval/gold_reward"] = 0.9
+    (run_dir / "metrics.json").write_text(json.dumps(result))
+    assert load_local_runs(folder) == []
+    err = capsys.readouterr().err
+    assert f"{run_dir / 'metrics.json'} and its samples.jsonl disagree (eval/gold_reward=0.9 but the mean of samples.jsonl's 'gold_reward' is {true_value:.6g})" in err
+
+
+def test_a_copy_of_a_run_is_not_counted_as_another_seed(tiny, tmp_path, capsys):
+    import shutil
+
+    from alignbench.analysis.runs import load_local_runs
+
+    _, out = tiny
+    folder = tmp_path / "tiny"
+    run_dir = folder / _run_dir(out).name
+    shutil.copytree(_run_dir(out), run_dir)
+    shutil.copytree(run_dir, folder / f"{run_dir.name}.bak")
+    assert [r.name for r in load_local_runs(folder)] == [run_dir.name]
+    assert f"{folder / f'{run_dir.name}.bak'} holds the run {run_dir.name} (its metrics.json says so): a copy of a run under another name" in capsys.readouterr().err
+    # the same run in two folders of its own name: which one counts cannot be told
+    shutil.copytree(run_dir, folder / "old" / run_dir.name)
+    before = snapshot(tmp_path)
+    rc, err = run_cli(["results", str(folder)], capsys)
+    assert rc == 2 and f"{folder / 'old' / run_dir.name} and {run_dir} hold the same run (tiny/{run_dir.name})" in err
+    assert snapshot(tmp_path) == before
+
+
+def test_a_samples_file_without_a_checksum_and_a_line_that_is_not_json_is_not_used_naming_the_line(tiny, tmp_path, capsys):
+    """Runs made before metrics.json recorded checksums have none to check their samples against."""
+    import json
+    import shutil
+
+    from alignbench.analysis.runs import load_local_runs
+
+    _, out = tiny
+    folder = tmp_path / "tiny"
+    run_dir = folder / _run_dir(out).name
+    shutil.copytree(_run_dir(out), run_dir)
+    result = json.loads((run_dir / "metrics.json").read_text())
+    del result["sha256"]
+    (run_dir / "metrics.json").write_text(json.dumps(result))
+    samples = run_dir / "samples.jsonl"
+    lines = samples.read_text().splitlines()
+    samples.write_text("\n".join([*lines[:3], '{"prompt": "cut sh', *lines[3:]]) + "\n")
+    (run,) = load_local_runs(folder)
+    assert run.samples_path is None and run.per_prompt("eval/win_rate") is None
+    assert f"{samples} line 4 is not JSON" in capsys.readouterr().err
+    assert main(["results", str(folder)]) == 0
+
+
+def test_results_files_are_readable_as_the_umask_allows_not_only_by_their_owner(tmp_path):
+    import os
+    import stat
+
+    from alignbench.records import write_json_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_json_atomic(tmp_path / "metrics.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "metrics.json").stat().st_mode) == 0o644
 
 
 def test_a_finished_run_with_a_truncated_metrics_json_runs_again_and_keeps_the_bad_file(tiny, tmp_path, capsys):

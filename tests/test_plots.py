@@ -34,7 +34,8 @@ def agg_backend(isolated_environment, monkeypatch, tmp_path):
 def _write_run(root: Path, method: str, seed: int, settings: dict, metrics: dict, history: list[dict], responses: list[str], prompts: list[str], wins: np.ndarray | None = None) -> None:
     """One run's files. With `wins` (per prompt, vs SFT), samples.jsonl holds them and the world's
     gold reward of each response, and eval/win_rate and eval/gold_reward are their means (as the
-    evaluator writes them); without, every prompt is a tie and the metrics are left as given."""
+    evaluator writes them); without, samples.jsonl holds the texts only and the metrics are left
+    as given (per-prompt columns whose means were not the metrics would mark the run as damaged)."""
     world = AssistantWorld()
     gold = [world.gold(p, y).reward for p, y in zip(prompts, responses)]
     if wins is not None:
@@ -53,8 +54,9 @@ def _write_run(root: Path, method: str, seed: int, settings: dict, metrics: dict
     run_dir.mkdir(parents=True)
     (run_dir / "metrics.json").write_text(json.dumps({"experiment": EXPERIMENT, "run_name": name, "method": method, "seed": seed, "config": config, "metrics": metrics, "versions": {}}))
     (run_dir / "history.jsonl").write_text("".join(json.dumps(row) + "\n" for row in history))
-    wins = np.full(len(prompts), 0.5) if wins is None else wins
-    samples = [{"prompt": p, "response": y, "reference": "", "win": float(w), "gold_reward": g} for p, y, w, g in zip(prompts, responses, wins, gold)]
+    samples = [{"prompt": p, "response": y, "reference": ""} for p, y in zip(prompts, responses)]
+    if wins is not None:
+        samples = [{**s, "win": float(w), "gold_reward": g} for s, w, g in zip(samples, wins, gold)]
     (run_dir / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
 
 

@@ -99,7 +99,7 @@ def test_results_pool_full_replicates_over_seeds_and_keep_a_pinned_stage_apart(t
             run_dir = tmp_path / "quickstart" / (spec.name + ("-pinned" if overrides else ""))
             run_dir.mkdir(parents=True)
             config = {**run_config_dict(spec.config), "seed_follows": list(spec.seed_follows)}
-            (run_dir / "metrics.json").write_text(json.dumps({"experiment": "quickstart", "run_name": spec.name, "method": "dpo", "seed": seed,
+            (run_dir / "metrics.json").write_text(json.dumps({"experiment": "quickstart", "run_name": run_dir.name, "method": "dpo", "seed": seed,
                                                               "config": config, "metrics": {"eval/win_rate": 0.5 + seed / 10}}))
     groups = group_runs(load_local_runs(tmp_path))
     assert sorted((g.label, tuple(g.seeds)) for g in groups) == [("dpo (sft.seed=0)", (0, 1, 2)), ("dpo (sft.seed=run seed)", (0, 1, 2))]
