@@ -51,9 +51,9 @@ from pathlib import Path
 from typing import Any
 
 from alignbench.config import ConfigError, apply_overrides, from_dict, parse_overrides
-from alignbench.log import log, quiet_libraries
+from alignbench.log import log, quiet_libraries, warn
 from alignbench.processes import PARENT_PID_VARIABLE, in_forked_child
-from alignbench.records import write_json_atomic
+from alignbench.records import UnreadableResult, read_result, write_json_atomic
 
 # Set by the sweep's own expansion, not by the grid.
 _RESERVED_KEYS = ("method", "methods", "seed", "seeds", "name")
@@ -430,12 +430,22 @@ def _last_step(log_path: Path) -> str:
     return lines[-1].removeprefix("[alignbench] ") if lines else "starting"
 
 
+def _result(path: Path) -> dict[str, Any] | None:
+    """A finished run's metrics.json; None where there is none, or one that cannot be read (the
+    run is not finished: a rerun of the sweep makes it again)."""
+    try:
+        return read_result(path) if path.exists() else None
+    except UnreadableResult as err:
+        warn(f"{err}; the run is not finished")
+        return None
+
+
 def summary(runs: list[SweepRun], folder: Path) -> str:
     """The sweep's finished runs: one column per method and swept setting, averaged over seeds."""
     from alignbench.analysis.tables import format_table, results_frame, summary_table
 
-    finished = [(r, folder / r.name / "metrics.json") for r in runs]
-    results = [dict(json.loads(p.read_text()), method=r.label) for r, p in finished if p.exists()]
+    finished = [(r, _result(folder / r.name / "metrics.json")) for r in runs]
+    results = [dict(result, method=r.label) for r, result in finished if result is not None]
     if not results:
         return "no finished runs\n"
     table = summary_table(results_frame(results))
@@ -456,7 +466,7 @@ def main(args) -> None:
         quiet_libraries()
         runs, _ = expand(args.sweep, args.overrides)
         for run in runs:
-            done = (out / run.config.name / run.name / "metrics.json").exists()
+            done = _result(out / run.config.name / run.name / "metrics.json") is not None
             print(f"{'finished' if done else 'to run  '}  {run.name}  {run.label}")
         print(f"{len(runs)} runs")
         return

@@ -181,6 +181,12 @@ def test_a_failed_run_is_retried_then_reported_and_a_finished_run_is_skipped(tmp
     assert runs["sft"]["attempts"] == 0 and runs["sft"]["status"] == "finished"  # skipped: not started again
     assert runs["dpo"]["attempts"] == 1 and runs["dpo"]["status"] == "failed"
     assert "2 runs, 1 finished, 1 to run" in capsys.readouterr().out
+    # a finished run whose metrics.json was cut short is listed as one to run, naming the file
+    metrics = out / "failing" / runs["sft"]["run_name"] / "metrics.json"
+    metrics.write_text(metrics.read_text()[:100])
+    assert main([*argv, "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    assert f"to run    {runs['sft']['run_name']}" in captured.out and f"{metrics} cannot be read" in captured.err
 
 
 def test_runs_that_share_a_worker_process_give_the_numbers_each_gives_alone(tmp_path):
