@@ -219,6 +219,9 @@ def verified_summary(directory: Path) -> dict | None:
         _write_summary(directory, summary)
         log(f"{directory} was built before stages recorded checksums; recorded them now")
     else:
+        if not isinstance(recorded, dict) or not all(isinstance(name, str) and isinstance(digest, str) for name, digest in recorded.items()):
+            warn(f"{path} cannot be read (its sha256 is {json.dumps(recorded)[:40]}, not a mapping of file names to checksums); rebuilding the stage")
+            return None
         problems = checksum_problems(directory, recorded)
         if problems:
             warn(f"cached stage {directory} is damaged: {'; '.join(problems)}. It is rebuilt, not used")

@@ -386,7 +386,7 @@ def test_a_stage_records_the_checksum_of_each_file_and_what_it_was_built_with(tm
     assert summary["sha256"] == recorded["sha256"]
 
 
-@pytest.mark.parametrize("damage", ["zeroed", "truncated", "missing", "summary"])
+@pytest.mark.parametrize("damage", ["zeroed", "truncated", "missing", "summary", "checksums"])
 def test_a_damaged_stage_is_rebuilt_never_used_and_the_file_is_named(tmp_path, damage, capsys):
     from alignbench.stage_cache import StageCache
 
@@ -401,14 +401,16 @@ def test_a_damaged_stage_is_rebuilt_never_used_and_the_file_is_named(tmp_path, d
         weights.write_bytes(weights.read_bytes()[:1000])
     elif damage == "missing":
         weights.unlink()
-    else:
+    elif damage == "summary":
         (directory / "stage.json").write_text('{"n": 1, "sha')
+    else:
+        (directory / "stage.json").write_text('{"n": 1, "sha256": "corrupt"}')
     _new_process()
     capsys.readouterr()
     again, summary = StageCache(tmp_path).stage("toy", {"a": 1}, _toy_build(builds))
     err = capsys.readouterr().err
     assert again == directory and len(builds) == 2 and summary["n"] == 2
-    named = directory / ("stage.json" if damage == "summary" else "model/weights.bin")
+    named = directory / ("stage.json" if damage in ("summary", "checksums") else "model/weights.bin")
     assert "warning: " in err and str(named) in err and ("rebuilt" in err or "rebuilding" in err)
     assert weights.read_bytes() == bytes(range(256)) * 64
     _new_process()
