@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import functools
+import hashlib
 import json
 import os
 import platform
@@ -265,6 +266,12 @@ def _run(spec: RunSpec, run_dir: Path, out: Path, group, pipeline, split: str, o
         if resume is None:  # nothing to resume from: partial files are started afresh
             history_path.unlink(missing_ok=True)
             checkpoints.clear()
+        elif (problem := history_problem(history_path, resume.history)) is not None:
+            # Its rows would be lost or wrong in a resumed run's history: run it again whole.
+            warn(f"{problem}; {config.name}/{name} starts again from the beginning, not from {resume}")
+            history_path.unlink(missing_ok=True)
+            checkpoints.clear()
+            resume = None
         else:
             truncate_history(history_path, resume.history)
             log(f"resuming {config.name}/{name} from {resume}")
@@ -450,9 +457,22 @@ class Checkpoints:
 
 
 def history_mark(path: Path | None, pending_step: int | None = None) -> dict:
-    """The size of history.jsonl now; `pending_step`: Lightning logs a step's training metrics
-    after the step's callbacks, so a checkpoint taken in one is followed by that row."""
-    return {"bytes": path.stat().st_size if path is not None and path.exists() else 0, "pending_step": pending_step}
+    """The size and checksum of history.jsonl now; `pending_step`: Lightning logs a step's
+    training metrics after the step's callbacks, so a checkpoint taken in one is followed by that row."""
+    data = path.read_bytes() if path is not None and path.exists() else b""
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "pending_step": pending_step}
+
+
+def history_problem(path: Path, mark: dict) -> str | None:
+    """What keeps history.jsonl from being cut back to a checkpoint's mark: the rows the checkpoint
+    covers are missing or changed since (checkpoints written before the mark held a checksum are
+    checked for length only). None where it can be."""
+    data = path.read_bytes()[: mark["bytes"]] if path.exists() else b""
+    if len(data) < mark["bytes"]:
+        return f"{path} holds {len(data)} bytes, fewer than the {mark['bytes']} its checkpoint covers"
+    if "sha256" in mark and hashlib.sha256(data).hexdigest() != mark["sha256"]:
+        return f"{path} has changed since its checkpoint was taken"
+    return None
 
 
 def truncate_history(path: Path, mark: dict) -> None:

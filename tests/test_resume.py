@@ -213,3 +213,37 @@ def test_a_kill_right_after_a_checkpoint_is_put_in_place_loses_no_history_row(ex
     assert main(["run", str(path), "method=ppo", "name=raced", "--out", str(out)]) == 0
     assert "resuming raced/" in capsys.readouterr().out
     assert [r["step"] for r in _history(run_dir)] == [r["step"] for r in _history(reference)]
+
+
+@pytest.mark.parametrize("damage", ["deleted", "edited"])
+def test_a_history_changed_since_the_checkpoint_runs_the_run_again_from_the_start(experiment, damage, capsys):
+    """Resuming keeps the rows the checkpoint covers: deleted or edited, they would be lost or wrong
+    in the finished history (and an edit would be sealed by its checksum), so the run starts over."""
+    from alignbench.cli import main
+    from alignbench.runner import KILL_AFTER_CHECKPOINT
+
+    path, out = experiment
+    assert main(["run", str(path), "method=ppo", "--out", str(out)]) == 0
+    reference = _run_dir(out, "uninterrupted", "ppo")
+    name = f"history-{damage}"
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"} | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", KILL_AFTER_CHECKPOINT: "2"}
+    command = [sys.executable, "-m", "alignbench", "run", str(path), "method=ppo", f"name={name}", "--out", str(out)]
+    assert subprocess.run(command, env=env, capture_output=True, timeout=600).returncode == -signal.SIGKILL
+    run_dir = _run_dir(out, name, "ppo")
+    history = run_dir / "history.jsonl"
+    if damage == "deleted":
+        history.unlink()
+        problem = "holds 0 bytes, fewer than the"
+    else:
+        text = history.read_text()
+        digit = next(i for i, c in enumerate(text) if c.isdigit() and text[i - 1] == ".")
+        history.write_text(text[:digit] + str((int(text[digit]) + 1) % 10) + text[digit + 1:])
+        problem = "has changed since its checkpoint was taken"
+    capsys.readouterr()
+    assert main(["run", str(path), "method=ppo", f"name={name}", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"{history} {problem}" in err and f"{name}/{run_dir.name} starts again from the beginning" in err
+    rows, reference_rows = _history(run_dir), _history(reference)
+    assert [r["step"] for r in rows] == [r["step"] for r in reference_rows]
+    for row, reference_row in zip(rows[:-1], reference_rows[:-1]):
+        assert all(row[k] == pytest.approx(reference_row[k], rel=1e-5, abs=1e-6) for k in row), row
