@@ -29,6 +29,7 @@ from alignbench.registry import METHODS, get_method
 from alignbench.reward import RewardModelConfig
 from alignbench.seeding import STAGE_SEEDS, get_dotted, stage_seeds_following, with_run_seed
 from alignbench.sft import SFTConfig
+from alignbench.stage_cache import CACHE_FOLDER
 from alignbench.tracking import TrackingConfig
 from alignbench.training import TrainerConfig
 from alignbench.world import WorldConfig
@@ -101,6 +102,8 @@ class ExperimentBase:
 
     def __post_init__(self):
         check_folder_name("name", self.name)
+        if self.name == CACHE_FOLDER:  # its runs would land among the stages, where results never look
+            raise ValueError(f"name={self.name!r} is the folder of the stage cache under --out; give the experiment another name")
 
 
 def check_folder_name(key: str, value: str) -> None:

@@ -54,6 +54,9 @@ STAGE_CACHE_VARIABLE = "ALIGNBENCH_STAGE_CACHE"
 """The environment variable naming a stage cache folder shared by every output folder."""
 
 
+CACHE_FOLDER = "cache"  # OUT/cache: the stages, beside the experiments' folders (never an experiment's name)
+
+
 def stage_cache_folder(out: Path) -> Path:
     """Where the stages of output folder `out` are cached: the folder ALIGNBENCH_STAGE_CACHE names
     (made if missing; a relative path is taken from the working directory), or `OUT/cache` where it
@@ -61,7 +64,7 @@ def stage_cache_folder(out: Path) -> Path:
     ConfigError naming the variable and its value, raised before any stage is built."""
     setting = os.environ.get(STAGE_CACHE_VARIABLE, "")
     if not setting:
-        return Path(out) / "cache"
+        return Path(out) / CACHE_FOLDER
     folder = Path(setting).expanduser()
     for part in [folder, *folder.parents]:
         if part.exists():

@@ -23,6 +23,7 @@ from alignbench.analysis.stats import Interval, metric_interval, replicate_inter
 from alignbench.config import ConfigError, flatten
 from alignbench.log import warn
 from alignbench.records import UnreadableResult, checksum_problems, read_result
+from alignbench.stage_cache import CACHE_FOLDER
 
 
 def find_run_dirs(directory: Path) -> list[Path]:
@@ -31,7 +32,7 @@ def find_run_dirs(directory: Path) -> list[Path]:
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"results directory not found: {directory}")
-    return [path.parent for path in sorted(directory.rglob("metrics.json")) if "cache" not in path.relative_to(directory).parts]
+    return [path.parent for path in sorted(directory.rglob("metrics.json")) if CACHE_FOLDER not in path.relative_to(directory).parts]
 
 
 # Runs are pooled over seeds only where their whole resolved config agrees except these: the seed

@@ -48,6 +48,13 @@ def test_an_experiment_name_that_would_leave_out_is_refused_in_the_yaml(world, n
     assert not Path("/tmp/alignbench-escape-abs").exists()
 
 
+def test_an_experiment_named_like_the_stage_cache_is_refused(world, capsys):
+    before = snapshot(world)
+    rc, err = run_cli(["run", "quickstart", "method=sft", "name=cache", "--out", str(world / "work" / "out")], capsys)
+    assert rc == 2 and "name='cache' is the folder of the stage cache under --out" in err
+    assert snapshot(world) == before
+
+
 def test_an_absolute_experiment_name_on_the_command_line_is_refused(world, capsys):
     target = world / "elsewhere"
     before = snapshot(world)
