@@ -27,6 +27,7 @@ import dataclasses
 import fcntl
 import functools
 import hashlib
+import itertools
 import json
 import os
 import platform
@@ -260,8 +261,9 @@ def _run(spec: RunSpec, run_dir: Path, out: Path, group, pipeline, split: str, o
     if primary:
         run_dir.mkdir(parents=True, exist_ok=True)
         if (run_dir / "metrics.json").exists():  # unreadable (finished_result said so): kept, not overwritten
-            os.replace(run_dir / "metrics.json", run_dir / "metrics.json.unreadable")
-            log(f"moved the unreadable {run_dir / 'metrics.json'} to metrics.json.unreadable")
+            kept = next(path for n in itertools.count() if not (path := run_dir / ("metrics.json.unreadable" + (f".{n}" if n else ""))).exists())
+            os.replace(run_dir / "metrics.json", kept)
+            log(f"moved the unreadable {run_dir / 'metrics.json'} to {kept.name}")
         (run_dir / "samples.jsonl").unlink(missing_ok=True)
         if resume is None:  # nothing to resume from: partial files are started afresh
             history_path.unlink(missing_ok=True)

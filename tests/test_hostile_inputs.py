@@ -414,6 +414,10 @@ def test_a_finished_run_with_a_truncated_metrics_json_runs_again_and_keeps_the_b
     rc, err = run_cli(["run", str(path), "method=sft", "--out", str(copy)], capsys)
     assert rc == 0 and f"{run_dir / 'metrics.json'} cannot be read" in err
     assert (run_dir / "metrics.json.unreadable").read_bytes() == bad
+    # damaged again: the first bad file is kept too
+    (run_dir / "metrics.json").write_bytes(bad[:50])
+    assert run_cli(["run", str(path), "method=sft", "--out", str(copy)], capsys)[0] == 0
+    assert (run_dir / "metrics.json.unreadable").read_bytes() == bad and (run_dir / "metrics.json.unreadable.1").read_bytes() == bad[:50]
     again = json.loads((run_dir / "metrics.json").read_text())
     assert {k: v for k, v in again["metrics"].items() if k != "budget/wall_s"} == {k: v for k, v in good["metrics"].items() if k != "budget/wall_s"}
     assert snapshot(copy / "cache") == cache
