@@ -67,17 +67,18 @@ class KLMonitor(Callback):
         self.prompts = context.train_prompts[:n_prompts]
         self.exceeded = False
 
-    def estimate(self, module) -> float:
+    def estimate(self, module, step: int) -> float:
+        """The KL on fresh samples, drawn from a stream named by the fit's `step`."""
         from alignbench.evaluation import sample_policy
 
-        responses = sample_policy(module.policy, self.context.reference, self.context.codec, self.prompts, self.context.eval_config, seeded_generator(self.context.seed, "kl", module.global_step))
+        responses = sample_policy(module.policy, self.context.reference, self.context.codec, self.prompts, self.context.eval_config, seeded_generator(self.context.seed, "kl", step))
         return float(np.mean(responses.kl))
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         step = trainer.global_step
         kl = getattr(module, "rollout_kl", None)  # online methods measure the KL of every rollout batch
         if self.every and step % self.every == 0:
-            kl = self.estimate(module)
+            kl = self.estimate(module, step)
             for logger in trainer.loggers:
                 logger.log_metrics({"train/kl": kl}, step=step)
         if kl is not None and self.max_kl is not None and kl > self.max_kl:
@@ -286,8 +287,7 @@ def _run(spec: RunSpec, run_dir: Path, out: Path, group, pipeline, split: str, o
         L.seed_everything(config.seed, verbose=False)
         module = spec.method_class(spec.method_config, context)
         log(f"run {config.name}/{name}: method {config.method}, seed {config.seed}")
-        if spec.method_class.trains:
-            train(module, context, config, loggers, checkpoints, resume)
+        final_step = train(module, context, config, loggers, checkpoints, resume) if spec.method_class.trains else 0
         # (The metric names say the split: eval/* for test, val/* for validation.)
         result = {"experiment": config.name, "run_name": name, "method": config.method, "seed": config.seed, "config": resolved}
         if not primary:  # rank 0 evaluates and writes the results
@@ -306,7 +306,7 @@ def _run(spec: RunSpec, run_dir: Path, out: Path, group, pipeline, split: str, o
         metrics.update(final_train)
         loggers[0].observers = []  # they watch training; these are the results
         for logger in loggers:
-            logger.log_metrics(metrics, step=getattr(module, "global_step", 0))
+            logger.log_metrics(metrics, step=final_step)
         if wandb_logger is not None:
             wandb_logger.experiment.summary.update(metrics)
         with open(run_dir / "samples.jsonl", "w") as f:
@@ -654,9 +654,13 @@ class Fitter:
             logger.log_metrics(metrics, step=self.last_fit_steps)
 
 
-def train(module, context: RunContext, config, loggers, checkpoints: Checkpoints | None = None, resume: ResumePoint | None = None) -> None:
+def train(module, context: RunContext, config, loggers, checkpoints: Checkpoints | None = None, resume: ResumePoint | None = None) -> int:
+    """Train `module` (resuming from `resume`); returns the step of its last fit, at which the
+    results are logged. Not `module.global_step`: a run resumed after its last fit restores that
+    fit from its checkpoint without a trainer, and the module's step would read 0."""
     fit = Fitter(module, context, config, loggers, checkpoints, resume)
     module.train_policy(fit)
     # The KL at the end of training, whatever the step (the eval KL is on the test split).
     if module.config.kl_every:
-        fit.log({"train/kl": fit.kl_monitor.estimate(module)})
+        fit.log({"train/kl": fit.kl_monitor.estimate(module, fit.last_fit_steps)})
+    return fit.last_fit_steps
