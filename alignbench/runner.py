@@ -55,7 +55,7 @@ from alignbench.processes import follow_parent_process, release_freed_memory
 from alignbench.seeding import seeded_generator
 from alignbench.sources import inference_device
 from alignbench.tracking import HistoryLogger, HistoryWriter, make_wandb_logger
-from alignbench.training import NonFiniteLossError, ResumableLoader, make_trainer, rng_state, set_rng_state, steps_per_epoch
+from alignbench.training import NonFiniteLossError, ResumableLoader, make_trainer, rng_state, set_rng_state, steps_per_epoch, trainer_fit
 
 
 class KLMonitor(Callback):
@@ -617,7 +617,7 @@ class Fitter:
         # One process: a loader that resumes mid-epoch. Sharded: the plain DataLoader, which Lightning
         # gives a DistributedSampler (a fit resumed mid-epoch replays that epoch from its start).
         loader = fit_state.loader = data if sharded else ResumableLoader(data)
-        trainer.fit(self.module, train_dataloaders=loader, ckpt_path=checkpoint, weights_only=True)
+        trainer_fit(trainer, self.module, train_dataloaders=loader, ckpt_path=checkpoint, weights_only=True)
         self.last_fit_steps = trainer.global_step
         self.step_offset += trainer.global_step
         if self.checkpoints is not None:

@@ -179,6 +179,25 @@ def make_trainer(config: TrainerConfig, *, max_steps: int = -1, max_epochs: int 
     )
 
 
+def trainer_fit(trainer: L.Trainer, module: L.LightningModule, **kwargs) -> None:
+    """`trainer.fit(module, **kwargs)`, with Ctrl-C raised as KeyboardInterrupt. Lightning catches
+    it, tears the fit down, ignores SIGINT from then on and exits the process with status 1, which
+    skipped what the caller does on an interrupt: the CLI's message and exit status 130, Optuna
+    marking the trial failed, the W&B run's finish."""
+    import signal
+    import threading
+
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        trainer.fit(module, **kwargs)
+    except SystemExit:
+        if not trainer.interrupted:
+            raise
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, handler)
+        raise KeyboardInterrupt from None
+
+
 @dataclass
 class Budget:
     """What a run spent: labels, samples, tokens and time (reported as `budget/*`).

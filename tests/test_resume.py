@@ -83,20 +83,24 @@ def experiment(tmp_path_factory, shared_stage_cache):
     return path, out
 
 
-def _killed_part_way(path: Path, out: Path, method: str, checkpoint: str) -> None:
-    """Start `alignbench run` and SIGKILL it as soon as `checkpoint` is written."""
+def _killed_part_way(path: Path, out: Path, method: str, checkpoint: str, sig: int = signal.SIGKILL, name: str = "resumed") -> subprocess.CompletedProcess:
+    """Start `alignbench run` and send it `sig` as soon as `checkpoint` is written; returns the
+    process, ended, its stderr read."""
     # Its own W&B service (WANDB_SERVICE is set once this process has used W&B): a service
     # shared with this process would keep the killed run's id in use.
     env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"} | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "alignbench", "run", str(path), f"method={method}", "name=resumed", "tracking.wandb=offline", "--out", str(out)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    command = [sys.executable, "-m", "alignbench", "run", str(path), f"method={method}", f"name={name}", "tracking.wandb=offline", "--out", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 300
     while process.poll() is None and time.monotonic() < deadline:
-        if list((out / "resumed").glob(f"{method}-*/checkpoints/{checkpoint}")):
-            process.send_signal(signal.SIGKILL)
+        if list((out / name).glob(f"{method}-*/checkpoints/{checkpoint}")):
+            process.send_signal(sig)
             break
         time.sleep(0.02)
-    assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed part-way"
+    _, stderr = process.communicate(timeout=300)
+    if sig == signal.SIGKILL:
+        assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed part-way"
+    return subprocess.CompletedProcess(command, process.returncode, None, stderr)
 
 
 def _run_dir(out: Path, experiment: str, method: str) -> Path:
@@ -250,3 +254,18 @@ def test_a_history_changed_since_the_checkpoint_runs_the_run_again_from_the_star
     assert [r["step"] for r in rows] == [r["step"] for r in reference_rows]
     for row, reference_row in zip(rows[:-1], reference_rows[:-1]):
         assert all(row[k] == pytest.approx(reference_row[k], rel=1e-5, abs=1e-6) for k in row), row
+
+
+def test_ctrl_c_in_training_exits_130_saying_so_and_the_run_resumes(experiment, capsys):
+    """Lightning turns Ctrl-C in a fit into exit status 1, silently; alignbench's own handling
+    (the message, status 130, the W&B run finished) must still be reached."""
+    from alignbench.cli import main
+
+    path, out = experiment
+    ended = _killed_part_way(path, out, "ppo", "fit-000-last.ckpt", sig=signal.SIGINT, name="interrupted")
+    assert ended.returncode == 130 and "alignbench: interrupted; finished runs are kept" in ended.stderr
+    run_dir = _run_dir(out, "interrupted", "ppo")
+    assert not (run_dir / "metrics.json").exists()
+    capsys.readouterr()
+    assert main(["run", str(path), "method=ppo", "name=interrupted", "tracking.wandb=offline", "--out", str(out)]) == 0
+    assert "resuming interrupted/" in capsys.readouterr().out

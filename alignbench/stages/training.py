@@ -15,7 +15,7 @@ from alignbench.data import DemonstrationDataModule, PreferenceDataModule, Rows,
 from alignbench.models import LoRAConfig, RewardModel, TextCodec, load_pretrained_policy, merge_lora, prepare_for_training
 from alignbench.reward import RewardModelConfig, RewardModelTraining, score_texts
 from alignbench.sft import SupervisedFineTuning
-from alignbench.training import OptimConfig, TrainerConfig, make_trainer
+from alignbench.training import OptimConfig, TrainerConfig, make_trainer, trainer_fit
 
 
 def fine_tune(policy, codec: TextCodec, prompts: Sequence[str], responses: Sequence[str], *, epochs: int, batch_size: int, max_length: int,
@@ -30,7 +30,7 @@ def fine_tune(policy, codec: TextCodec, prompts: Sequence[str], responses: Seque
     total = len(data.train_dataloader()) * epochs
     module = SupervisedFineTuning(policy.train(), optim, total)
     torch.manual_seed(seed)
-    make_trainer(trainer, max_steps=total, max_epochs=epochs, grad_clip=optim.grad_clip).fit(module, datamodule=data)
+    trainer_fit(make_trainer(trainer, max_steps=total, max_epochs=epochs, grad_clip=optim.grad_clip), module, datamodule=data)
     policy = merge_lora(policy)
     policy.eval()
     return policy, {"steps": total, "tokens": module.tokens_trained}
@@ -63,7 +63,7 @@ def train_reward_model(policy_dir: Path, codec: TextCodec, records: list[dict], 
     if model.lora.enabled and reward_model.lm_head is not None:
         reward_model.lm_head.requires_grad_(False)  # an untied LM head is as large as the embeddings LoRA leaves frozen
     total = len(data.train_dataloader()) * config.epochs
-    make_trainer(trainer, max_steps=total, max_epochs=config.epochs, grad_clip=config.optim.grad_clip).fit(RewardModelTraining(reward_model, config, total), datamodule=data)
+    trainer_fit(make_trainer(trainer, max_steps=total, max_epochs=config.epochs, grad_clip=config.optim.grad_clip), RewardModelTraining(reward_model, config, total), datamodule=data)
     reward_model.backbone = merge_lora(reward_model.backbone)
     reward_model.eval()
     return reward_model

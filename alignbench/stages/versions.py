@@ -31,36 +31,38 @@ SHARED = ("stages/training.py", "sources.py")
 # Hashes recorded without a bump when a model named by model.name or ai_labeler.model that cannot
 # be loaded became a ConfigError naming the key (sources.py, stages/sft.py, stages/ai_labeler.py):
 # what loads, loads as before.
+# Hashes recorded without a bump when stages/training.py's fits went through `trainer_fit` (a
+# Ctrl-C raised again as KeyboardInterrupt): what a fit that ends builds is unchanged.
 
 BUILD: dict[str, Build] = {
     # 2: fine-tuned on demonstrations packed several to a row (`DemonstrationDataModule(pack=True)`): the
     # same loss up to float rounding, about 30% fewer tokens through the model.
-    "sft": Build(2, ("stages/sft.py", *SHARED), "1199ad109c1ba54d"),
-    "labels": Build(1, ("stages/labels.py", *SHARED), "446da0951b59381d"),
+    "sft": Build(2, ("stages/sft.py", *SHARED), "a0cf413fcb5782a5"),
+    "labels": Build(1, ("stages/labels.py", *SHARED), "689a7fa2912bde19"),
     # 2: the safety RM's Platt calibration no longer diverges (`fit_calibration`).
     # 3: trained on shared-prompt rows, packed (`train_reward_model`): the same loss up to float rounding.
     # 4: scored (held-out accuracy, the safety calibration) in smaller batches, a prompt's responses
     # with the prompt once (`score_texts`): the same scores up to float rounding.
-    "reward_models": Build(4, ("stages/reward_models.py", *SHARED), "f36c9f892ee15c14"),
-    "reference_samples": Build(1, ("stages/reference_samples.py", *SHARED), "5659dae138921798"),
-    "candidates": Build(1, ("stages/candidates.py", *SHARED), "98baf80d8d0cbdda"),
+    "reward_models": Build(4, ("stages/reward_models.py", *SHARED), "5d2eaff1461acdd0"),
+    "reference_samples": Build(1, ("stages/reference_samples.py", *SHARED), "f6e4083d3d928501"),
+    "candidates": Build(1, ("stages/candidates.py", *SHARED), "85b54045bf139f52"),
     # 2: fine-tuned by the packing fine_tune, as sft 2 (the quickstart's requests do not pack, so
     # its labeler is built as at 1; a shorter request would pack).
     # 3: requests too long to share a row of max_length packed into rows twice as wide
     # (`DemonstrationDataModule`): the same loss up to float rounding, 19% fewer tokens.
-    "ai_labeler": Build(3, ("stages/ai_labeler.py", "ai_feedback.py", *SHARED), "e1c6e80c3054e0b2"),
+    "ai_labeler": Build(3, ("stages/ai_labeler.py", "ai_feedback.py", *SHARED), "dd3f9605646c87cf"),
     # 2: the labeler reads requests batched by length, the last position's logits only
     # (`judges.next_token_logprobs`): the same labels up to float rounding.
-    "ai_labels": Build(2, ("stages/ai_labels.py", "stages/ai_labeler.py", *SHARED), "27e541e7de286b22"),
+    "ai_labels": Build(2, ("stages/ai_labels.py", "stages/ai_labeler.py", *SHARED), "36a7db6e3d0f9f8d"),
     # 2: trained by the one `train_reward_model`, which honours reward_model.architecture and LoRA
     # (version 1 always built the backbone + head, without adapters). 3, 4: as reward_models 3, 4.
-    "pair_reward_model": Build(4, ("stages/pair_reward_model.py", *SHARED), "3d57dca70f9a040e"),
+    "pair_reward_model": Build(4, ("stages/pair_reward_model.py", *SHARED), "58702dabf28bbc15"),
     # 2: fine-tuned packed, as sft 2.
-    "helpful_only": Build(2, ("stages/helpful_only.py", *SHARED), "75fad2483d6c2b2f"),
+    "helpful_only": Build(2, ("stages/helpful_only.py", *SHARED), "c4d7d4cdc2290be8"),
     # 2: fine-tuned packed, as sft 2.
-    "sl_cai": Build(2, ("stages/sl_cai.py", "stages/helpful_only.py", *SHARED), "a75ef0556c95eb68"),
+    "sl_cai": Build(2, ("stages/sl_cai.py", "stages/helpful_only.py", *SHARED), "e846ce6e90fc5af3"),
     # 2, 3, 4: as pair_reward_model.
-    "cai_preference_model": Build(4, ("stages/cai_preference_model.py", "stages/pair_reward_model.py", *SHARED), "78b4bfd360134449"),
+    "cai_preference_model": Build(4, ("stages/cai_preference_model.py", "stages/pair_reward_model.py", *SHARED), "125ead245ec6fa7d"),
 }
 
 
