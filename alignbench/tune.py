@@ -85,6 +85,8 @@ class ParameterSpace:
             if not self.choices:
                 raise ValueError("type 'categorical' needs a non-empty 'choices' list")
             return
+        if self.step is not None and not self.step > 0:
+            raise ValueError(f"step={self.step} must be > 0 (or left out for a continuous range)")
         if self.low is None or self.high is None:
             raise ValueError(f"type {self.type!r} needs 'low' and 'high'")
         if not self.low < self.high:
@@ -110,6 +112,11 @@ class ParameterSpace:
         return [int(self.low), int(self.high)] if self.type == "int" else [float(self.low), float(self.high)]
 
 
+# The metrics the evaluator reports for a split (alignbench.evaluation.Evaluator.evaluate, tested
+# against it), the first four with _ci_low and _ci_high; kl_outside_support at T = 0 or top_p < 1.
+EVALUATION_METRICS = ("win_rate", "gold_reward", "gold_helpfulness", "gold_harmlessness", "proxy_reward", "kl", "kl_outside_support", "length", "distinct_2")
+
+
 @dataclass
 class Objective:
     """What the search optimises: a contract metric, measured on the validation split."""
@@ -120,8 +127,12 @@ class Objective:
     direction: Literal["maximize", "minimize"] = "maximize"
 
     def __post_init__(self):
-        if self.metric.split("/")[0] not in ("eval", "val", "train", "budget", "rm"):
+        family, _, name = self.metric.partition("/")
+        if family not in ("eval", "val", "train", "budget", "rm"):
             raise ValueError(f"objective.metric={self.metric!r} must be a contract metric: eval/... (measured on the validation split), train/..., budget/... or rm/...")
+        if family in ("eval", "val") and name.removesuffix("_ci_low").removesuffix("_ci_high") not in EVALUATION_METRICS:
+            # Checked now: a name no trial reports would fail every trial, each after its training.
+            raise ValueError(f"objective.metric={self.metric!r} is not an evaluation metric; use {family}/ with one of {', '.join(EVALUATION_METRICS)}")
 
     @property
     def key(self) -> str:
@@ -139,6 +150,12 @@ class SamplerConfig:
     n_startup_trials: int = 5
     """Random trials before TPE starts modelling."""
 
+    def __post_init__(self):
+        if not 0 <= self.seed < 2**31:
+            raise ValueError(f"tune.sampler.seed={self.seed} must be an integer in [0, 2**31)")
+        if self.n_startup_trials < 0:
+            raise ValueError(f"tune.sampler.n_startup_trials={self.n_startup_trials} must be >= 0")
+
 
 @dataclass
 class PrunerConfig:
@@ -153,6 +170,12 @@ class PrunerConfig:
     """hyperband: the fewest training steps a trial gets."""
     reduction_factor: int = 3
     """hyperband: 1 / the share of trials promoted at each rung."""
+
+    def __post_init__(self):
+        for key, value, least in (("n_startup_trials", self.n_startup_trials, 0), ("n_warmup_steps", self.n_warmup_steps, 0),
+                                  ("min_resource", self.min_resource, 1), ("reduction_factor", self.reduction_factor, 2)):
+            if value < least:
+                raise ValueError(f"tune.pruner.{key}={value} must be >= {least}")
 
     def build(self):
         import optuna
@@ -184,8 +207,12 @@ class TuneConfig:
     def __post_init__(self):
         if self.n_trials < 1:
             raise ValueError(f"tune.n_trials={self.n_trials} must be >= 1")
+        if self.trial_seed < 0:
+            raise ValueError(f"tune.trial_seed={self.trial_seed} must be an integer >= 0")
         if not self.final_seeds:
             raise ValueError("tune.final_seeds needs at least one seed")
+        if any(seed < 0 for seed in self.final_seeds):
+            raise ValueError(f"tune.final_seeds={self.final_seeds}: a seed must be an integer >= 0")
         if len(set(self.final_seeds)) < len(self.final_seeds):  # checked now, not when the search is over
             raise ValueError(f"tune.final_seeds={self.final_seeds} lists a seed more than once; each entry must be distinct")
 
@@ -226,6 +253,8 @@ def load_tune(name_or_path: str, overrides: list[str] = ()) -> Tune:
     for method, space in (spec.space or {}).items():
         if method not in config.methods:
             raise ConfigError(f"tune.space.{method}: {method!r} is not in this file's methods ({', '.join(config.methods)})")
+        if not isinstance(space, dict):
+            raise ConfigError(f"tune.space.{method} is {space!r}; it must be a mapping of the method's keys to their ranges, e.g. {{{method}.optim.lr: {{type: log_float, low: 1.0e-5, high: 1.0e-3}}}}")
         flat = flatten_keys(space, f"tune.space.{method}", lambda v: isinstance(v, dict) and "type" in v)
         spaces[method] = {}
         for key, value in flat.items():
@@ -328,30 +357,32 @@ def run_trial(trial, tune: Tune, method: str, out: Path, pipeline) -> float:
     if trial.number not in counted[: c.n_trials]:
         trial.set_user_attr(_OVER_BUDGET, True)
         raise _OverBudget
-    values = {key: space.suggest(trial, key) for key, space in tune.spaces[method].items()}
-    data = apply_overrides(tune.data, {**values, "name": f"{tune.name}_trials", "method": method, "seed": c.trial_seed})
-    if not data.get("tracking", {}).get("project"):
-        data = apply_overrides(data, {"tracking.project": tune.name})  # every trial of the tune in one W&B project
-    config = experiment_from_data(data)
-    spec = resolve_run(config)
-    run_dir = out / config.name / spec.name
-    trial.set_user_attr("run", str(run_dir))
+    run_dir = None
     try:
+        values = {key: space.suggest(trial, key) for key, space in tune.spaces[method].items()}
+        data = apply_overrides(tune.data, {**values, "name": f"{tune.name}_trials", "method": method, "seed": c.trial_seed})
+        if not data.get("tracking", {}).get("project"):
+            data = apply_overrides(data, {"tracking.project": tune.name})  # every trial of the tune in one W&B project
+        config = experiment_from_data(data)
+        spec = resolve_run(config)
+        run_dir = out / config.name / spec.name
+        trial.set_user_attr("run", str(run_dir))
         result = run_one(config, out, group=tune.study_name(method), pipeline=pipeline, split="val", observers=[pruning_observer(trial, c.objective.key)])
+        value = result["metrics"].get(c.objective.key)
+        if value is None or not math.isfinite(value):
+            raise ValueError(f"the trial's results have no finite {c.objective.key} (it was {value})")
+        return float(value)
     except Exception as err:
         import optuna
 
         if isinstance(err, optuna.TrialPruned):
-            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # a pruned trial is not resumed
-        else:
+            if run_dir is not None:
+                shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # a pruned trial is not resumed
+        else:  # a failure of the trial's own takes its place in the budget, or the search would never end
             trial.set_user_attr(_ERROR, f"{type(err).__name__}: {err}")
         raise
     finally:
         release_freed_memory()  # the trial's policy, data and samples are gone; the worker runs more
-    value = result["metrics"].get(c.objective.key)
-    if value is None or not math.isfinite(value):
-        raise ValueError(f"the trial's results have no finite {c.objective.key}")
-    return float(value)
 
 
 def work(tune_file: str, overrides: list[str], out: Path, storage_url: str, worker: int = 0) -> None:
@@ -368,8 +399,8 @@ def work(tune_file: str, overrides: list[str], out: Path, storage_url: str, work
     heartbeat = isinstance(storage, optuna.storages.RDBStorage)
     for method in tune.spaces:
         c = tune.spec
-        sampler = optuna.samplers.TPESampler(seed=c.sampler.seed + worker, n_startup_trials=c.sampler.n_startup_trials)
-        study = optuna.load_study(study_name=tune.study_name(method), storage=storage, sampler=sampler, pruner=c.pruner.build())
+        earlier = len(optuna.load_study(study_name=tune.study_name(method), storage=storage).get_trials(deepcopy=False))
+        study = optuna.load_study(study_name=tune.study_name(method), storage=storage, sampler=trial_sampler(c.sampler, worker, earlier), pruner=c.pruner.build())
         while True:
             if heartbeat:
                 optuna.storages.fail_stale_trials(study)
@@ -382,6 +413,16 @@ def work(tune_file: str, overrides: list[str], out: Path, storage_url: str, work
             objective = functools.partial(run_trial, tune=tune, method=method, out=out, pipeline=pipeline)
             report = functools.partial(_log_trial, method=method, key=c.objective.key)
             study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True, callbacks=[report])
+
+
+def trial_sampler(config: SamplerConfig, worker: int, earlier_trials: int):
+    """Worker `worker`'s TPE sampler, in a study that holds `earlier_trials` trials already. A
+    search resumed after a kill gets a stream of its own: seeded as a fresh one is, it drew the
+    killed search's first points again (a trial that only repeated a finished one's settings)."""
+    import optuna
+
+    seed = config.seed + worker if earlier_trials == 0 else (config.seed + worker + 1_000_003 * earlier_trials) % 2**32
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=config.n_startup_trials)
 
 
 def _log_trial(study, trial, method: str, key: str) -> None:

@@ -51,11 +51,83 @@ def test_tune_file_spaces_are_read_per_method_in_either_key_form(tmp_path):
     ({"dpo": {"dpo.beta": {"type": "float", "low": -1.0, "high": 0.5}}}, "tune.space.dpo.dpo.beta: .*beta"),
     ({"dpo": {"ppo.init_kl_coef": {"type": "float", "low": 0.1, "high": 0.5}}}, "holds keys of its own section"),
     ({"ppo": {"ppo.init_kl_coef": {"type": "float", "low": 0.1, "high": 0.5}}}, "'ppo' is not in this file's methods"),
+    ({"dpo": {"dpo.beta": {"type": "float", "low": 0.1, "high": 0.5, "step": 0}}}, r"tune.space.dpo.dpo.beta.*step=0(\.0)? must be > 0"),
+    ({"dpo": [1, 2]}, r"tune.space.dpo is \[1, 2\]; it must be a mapping of the method's keys to their ranges"),
 ])
 def test_bad_search_spaces_name_the_key_and_what_is_accepted(tmp_path, space, message):
     path = _write(tmp_path / "bad.yaml", {"methods": ["dpo"], "tune": {"space": space}})
     with pytest.raises(ConfigError, match=message):
         load_tune(str(path))
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"objective": {"metric": "eval/win_rat"}}, "objective.metric='eval/win_rat' is not an evaluation metric; use eval/ with one of win_rate, "),
+    ({"trial_seed": -5}, r"tune.trial_seed=-5 must be an integer >= 0"),
+    ({"final_seeds": [-1]}, r"tune.final_seeds=\[-1\]: a seed must be an integer >= 0"),
+    ({"sampler": {"seed": -1}}, r"tune.sampler.seed=-1 must be an integer in \[0, 2\*\*31\)"),
+    ({"pruner": {"n_startup_trials": -3}}, "tune.pruner.n_startup_trials=-3 must be >= 0"),
+    ({"pruner": {"type": "hyperband", "reduction_factor": 1}}, "tune.pruner.reduction_factor=1 must be >= 2"),
+])
+def test_bad_tune_settings_are_refused_as_the_file_loads_naming_the_key(tmp_path, section, message):
+    path = _write(tmp_path / "bad.yaml", {"methods": ["dpo"], "tune": {**section, "space": {"dpo": {"dpo.beta": {"type": "float", "low": 0.1, "high": 0.5}}}}})
+    with pytest.raises(ConfigError, match=message):
+        load_tune(str(path))
+
+
+def test_the_objectives_evaluation_metrics_are_those_the_evaluator_reports():
+    import types
+
+    import numpy as np
+    import torch
+
+    from alignbench.evaluation import EvalConfig, Evaluator, PolicyResponses
+    from alignbench.tune import EVALUATION_METRICS
+    from alignbench.world import AssistantWorld
+
+    world = AssistantWorld()
+    prompts = world.sample_prompts("test", 4, seed=0)
+    texts = [world.ideal_response(p) for p in prompts]
+    judge = types.SimpleNamespace(prefer_batch=lambda ps, a, b: np.full(len(ps), 0.5))
+    proxy = types.SimpleNamespace(score=lambda ps, ys, harmful: torch.zeros(len(ps)))
+    config = EvalConfig(temperature=0.0, bootstrap_samples=10)  # greedy: kl_outside_support too
+    evaluator = Evaluator(config, {"test": prompts}, {"test": PolicyResponses([[1]] * 4, texts)}, judge, world=world, proxy=proxy, harmful_of=world.is_harmful)
+    metrics, _ = evaluator.evaluate(PolicyResponses([[1]] * 4, texts, np.zeros(4)))
+    assert {name.removeprefix("eval/").removesuffix("_ci_low").removesuffix("_ci_high") for name in metrics} == set(EVALUATION_METRICS)
+
+
+def test_a_trial_that_fails_by_its_own_settings_or_results_takes_its_place_in_the_budget(tmp_path):
+    """Failures outside the run itself (a sampled value, a missing objective) counted for nothing,
+    and a worker asked for trials without end."""
+    from alignbench.tune import _counts
+
+    path = _write(tmp_path / "t.yaml", {"methods": ["dpo"], "tune": {"n_trials": 2, "space": {"dpo": {"dpo.beta": {"type": "float", "low": 0.1, "high": 0.5}}}}})
+    tune = load_tune(str(path))
+
+    def suggest(trial, key):
+        raise ValueError("no value for you")
+
+    tune.spaces["dpo"]["dpo.beta"].suggest = suggest
+    study = optuna.create_study()
+    trial = study.ask()
+    with pytest.raises(ValueError, match="no value for you"):
+        run_trial(trial, tune, "dpo", tmp_path, pipeline=None)
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    (failed,) = study.get_trials()
+    assert "error" in failed.user_attrs and _counts(failed)
+
+
+def test_a_resumed_search_does_not_draw_the_killed_searchs_first_points_again():
+    from alignbench.tune import SamplerConfig, trial_sampler
+
+    def first_draw(sampler, earlier_failures: int = 0) -> float:
+        study = optuna.create_study(sampler=sampler)
+        for _ in range(earlier_failures):  # trials of a killed search
+            study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)
+        return study.ask().suggest_float("beta", 0.0, 1.0)
+
+    config = SamplerConfig(seed=0, n_startup_trials=5)
+    assert first_draw(trial_sampler(config, 1, 0)) == first_draw(optuna.samplers.TPESampler(seed=1))  # a fresh search as before
+    assert first_draw(trial_sampler(config, 0, 1), earlier_failures=1) != first_draw(trial_sampler(config, 0, 0))
 
 
 def test_a_final_seed_listed_twice_is_refused_before_the_search(tmp_path):
