@@ -166,6 +166,16 @@ def test_load_yaml_reads_mapping_and_scientific_floats(tmp_path):
     assert from_dict(ExperimentConfig, data).dpo.lr == 1e-4
 
 
+def test_base_60_and_leading_zero_octal_numbers_stay_text_and_are_refused_naming_the_key(tmp_path):
+    """YAML 1.1 reads 1:30 as 90 and 010 as 8: a value such a reader changes is refused instead."""
+    parsed = parse_overrides(["a=1:30", "b=1:30.0", "c=010", "d=0x10", "e=0b11", "f=1_000", "g=0", "h=-7"])
+    assert parsed == {"a": "1:30", "b": "1:30.0", "c": "010", "d": 16, "e": 3, "f": 1000, "g": 0, "h": -7}
+    path = tmp_path / "exp.yaml"
+    path.write_text("dpo:\n  beta: 1:30\n")
+    with pytest.raises(ConfigError, match="dpo.beta.*must be a number"):
+        from_dict(ExperimentConfig, load_yaml(path))
+
+
 def test_load_yaml_missing_file(tmp_path):
     path = tmp_path / "nope.yaml"
     with pytest.raises(ConfigError) as err:
