@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from alignbench.config import ConfigError
+from alignbench.config import ConfigError, at_least_one
 from alignbench.log import quiet_libraries
 from alignbench.processes import in_forked_child
 
@@ -61,6 +61,8 @@ _READS_RESULTS_ONLY = ("results", "plot")  # commands that load no model (tests/
 def check_out_folder(out: str) -> None:
     """--out must be a folder or a path where one can be made: a file there (or in its way) is a
     ConfigError now rather than a traceback after the stages were built."""
+    if not out.strip():  # Path("") is the working directory: the stages and runs would land there
+        raise ConfigError("--out is empty; give it a folder (it is made if missing), e.g. --out runs, the default")
     path = Path(out)
     for part in [path, *path.parents]:
         if part.exists():
@@ -118,8 +120,6 @@ def cmd_quickstart(args) -> int:
     # One process per core at most: three one-thread processes on two cores do the same work in the
     # same time as two (measured), and each holds ~0.9 GB.
     workers = args.workers or min(len(seeds), os.cpu_count() or 1)
-    if workers < 1:
-        raise ConfigError(f"--workers={workers} must be >= 1")
     if workers > 1 and len(seeds) > 1 and not distributed and not args.worker:
         from alignbench.sweep import run_quickstart_workers
 
@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("quickstart", cmd_quickstart, "world -> SFT -> reward models -> every method and baseline -> evaluation -> table")
     p.add_argument("--experiment", default="quickstart", help=argparse.SUPPRESS)
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=at_least_one, default=None,
                    help="processes sharing the runs of all seeds (default: one per seed, at most one per CPU core; 1: all in this process)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # set for each worker process
     p.add_argument("overrides", nargs="*", help="key=value overrides")

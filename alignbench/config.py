@@ -85,6 +85,20 @@ _OVERRIDE_FORMS = "accepted forms: key=value or --key=value, with dotted keys fo
 _EXPECTED = {bool: "a boolean (true or false)", int: "an integer", float: "a number", str: "a string"}
 
 
+def at_least_one(text: str) -> int:
+    """An argparse type for counts such as --workers: a whole number >= 1 (argparse names the
+    option and exits with status 2 otherwise)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
 def load_yaml(path: str | Path, allow_empty: bool = True) -> dict:
     """Read a YAML mapping from ``path``; an empty file (or one of comments only) counts as an empty
     mapping, or is refused where ``allow_empty`` is false (an experiment file that says nothing is

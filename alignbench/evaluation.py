@@ -87,6 +87,8 @@ class EvalConfig:
             raise ValueError(f"eval.top_p={self.top_p} must be in (0, 1]")
         if self.eval_every < 0:
             raise ValueError(f"eval.eval_every={self.eval_every} must be >= 0 (0 turns periodic evaluation off)")
+        if self.seed < 0:
+            raise ValueError(f"eval.seed={self.seed} must be an integer >= 0")
 
 
 @dataclass

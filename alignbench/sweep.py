@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from alignbench.config import ConfigError, apply_overrides, from_dict, parse_overrides
+from alignbench.config import ConfigError, apply_overrides, at_least_one, from_dict, parse_overrides
 from alignbench.log import log, quiet_libraries, warn
 from alignbench.processes import PARENT_PID_VARIABLE, in_forked_child
 from alignbench.records import UnreadableResult, read_result, write_json_atomic
@@ -456,7 +456,7 @@ def summary(runs: list[SweepRun], folder: Path) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sweep", help="a shipped sweep or experiment name (head_to_head) or a YAML path")
     parser.add_argument("overrides", nargs="*", help="key=value overrides applied to every run, e.g. eval.n_test_prompts=512")
-    parser.add_argument("--workers", type=int, default=1, help="runs at once, in as many worker processes (default 1)")
+    parser.add_argument("--workers", type=at_least_one, default=1, help="runs at once, in as many worker processes (default 1)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and whether each is finished, and run nothing")
 
 

@@ -134,6 +134,10 @@ class TrainerConfig:
             raise ValueError(f"trainer.checkpoint_every={self.checkpoint_every} must be >= 0 (0: only at the end of each fit)")
         if self.num_nodes < 1:
             raise ValueError(f"trainer.num_nodes={self.num_nodes} must be >= 1")
+        if self.threads < 0:
+            raise ValueError(f"trainer.threads={self.threads} must be >= 0 (0 leaves torch's default)")
+        if isinstance(self.devices, bool) or (isinstance(self.devices, int) and (self.devices == 0 or self.devices < -1)):
+            raise ValueError(f"trainer.devices={self.devices!r} must be a number of devices >= 1, -1 (every device), 'auto' or a list of device ids")
 
     @property
     def distributed(self) -> bool:

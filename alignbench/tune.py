@@ -55,6 +55,7 @@ import yaml
 from alignbench.config import (
     ConfigError,
     apply_overrides,
+    at_least_one,
     from_dict,
     parse_overrides,
     to_dict,
@@ -533,8 +534,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("tune", help="a shipped tune file's name (tune_dpo, tune_fair) or a YAML path")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every trial and final run, e.g. eval.n_val_prompts=128")
     parser.add_argument("--storage", default=None, help="Optuna storage URL (postgresql://..., mysql://..., sqlite:///...) or a journal file path (default: sqlite in OUT/<tune>/optuna.db)")
-    parser.add_argument("--n-trials", type=int, default=None, help="trials per method (default: tune.n_trials)")
-    parser.add_argument("--workers", type=int, default=1, help="trial processes on this machine (default 1)")
+    parser.add_argument("--n-trials", type=at_least_one, default=None, help="trials per method (default: tune.n_trials)")
+    parser.add_argument("--workers", type=at_least_one, default=1, help="trial processes on this machine (default 1)")
     parser.add_argument("--trials-only", action="store_true", help="only work on the studies' trials (for the second and later machines of a shared storage)")
 
 
@@ -561,8 +562,6 @@ def main(args) -> None:
 
     out = Path(args.out)
     overrides = list(args.overrides) + ([f"tune.n_trials={args.n_trials}"] if args.n_trials is not None else [])
-    if args.workers < 1:
-        raise ConfigError(f"--workers={args.workers} must be >= 1")
     # With several workers, what needs torch (reading the experiment, building stages, writing the
     # best config) runs in a forked child: this process only waits for its trial workers and reads
     # the storage, and would otherwise hold torch, transformers, Lightning and the stage models

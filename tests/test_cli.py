@@ -43,6 +43,25 @@ def test_bad_input_names_the_problem_and_exits_2(args, expected, tmp_path, capsy
     assert not list(tmp_path.rglob("metrics.json")) and not (tmp_path / "cache").exists()  # no stage built either
 
 
+@pytest.mark.parametrize("args", [["quickstart", "--workers", "0"], ["sweep", "frontier", "--workers", "-3", "--dry-run"],
+                                  ["tune", "tune_dpo", "--workers", "0"], ["tune", "tune_dpo", "--n-trials", "0"]])
+def test_a_count_option_below_one_exits_2_naming_it(args, tmp_path, capsys):
+    """quickstart --workers 0 used to run the default number of workers (0 is false)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    option = next(a for a in args if a in ("--workers", "--n-trials"))
+    assert f"argument {option}: {args[args.index(option) + 1]} must be >= 1" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_an_empty_out_is_refused_not_read_as_the_working_directory(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "quickstart", "method=sft", "--out="]) == 2
+    assert "--out is empty; give it a folder" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 def test_the_quickstart_parent_of_worker_processes_loads_no_torch(tmp_path):
     """The parent only waits for its worker processes, then writes the table and figures: it loads the
     experiment in a forked child, so that torch, transformers and Lightning (~450 MB) are not held a

@@ -143,6 +143,10 @@ def test_every_temperature_learning_rate_and_top_p_is_checked_naming_its_key():
     ("seed=-1", "seed=-1: a seed must be an integer >= 0"),
     ("seeds=[0,1,1]", "seeds=[0, 1, 1] lists 1 more than once"),  # three seeds meant, two would run
     ("methods=[dpo,ppo,dpo]", "methods=['dpo', 'ppo', 'dpo'] lists dpo more than once"),
+    # each once a numpy, torch or Lightning error, some only after the stages were built
+    ("eval.seed=-1", "eval.seed=-1 must be an integer >= 0"),
+    ("trainer.threads=-1", "trainer.threads=-1 must be >= 0"),
+    ("trainer.devices=0", "trainer.devices=0 must be a number of devices >= 1"),
 ])
 def test_a_bad_value_on_the_command_line_exits_2_naming_it(world, override, message, capsys):
     before = snapshot(world)
