@@ -13,10 +13,12 @@ import sys
 PARENT_PID_VARIABLE = "ALIGNBENCH_PARENT_PID"
 
 
-def follow_parent_process() -> None:
-    """Linux: ask to be SIGKILLed when the parent named in PARENT_PID_VARIABLE dies (SIGKILL
-    included); the variable is dropped so the run's own children (DDP ranks) do not inherit it."""
-    parent = os.environ.pop(PARENT_PID_VARIABLE, None)
+def follow_parent_process(parent: int | None = None) -> None:
+    """Linux: ask to be SIGKILLed when the parent process dies (SIGKILL included): `parent`, or
+    where it is not given the one named in PARENT_PID_VARIABLE, which is dropped so that the run's
+    own children (DDP ranks) do not inherit it. Nothing where neither names one."""
+    variable = os.environ.pop(PARENT_PID_VARIABLE, None)
+    parent = parent if parent is not None else variable
     if parent is None or not sys.platform.startswith("linux"):
         return
     import ctypes
@@ -85,5 +87,7 @@ def in_forked_child(function, *args):
 
     if "torch" in sys.modules or "fork" not in multiprocessing.get_all_start_methods():
         return function(*args)
-    with multiprocessing.get_context("fork").Pool(1) as pool:
+    # The child dies with this process: a parent killed while its child built the stages left the
+    # child building them, an orphan, until it failed to send back what it built.
+    with multiprocessing.get_context("fork").Pool(1, initializer=follow_parent_process, initargs=(os.getpid(),)) as pool:
         return pool.apply(function, args)

@@ -61,7 +61,7 @@ from alignbench.config import (
     to_dict,
 )
 from alignbench.log import log, quiet_libraries
-from alignbench.processes import freeze_imported_objects, in_forked_child, release_freed_memory
+from alignbench.processes import follow_parent_process, freeze_imported_objects, in_forked_child, release_freed_memory
 
 # Trials whose ids are in this user attribute failed by their settings (an exception in the
 # run); other failed trials (a killed worker, over the budget) do not count towards it.
@@ -430,8 +430,10 @@ def _log_trial(study, trial, method: str, key: str) -> None:
     log(f"{method} trial {trial.number}: {describe_trial(trial, key)}")
 
 
-def _worker_process(tune_file: str, overrides: list[str], out: str, storage_url: str, worker: int, threads: int, log_path: str) -> None:
-    """A spawned worker: its share of the cores, its output to its own log."""
+def _worker_process(tune_file: str, overrides: list[str], out: str, storage_url: str, worker: int, threads: int, log_path: str, parent: int) -> None:
+    """A spawned worker: its share of the cores, its output to its own log; it dies with the tune
+    (a killed tune's workers went on with its trials, and a rerun started more beside them)."""
+    follow_parent_process(parent)
     log_file = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(log_file, 1)
     os.dup2(log_file, 2)
@@ -454,7 +456,7 @@ def run_workers(tune_file: str, overrides: list[str], out: Path, storage_url: st
     threads = max(1, (os.cpu_count() or 1) // workers)
     context = multiprocessing.get_context("spawn")
     processes = [
-        context.Process(target=_worker_process, args=(tune_file, list(overrides), str(out), storage_url, k, threads, str(logs / f"worker-{k}.log")))
+        context.Process(target=_worker_process, args=(tune_file, list(overrides), str(out), storage_url, k, threads, str(logs / f"worker-{k}.log"), os.getpid()))
         for k in range(workers)
     ]
     for process in processes:

@@ -290,3 +290,48 @@ def test_a_sweep_run_whose_config_resolves_differently_refuses_to_start(tmp_path
     err = capsys.readouterr().err
     assert "expects sft-seed0-00000000" in err and "rerun the sweep" in err
     assert not out.exists() or not list(out.rglob("metrics.json"))
+
+
+def test_the_forked_child_that_reads_the_experiment_dies_with_its_parent(tmp_path):
+    """The quickstart's, sweep's and tune's parents read the experiment and build the stages in a
+    forked child (`in_forked_child`); a parent killed meanwhile left that child building, an orphan."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    script = textwrap.dedent("""
+        import os, sys, time
+        from alignbench.processes import in_forked_child
+
+        def child(path):
+            with open(path, "w") as f:
+                f.write(str(os.getpid()))
+            time.sleep(120)
+
+        in_forked_child(child, sys.argv[1])
+    """)
+    pid_file = tmp_path / "child.pid"
+    parent = subprocess.Popen([sys.executable, "-c", script, str(pid_file)])
+    deadline = time.monotonic() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    parent.kill()
+    parent.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            state = next(line for line in open(f"/proc/{pid}/status") if line.startswith("State:"))
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+        return "Z" not in state.split()[1]  # a zombie has died; only its parent's reaping is left
+
+    deadline = time.monotonic() + 10
+    while alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if alive(child):
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the forked child outlived its parent")
