@@ -81,11 +81,14 @@ def flatten_keys(tree: dict, where: str, is_leaf) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in (tree or {}).items():
         if is_leaf(value):
-            flat[str(key)] = value
+            found = {str(key): value}
         elif isinstance(value, dict):
-            flat.update({f"{key}.{sub}": v for sub, v in flatten_keys(value, f"{where}.{key}", is_leaf).items()})
+            found = {f"{key}.{sub}": v for sub, v in flatten_keys(value, f"{where}.{key}", is_leaf).items()}
         else:
             raise ConfigError(f"{where}.{key} must be a list of values, got {value!r}")
+        for twice in found.keys() & flat.keys():  # one given dotted and nested: one would be lost
+            raise ConfigError(f"{where}: {twice} is given twice (as a dotted key and inside its section); give it once")
+        flat.update(found)
     return flat
 
 
@@ -167,6 +170,9 @@ def expand(name_or_path: str, overrides: list[str] = ()) -> tuple[list[SweepRun]
                 raise ConfigError(f"sweep.{section}.{key}: methods and seeds are swept with the top-level 'methods' and 'seeds' lists")
             if not options:
                 raise ConfigError(f"sweep.{section}.{key} is an empty list; give at least one value")
+            texts = [json.dumps(v, sort_keys=True) for v in options]
+            if section == "grid" and len(set(texts)) < len(texts):  # one run where two were meant
+                raise ConfigError(f"sweep.grid.{key}={options} lists {next(t for t in texts if texts.count(t) > 1)} more than once; each value must be distinct")
     lengths = {key: len(v) for key, v in zipped.items()}
     if len(set(lengths.values())) > 1:
         raise ConfigError(f"sweep.zip lists must all have one length, got {', '.join(f'{k}: {n}' for k, n in lengths.items())}")
@@ -176,7 +182,7 @@ def expand(name_or_path: str, overrides: list[str] = ()) -> tuple[list[SweepRun]
     pairs = [{key: v[i] for key, v in zipped.items()} for i in range(next(iter(lengths.values()), 1))]
     variants = [{**g, **z} for g in combinations for z in pairs]
     base = experiment_from_data(dict(data))
-    runs, seen = [], set()
+    runs, seen, read = [], set(), set()
     for seed in base.seeds:
         for method in base.methods:
             for values in variants:
@@ -185,14 +191,19 @@ def expand(name_or_path: str, overrides: list[str] = ()) -> tuple[list[SweepRun]
                     config = for_run(load_experiment(name_or_path, list(overrides) + argv))
                 except ConfigError as err:
                     raise ConfigError(f"sweep values {values}: {err}") from None
+                sections = run_config_dict(config)
+                relevant = {k: v for k, v in values.items() if k.split(".")[0] in sections}
+                read.update(relevant)
                 name = run_name(config)
                 if name in seen:
                     continue
                 seen.add(name)
-                sections = run_config_dict(config)
-                relevant = {k: v for k, v in values.items() if k.split(".")[0] in sections}
                 label = " ".join([method] + [f"{k.removeprefix(method + '.')}={json.dumps(v)}" for k, v in relevant.items()])
                 runs.append(SweepRun(method, seed, values, argv, config, name, label))
+    unread = [f"sweep.{'grid' if key in grid else 'zip'}.{key}" for key in [*grid, *zipped] if key not in read]
+    if unread:  # its values would make no run differ: the runs meant with them would never happen
+        raise ConfigError(f"{', '.join(unread)}: no run of this sweep reads {'these keys' if len(unread) > 1 else 'this key'} "
+                          f"(methods: {', '.join(base.methods)}); add the method whose section it is to 'methods', or remove it")
     return runs, spec
 
 
