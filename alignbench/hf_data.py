@@ -29,6 +29,8 @@ ConfigError naming its row and column, unless `drop_invalid_rows` says to drop s
 
 from __future__ import annotations
 
+import re
+
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +63,26 @@ TLDR_PROMPT = "SUBREDDIT: r/{subreddit}\nTITLE: {title}\nPOST: {post}\nTL;DR:"
 """Stiennon et al. 2020's summarisation prompt, filled from a comparison's `info`."""
 
 _LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def check_prompt_template(template: str) -> None:
+    """A summarisation prompt template is a format string of the `info` fields each row has, all
+    text: one that cannot be read, or that names a field by position or formats it as a number,
+    would fail on the first row after the SFT stage trained (ValueError now, naming it)."""
+    import string
+
+    fix = "fields are written {name} with a key of each row's info (e.g. {title}), a literal brace as {{ or }}"
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as err:
+        raise ValueError(f"prompt_template={template!r} cannot be read ({err}); {fix}") from None
+    positional = [name for name in names if not name or name[0].isdigit()]
+    if positional:
+        raise ValueError(f"prompt_template={template!r} has a field without a name ({{{positional[0]}}}); {fix}")
+    try:
+        template.format(**{name: "text" for name in _template_fields(template)})
+    except (ValueError, AttributeError, IndexError, KeyError, TypeError) as err:
+        raise ValueError(f"prompt_template={template!r} cannot be filled with text ({err}); {fix}") from None
 
 
 @dataclass
@@ -99,6 +121,7 @@ class DatasetSpec:
                 raise ValueError(f"columns.{name}: the {self.format} format reads no column '{name}'; it reads {', '.join(sorted(accepted))}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit={self.limit} must be >= 1, or null for every row")
+        check_prompt_template(self.prompt_template)
 
     def column(self, name: str) -> str:
         return self.columns.get(name, name)
@@ -452,9 +475,10 @@ def _prompts_row(spec: DatasetSpec, row: dict) -> Example:
 
 
 def _template_fields(template: str) -> list[str]:
+    """The info fields a template reads: {title}, and {post.title} or {post[0]} read `post`."""
     import string
 
-    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+    return [re.split(r"[.\[]", name, maxsplit=1)[0] for _, name, _, _ in string.Formatter().parse(template) if name]
 
 
 _EXTRACTORS: dict[str, Callable[[DatasetSpec, dict], Example]] = {

@@ -221,6 +221,20 @@ def test_a_local_path_that_does_not_exist_fails_before_anything_is_built(real, t
     assert f"data.preferences.path={relative!r}: there is no such file or folder" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("template, problem", [
+    ("{title", "cannot be read (expected '}' before end of string)"),
+    ("{title:>5d} {post}", "cannot be filled with text (Unknown format code 'd'"),
+    ("{0} {title}", "has a field without a name ({0})"),
+])
+def test_a_summarisation_prompt_template_that_cannot_work_is_refused_as_the_config_loads(real, tmp_path, capsys, template, problem):
+    """Once found only on the first row, after the SFT stage had trained (and '{0}' blamed on the row)."""
+    args = _run_args(real, tmp_path / "runs", "data.preferences.format=summarization", f"data.preferences.prompt_template={template!r}", "method=dpo")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"data.preferences" in err and f"prompt_template={template!r} {problem}" in err and "fields are written {name}" in err, err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_what_needs_the_world_fails_with_a_config_error(real, tmp_path, capsys):
     assert main(_run_args(real, tmp_path, "method=best_of_n_gold")) == 2
     assert "best_of_n_gold" in capsys.readouterr().err
