@@ -109,9 +109,10 @@ class ExperimentBase:
 def check_folder_name(key: str, value: str) -> None:
     """`value` (the setting `key`) names one folder under --out: no path separator, no '..', not
     absolute, not empty, so that what a run writes stays inside --out (ValueError otherwise)."""
-    if not isinstance(value, str) or not value.strip() or value in (".", "..") or any(c in value for c in "/\\\0") or value != value.strip():
+    if (not isinstance(value, str) or not value.strip() or value in (".", "..") or any(c in value for c in "/\\")
+            or not value.isprintable() or value != value.strip()):
         raise ValueError(f"{key}={value!r} must be a plain folder name (not empty, no '/' or '\\', not '.' or '..', no leading or "
-                         "trailing spaces): it names a folder under --out, and what a run writes stays inside --out")
+                         "trailing spaces, no line breaks or other control characters): it names a folder under --out, and what a run writes stays inside --out")
 
 
 def output_folder(out: Path, *names: str) -> Path:

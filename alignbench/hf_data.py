@@ -209,6 +209,8 @@ def load_rows(spec: DatasetSpec, where: str):
                 raise ConfigError(f"{where}.path={spec.path!r}: cannot read {path.suffix or 'a file without a suffix'}; local files may be {', '.join(_LOCAL_BUILDERS)}")
             if builder != "parquet":
                 check_utf8(path, where)
+                if not path.read_bytes().strip():  # the json builder's message is "StopIteration: "
+                    raise ConfigError(f"{where}.path={spec.path!r}: the file is empty; it needs one row per line (or a JSON list of rows)")
             rows = datasets.load_dataset(builder, data_files=str(path), split="train")
         elif path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
             rows = datasets.load_from_disk(str(path))

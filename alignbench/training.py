@@ -49,8 +49,9 @@ class OptimConfig:
             raise ValueError(f"lr={self.lr} must be a positive number")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio={self.warmup_ratio} must be in [0, 1)")
-        if self.grad_clip < 0 or self.weight_decay < 0:
-            raise ValueError("grad_clip and weight_decay must be >= 0")
+        for key in ("grad_clip", "weight_decay"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key}={getattr(self, key)} must be >= 0 (0 turns it off)")
 
 
 def adamw_with_schedule(parameters, optim: OptimConfig, total_steps: int) -> dict[str, Any]:

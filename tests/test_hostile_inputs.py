@@ -48,6 +48,15 @@ def test_an_experiment_name_that_would_leave_out_is_refused_in_the_yaml(world, n
     assert not Path("/tmp/alignbench-escape-abs").exists()
 
 
+def test_an_experiment_name_with_a_line_break_is_refused_in_the_yaml(world, capsys):
+    experiment = world / "in" / "exp.yaml"
+    experiment.write_text('base: quickstart\nname: "exp\\nx"\nmethod: sft\n')
+    before = snapshot(world)
+    rc, err = run_cli(["run", str(experiment), "--out", str(world / "work" / "out")], capsys)
+    assert rc == 2 and "name='exp\\nx' must be a plain folder name" in err and "no line breaks" in err
+    assert snapshot(world) == before
+
+
 def test_an_experiment_named_like_the_stage_cache_is_refused(world, capsys):
     before = snapshot(world)
     rc, err = run_cli(["run", "quickstart", "method=sft", "name=cache", "--out", str(world / "work" / "out")], capsys)
@@ -145,6 +154,7 @@ def test_every_temperature_learning_rate_and_top_p_is_checked_naming_its_key():
     ("methods=[dpo,ppo,dpo]", "methods=['dpo', 'ppo', 'dpo'] lists dpo more than once"),
     # each once a numpy, torch or Lightning error, some only after the stages were built
     ("eval.seed=-1", "eval.seed=-1 must be an integer >= 0"),
+    ("dpo.optim.weight_decay=-1", "weight_decay=-1.0 must be >= 0"),
     ("trainer.threads=-1", "trainer.threads=-1 must be >= 0"),
     ("trainer.devices=0", "trainer.devices=0 must be a number of devices >= 1"),
 ])

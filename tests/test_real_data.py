@@ -203,6 +203,13 @@ def test_a_row_that_is_not_utf8_fails_naming_its_line(real, tmp_path, capsys):
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("metrics.json"))
 
 
+def test_an_empty_data_file_fails_naming_it(real, tmp_path, capsys):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n")
+    assert main(_run_args(real, tmp_path / "runs", f"data.preferences.path={path}", "method=dpo")) == 2
+    assert f"data.preferences.path={str(path)!r}: the file is empty" in capsys.readouterr().err
+
+
 def test_a_missing_column_fails_naming_it(real, tmp_path, capsys):
     path = _write_jsonl(tmp_path / "no_rejected.jsonl", [{"chosen": r["chosen"]} for r in _dialogue_rows()])
     assert main(_run_args(real, tmp_path / "runs", f"data.preferences.path={path}", "method=dpo")) == 2
