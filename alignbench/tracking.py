@@ -116,7 +116,7 @@ def make_wandb_logger(config: TrackingConfig, *, run_dir: Path, experiment: str,
     # Under a W&B sweep agent the run belongs to the agent: it sets the id (WANDB_RUN_ID),
     # project and group. Otherwise the id is stable, so that a resumed run continues its W&B run.
     agent = "WANDB_SWEEP_ID" in os.environ
-    return WandbLogger(
+    logger = WandbLogger(
         project=None if agent else config.project or experiment,
         entity=config.entity,
         group=None if agent else config.group or group or experiment,
@@ -129,6 +129,12 @@ def make_wandb_logger(config: TrackingConfig, *, run_dir: Path, experiment: str,
         config=resolved_config,
         settings=_wandb_settings(),
     )
+    # Lightning passes wandb.init an `anonymous` argument always (None unless asked for), and W&B
+    # (0.2x and later) prints "The anonymous setting has no effect" for it on every run.
+    init = getattr(logger, "_wandb_init", {})
+    if init.get("anonymous") is None:
+        init.pop("anonymous", None)
+    return logger
 
 
 def _wandb_settings():

@@ -90,6 +90,17 @@ def test_offline_wandb_run_holds_the_eval_metrics(quickstart_dir):
     assert any("train/loss" in row for row in wandb_run["history"])
 
 
+def test_a_wandb_run_starts_without_warnings_a_user_cannot_act_on(tmp_path, capfd):
+    from alignbench.tracking import TrackingConfig, make_wandb_logger
+
+    logger = make_wandb_logger(TrackingConfig(wandb="offline"), run_dir=tmp_path, experiment="e", run_name="r", method="sft", group=None, resolved_config={"a": 1})
+    try:
+        logger.experiment.log({"x": 1.0})
+    finally:
+        logger.experiment.finish()
+    assert "anonymous" not in capfd.readouterr().err
+
+
 def test_results_command_prints_the_same_table(quickstart_dir, capsys):
     assert main(["results", str(quickstart_dir / "quickstart")]) == 0
     out = capsys.readouterr().out
