@@ -240,6 +240,21 @@ def _claim(run_dir: Path):
         yield True
 
 
+def run_in_progress(run_dir: Path) -> bool:
+    """Whether a process holds the run's lock now: it is running the run (or waits for one that is)."""
+    try:
+        handle = open(run_dir / ".lock")  # read-only: the lock file is not truncated
+    except FileNotFoundError:
+        return False
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+
 @contextmanager
 def _exclusive(run_dir: Path):
     """Hold the run's lock (released by the OS however the process ends, SIGKILL included)."""

@@ -405,15 +405,52 @@ def work(tune_file: str, overrides: list[str], out: Path, storage_url: str, work
         while True:
             if heartbeat:
                 optuna.storages.fail_stale_trials(study)
+            else:
+                fail_abandoned_trials(study, storage)
             trials = study.get_trials(deepcopy=False)
             if sum(map(_counts, trials)) >= c.n_trials:
-                if heartbeat and any(t.state == optuna.trial.TrialState.RUNNING for t in trials):
+                running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+                if any(heartbeat or _local_run(t) is not None for t in running):
                     time.sleep(5)  # another worker's trial may yet fail and leave a place
                     continue
                 break
             objective = functools.partial(run_trial, tune=tune, method=method, out=out, pipeline=pipeline)
             report = functools.partial(_log_trial, method=method, key=c.objective.key)
             study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True, callbacks=[report])
+
+
+# A trial's run takes its lock within moments of the trial's start (`run_trial`); until then it
+# cannot be told from one whose worker is gone.
+ABANDONED_AFTER_S = 10.0
+
+
+def _local_run(trial) -> Path | None:
+    """The run folder of a trial, where it is on this machine."""
+    run = trial.user_attrs.get("run")
+    return Path(run) if run is not None and Path(run).is_dir() else None
+
+
+def fail_abandoned_trials(study, storage, after_s: float = ABANDONED_AFTER_S) -> None:
+    """Journal storages keep no heartbeat: a trial whose worker was killed stayed RUNNING for good
+    and kept its place in the budget, so a resumed search ran one trial fewer. A RUNNING trial whose
+    run folder is on this machine, started over `after_s` ago, and whose run lock no process holds
+    has no worker left: it is failed, not counted, as an RDB storage's heartbeat would fail it. A
+    trial of another machine (its folder not here) is left to its own worker."""
+    import datetime
+
+    from optuna.trial import TrialState
+
+    from alignbench.runner import run_in_progress
+
+    now = datetime.datetime.now()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        run_dir = _local_run(trial)
+        started = trial.datetime_start
+        if run_dir is None or started is None or (now - started).total_seconds() < after_s or run_in_progress(run_dir):
+            continue
+        storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        log(f"{study.study_name} trial {trial.number} was left running by a worker that is gone ({run_dir} is not locked); "
+            "failed, and its place in the budget given to a new trial")
 
 
 def trial_sampler(config: SamplerConfig, worker: int, earlier_trials: int):

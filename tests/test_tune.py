@@ -289,3 +289,31 @@ def test_the_tune_parent_of_trial_workers_loads_no_torch(tmp_path, tiny_override
     bad = subprocess.run([sys.executable, "-m", "alignbench", "tune", str(path), "dpo.beta=abc", "--workers", "2", "--out", str(tmp_path / "bad"), *tiny_overrides],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "config key 'dpo.beta' must be a number, got 'abc'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_trial_left_running_in_a_journal_by_a_killed_worker_is_failed_and_a_live_one_kept(tmp_path):
+    """Journal storages have no heartbeat: a killed worker's trial stayed RUNNING for good and
+    kept its place in the budget. Its run lock, which the OS dropped with the worker, tells."""
+    import fcntl
+
+    from alignbench.tune import _counts, fail_abandoned_trials, open_storage
+
+    storage = open_storage(str(tmp_path / "journal.log"))
+    study = optuna.create_study(study_name="t-dpo", storage=storage)
+    trials = {}
+    for name in ("killed", "alive", "elsewhere"):
+        trial = study.ask()
+        run_dir = tmp_path / "runs" / name
+        if name != "elsewhere":  # another machine's run: its folder is not here
+            run_dir.mkdir(parents=True)
+            (run_dir / ".lock").touch()
+        trial.set_user_attr("run", str(run_dir))
+        trials[name] = trial.number
+    with open(tmp_path / "runs" / "alive" / ".lock") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # its worker runs it
+        fail_abandoned_trials(study, storage, after_s=60)  # too young to tell: all kept
+        assert [t.state.name for t in study.get_trials()] == ["RUNNING"] * 3
+        fail_abandoned_trials(study, storage, after_s=0)
+        states = {name: study.get_trials()[number].state.name for name, number in trials.items()}
+    assert states == {"killed": "FAIL", "alive": "RUNNING", "elsewhere": "RUNNING"}
+    assert not _counts(study.get_trials()[trials["killed"]])  # its place in the budget is free
