@@ -58,8 +58,9 @@ class RewardModelConfig:
     (saved as one, so transformers loads the trained reward model as it is)."""
 
     def __post_init__(self):
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("reward_model.epochs and reward_model.batch_size must be >= 1")
+        for key in ("epochs", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"reward_model.{key}={getattr(self, key)} must be >= 1")
         if self.architecture == "sequence_classification" and self.likelihood != "none":
             raise ValueError(
                 f"reward_model.likelihood={self.likelihood} needs a language-model head, which reward_model.architecture=sequence_classification "

@@ -63,8 +63,9 @@ class HIRConfig(RoundsConfig):
         super().__post_init__()
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing={self.label_smoothing} must be in [0, 1)")
-        if self.contrastive_weight < 0 or self.entropy_weight < 0:
-            raise ValueError("contrastive_weight and entropy_weight must be >= 0")
+        for key in ("contrastive_weight", "entropy_weight"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key}={getattr(self, key)} must be >= 0")
         if self.contrastive_size < 2:
             raise ValueError(f"contrastive_size={self.contrastive_size} must be >= 2")
 

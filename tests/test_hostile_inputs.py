@@ -155,6 +155,8 @@ def test_every_temperature_learning_rate_and_top_p_is_checked_naming_its_key():
     # each once a numpy, torch or Lightning error, some only after the stages were built
     ("eval.seed=-1", "eval.seed=-1 must be an integer >= 0"),
     ("dpo.optim.weight_decay=-1", "weight_decay=-1.0 must be >= 0"),
+    ("reward_model.epochs=0", "reward_model.epochs=0 must be >= 1"),
+    ("hir.entropy_weight=-1", "entropy_weight=-1.0 must be >= 0"),
     ("trainer.threads=-1", "trainer.threads=-1 must be >= 0"),
     ("trainer.devices=0", "trainer.devices=0 must be a number of devices >= 1"),
 ])
