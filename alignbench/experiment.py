@@ -32,7 +32,7 @@ from alignbench.sft import SFTConfig
 from alignbench.stage_cache import CACHE_FOLDER
 from alignbench.tracking import TrackingConfig
 from alignbench.training import TrainerConfig
-from alignbench.world import WorldConfig
+from alignbench.world import AssistantWorld, WorldConfig
 
 
 @dataclass
@@ -262,6 +262,11 @@ def validate_for_source(config) -> None:
         if missing_local_path(path):
             raise ConfigError(f"{key}={path!r}: there is no such file or folder")
     if config.data.source != "hf":
+        # The world's prompts are short, but a max_length below the longest one failed only once the
+        # stages were built, naming no key. A prompt is its words between BOS and the separator
+        # (models.WORLD_CHAT_TEMPLATE; the tokenizer is word-level).
+        longest = len(AssistantWorld(config.world).longest_prompt().split()) + 2
+        _check_max_lengths(config, longest, f"the world's longest prompt ({longest} tokens)")
         return
     import torch
 
@@ -275,7 +280,6 @@ def validate_for_source(config) -> None:
     on_cpu = config.trainer.accelerator == "cpu" or (config.trainer.accelerator == "auto" and not torch.cuda.is_available())
     if on_cpu and config.trainer.precision not in ("32-true", "32", "64-true"):
         raise ConfigError(f"trainer.precision={config.trainer.precision!r} on the CPU: half precision there is very slow; use 32-true on the CPU and bf16-mixed on a GPU")
-    lengths = [("sft.max_length", config.sft.max_length), ("reward_model.max_length", config.reward_model.max_length)]
     for name in [config.method] if config.method else list(config.methods):
         cls, section = get_method(name), method_config(dataclasses.replace(config, method=name))
         if cls.feedback_of(section) == "gold":
@@ -286,11 +290,20 @@ def validate_for_source(config) -> None:
                 f"method {name!r} learns from or chooses by the world's gold reward (feedback='gold'); with data.source=hf there is none. "
                 f"Methods that run on real data: {', '.join(usable)}"
             )
+    _check_max_lengths(config, config.data.max_prompt_tokens, f"data.max_prompt_tokens={config.data.max_prompt_tokens}")
+
+
+def _check_max_lengths(config, longest_prompt: int, what: str) -> None:
+    """Every max_length the run (or each method compared) trains or scores with must leave the
+    longest prompt (`what`) room for a response."""
+    lengths = [("sft.max_length", config.sft.max_length), ("reward_model.max_length", config.reward_model.max_length)]
+    for name in [config.method] if config.method else list(config.methods):
+        section = method_config(dataclasses.replace(config, method=name))
         if hasattr(section, "max_length"):
             lengths.append((f"{name}.max_length", section.max_length))
     for key, value in lengths:
-        if value <= config.data.max_prompt_tokens:
-            raise ConfigError(f"{key}={value} must be larger than data.max_prompt_tokens={config.data.max_prompt_tokens}, so that the longest prompt kept leaves room for a response")
+        if value <= longest_prompt:
+            raise ConfigError(f"{key}={value} must be larger than {what}, so that the longest prompt kept leaves room for a response")
 
 
 @dataclass(frozen=True)

@@ -583,6 +583,10 @@ class AssistantWorld:
         """Every word a prompt, response, critique, revision, request or pretraining sentence can hold, sorted."""
         return list(VOCABULARY)
 
+    def longest_prompt(self) -> str:
+        """The prompt of any split with the most words."""
+        return max((p for pools in self._pools.values() for pool in pools.values() for p in pool), key=lambda p: len(p.split()))
+
     def sample_prompts(self, split: str, n: int, seed: int) -> list[str]:
         """n prompts of `split`: the family by weight (harmful with harmful_fraction, benign ones equal),
         then prompts of that family's pool in a random order, cycling only once a pool is used up."""

@@ -156,6 +156,9 @@ def test_every_temperature_learning_rate_and_top_p_is_checked_naming_its_key():
     ("eval.seed=-1", "eval.seed=-1 must be an integer >= 0"),
     ("dpo.optim.weight_decay=-1", "weight_decay=-1.0 must be >= 0"),
     ("reward_model.epochs=0", "reward_model.epochs=0 must be >= 1"),
+    # once "row 0: prompt has 6 tokens, more than max_length=4", after the stages were built
+    ("dpo.max_length=4", "dpo.max_length=4 must be larger than the world's longest prompt (10 tokens)"),
+    ("reward_model.max_length=0", "reward_model.max_length=0 must be larger than the world's longest prompt"),
     ("hir.entropy_weight=-1", "entropy_weight=-1.0 must be >= 0"),
     ("trainer.threads=-1", "trainer.threads=-1 must be >= 0"),
     ("trainer.devices=0", "trainer.devices=0 must be a number of devices >= 1"),

@@ -215,3 +215,14 @@ def test_unknown_split_and_prompt(world):
         world.family("write a poem")
     with pytest.raises(ValueError, match="not an instruction of the assistant world"):
         world.gold("reverse red cat tree", "tree cat red")  # "tree" is not a word of the world
+
+
+def test_the_longest_prompt_is_its_words_between_bos_and_the_separator_in_tokens():
+    """What the config check of every max_length assumes (experiment.validate_for_source)."""
+    from alignbench.models import TextCodec, build_world_tokenizer
+
+    world = AssistantWorld()
+    prompt = world.longest_prompt()
+    codec = TextCodec(build_world_tokenizer(world.vocabulary()))
+    assert len(codec.encode_prompt(prompt)) == len(prompt.split()) + 2
+    assert all(len(p.split()) <= len(prompt.split()) for split in SPLITS for p in world.sample_prompts(split, 500, seed=0))
