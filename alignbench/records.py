@@ -66,6 +66,11 @@ def checksum_problems(folder: Path, recorded: dict[str, str]) -> list[str]:
     return problems
 
 
+def is_checksum_map(value: Any) -> bool:
+    """Whether `value` is what `folder_checksums` makes: file names (text) to hex digests (text)."""
+    return isinstance(value, dict) and all(isinstance(name, str) and isinstance(digest, str) for name, digest in value.items())
+
+
 class UnreadableResult(ValueError):
     """A run's metrics.json that cannot be read back (truncated, not JSON, not a run's result)."""
 
@@ -101,7 +106,7 @@ def _wrongly_typed(result: dict[str, Any]) -> list[str]:
         ("seed", lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
         ("metrics", lambda v: isinstance(v, dict), "a mapping of metric names to numbers"),
         ("config", lambda v: isinstance(v, dict), "a mapping"),
-        ("sha256", lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()), "a mapping of file names to checksums"),
+        ("sha256", is_checksum_map, "a mapping of file names to checksums"),
     ]
     wrong = [f"{key} is {_shown(result[key])}, not {kind}" for key, ok, kind in checks if key in result and not ok(result[key])]
     if isinstance(result.get("metrics"), dict):

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Callable
 
 from alignbench.config import ConfigError, config_hash
-from alignbench.records import checksum_problems, environment, folder_checksums
+from alignbench.records import checksum_problems, environment, folder_checksums, is_checksum_map
 from alignbench.log import log, warn
 from alignbench.processes import release_freed_memory
 
@@ -222,7 +222,7 @@ def verified_summary(directory: Path) -> dict | None:
         _write_summary(directory, summary)
         log(f"{directory} was built before stages recorded checksums; recorded them now")
     else:
-        if not isinstance(recorded, dict) or not all(isinstance(name, str) and isinstance(digest, str) for name, digest in recorded.items()):
+        if not is_checksum_map(recorded):
             warn(f"{path} cannot be read (its sha256 is {json.dumps(recorded)[:40]}, not a mapping of file names to checksums); rebuilding the stage")
             return None
         problems = checksum_problems(directory, recorded)
