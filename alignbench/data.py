@@ -185,8 +185,11 @@ class PreferenceBatch:
     shared: SharedPromptBatch | None = None
 
     def pairs(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A per-response value [R, ...] on the chosen and on the rejected side of each pair ([P, ...] each)."""
-        return values[self.chosen], values[self.rejected]
+        """A per-response value [R, ...] on the chosen and on the rejected side of each pair ([P, ...] each).
+        A response in several pairs gets their gradients added in pair order (`index_select`; advanced
+        indexing's backward adds repeated reads with atomic adds from several threads, in no fixed order,
+        once the values pass 32,768 elements)."""
+        return values.index_select(0, self.chosen), values.index_select(0, self.rejected)
 
     def to(self, device) -> "PreferenceBatch":
         return PreferenceBatch(

@@ -177,13 +177,15 @@ class SharedPromptBatch:
         tensors = (self.input_ids, self.position_ids, self.group, self.segment, self.owner, self.source, self.ends)
         return SharedPromptBatch(*map(move, tensors), self.num_responses)
 
-    def response_tokens(self) -> tuple[tuple[Tensor, Tensor], Tensor, Tensor, Tensor]:
-        """Every response token, in row-major order: the (row, column) index of the position whose
-        output predicts it (index a ``[N, T, ...]`` tensor with it), its id, its response (owner)
-        and its position id."""
+    def response_tokens(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Every response token, in row-major order: the flat index (row x width + column) of the
+        position whose output predicts it (read a ``[N, T, ...]`` tensor with
+        :func:`select_positions`), its id, its response (owner) and its position id. A prompt's
+        last position predicts the first token of each of its responses, so it is listed once per
+        response."""
         scored = self.owner >= 0
         rows = torch.arange(self.input_ids.shape[0], device=self.input_ids.device)[:, None].expand_as(self.source)[scored]
-        return (rows, self.source[scored]), self.input_ids[scored], self.owner[scored], self.position_ids[scored]
+        return rows * self.input_ids.shape[1] + self.source[scored], self.input_ids[scored], self.owner[scored], self.position_ids[scored]
 
     def attention_mask(self, dtype: torch.dtype) -> Tensor:
         """``[N, 1, T, T]`` additive mask (0 where a query attends to a key, the dtype's minimum
@@ -203,6 +205,18 @@ PACKED_TOKENS_WORTH_IT = 0.9
 """Groups are packed only where that leaves at most this share of the tokens of one group per row
 (the AI labeler's 22-55-token requests, packed into rows of 64, trained 0.93x as fast as a row each;
 `DemonstrationDataModule` packs them into rows twice as wide instead)."""
+
+
+def select_positions(values: Tensor, positions: Tensor) -> Tensor:
+    """``values[N, T, ...]`` read at flat positions (row x T + column), as
+    :meth:`SharedPromptBatch.response_tokens` lists them: ``[len(positions), ...]``.
+
+    Why not ``values[rows, columns]``: its backward adds the gradients of a position listed more
+    than once (a prompt's last position, once per response) with atomic adds from several threads
+    on the CPU, in whatever order the threads run, so the same run trained to other weights from
+    one time to the next (seen with two threads, more often on a busy machine). ``index_select``'s
+    backward adds them in the order listed."""
+    return values.flatten(0, 1).index_select(0, positions)
 
 
 def pack_shared_prompts(
@@ -416,7 +430,7 @@ def shared_prompt_logprobs(model: nn.Module, batch: SharedPromptBatch, *, row_wi
         input_ids=batch.input_ids, attention_mask=batch.attention_mask(dtype), position_ids=batch.position_ids, use_cache=False
     ).logits
     predicting, targets, owners, positions = batch.response_tokens()
-    per_token = target_logprobs(logits[predicting], targets)
+    per_token = target_logprobs(select_positions(logits, predicting), targets)
     per_sequence = torch.zeros(batch.num_responses, device=device, dtype=torch.float32).index_add(0, owners, per_token)
     lengths = torch.zeros(batch.num_responses, device=device, dtype=torch.long).index_add(0, owners, torch.ones_like(owners))
     if row_width is None:

@@ -485,6 +485,8 @@ class RewardModel(nn.Module):
         """Raw scores [R] of the R responses of a `SharedPromptBatch`: each as `forward` scores its
         prompt + response alone (up to float rounding), with the prompt through the model once and
         several prompts to a row when the batch is packed."""
+        from alignbench.logprobs import select_positions
+
         dtype = next(self.backbone.parameters()).dtype
         batch = batch.to(self.head.weight.device)
         hidden = self.backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask(dtype), position_ids=batch.position_ids).last_hidden_state
@@ -492,7 +494,7 @@ class RewardModel(nn.Module):
         if self.likelihood == "none":
             return score
         predicting, targets, owners, _ = batch.response_tokens()
-        likelihood = self._loglikelihood(hidden[predicting], targets, owners, batch.num_responses)
+        likelihood = self._loglikelihood(select_positions(hidden, predicting), targets, owners, batch.num_responses)
         return score + self.likelihood_weight * likelihood
 
     def response_loglikelihood(self, hidden: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:

@@ -113,7 +113,7 @@ class RewardModelTraining(StepLoggingModule):
             responses = batch.responses
             rewards = self.model(responses.input_ids, responses.attention_mask, responses.response_mask)
         loss, metrics = ranking_loss(
-            rewards[batch.chosen], rewards[batch.rejected], batch.group, batch.num_groups, batch.margin if self.config.margin else None, batch.label
+            *batch.pairs(rewards), batch.group, batch.num_groups, batch.margin if self.config.margin else None, batch.label
         )
         check_finite(loss, self.global_step)
         statistics = {"train/loss": loss.detach(), "train/accuracy": metrics["accuracy"]}

@@ -102,7 +102,8 @@ class CPL(OfflinePreferenceMethod):
         c = self.config
         cpl = cpl_loss(*batch.pairs(self.scores(policy, reference)), c.bias)
         # BC on the chosen side of every pair (the authors' bc_data="pos"): a response counts once per pair it wins.
-        bc = -policy.per_token[batch.chosen].sum() / policy.mask[batch.chosen].sum().clamp_min(1)
+        # index_select, as PreferenceBatch.pairs reads: a response's gradients added in pair order.
+        bc = -policy.per_token.index_select(0, batch.chosen).sum() / policy.mask[batch.chosen].sum().clamp_min(1)
         loss = bc if self.global_step < c.bc_steps else cpl.loss + c.bc_weight * bc
         return Objective(loss, cpl.chosen_rewards, cpl.rejected_rewards, {"cpl_loss": cpl.loss.detach(), "bc_loss": bc.detach()})
 

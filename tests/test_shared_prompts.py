@@ -4,7 +4,8 @@ Llama and a GPT-2, also packed several prompts to a row (`pack_width`); a respon
 row's other responses or prompts; packed demonstrations (in rows twice as wide where they are too
 long to share a row of max_length) give the fine-tuning loss and gradients of one per row; and a DPO
 step over shared rows (and a CPL step, which reads per-token log-probs) gives the loss and
-gradients of the step over one row per response."""
+gradients of the step over one row per response; and the gradient of a position read once per
+response does not depend on the number of threads."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from datasets import Dataset
 
 from alignbench.data import DemonstrationDataModule, PreferenceDataModule, preference_rows
-from alignbench.logprobs import pack_sequences, pack_shared_prompts, sequence_logprobs, shared_prompt_logprobs
+from alignbench.logprobs import pack_sequences, pack_shared_prompts, select_positions, sequence_logprobs, shared_prompt_logprobs
 from alignbench.methods.cpl import CPL, CPLConfig
 from alignbench.methods.dpo import DPO, DPOConfig
 from alignbench.models import build_tiny_policy
@@ -64,6 +65,39 @@ def test_shared_rows_score_each_response_as_its_own_row_does(model, pack_width):
     (shared_prompt_logprobs(model, shared)[0] * weights).sum().backward()
     for a, b in zip(one_row, (p.grad for p in model.parameters())):  # float32 sums in another order
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-3)
+
+
+def test_a_position_read_once_per_response_gets_the_same_gradient_with_any_number_of_threads():
+    """A prompt's last position predicts the first token of each of its responses, so shared rows
+    read it several times (`response_tokens`). Its gradient is the sum of its reads', added in the
+    order they are listed (`select_positions`). Advanced indexing (`values[rows, columns]`) added
+    them with atomic adds from two threads in whatever order the threads ran: the same reward model
+    trained to other weights from one run to the next."""
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randn(8, 120, 128, generator=generator)
+    positions = torch.randint(0, 8 * 120, (900,), generator=generator)  # most of them listed more than once
+    upstream = torch.randn(900, 128, generator=generator)
+    assert len(positions.unique()) < 700
+    rows, columns = positions // 120, positions % 120
+    assert torch.equal(select_positions(values, positions), values[rows, columns])
+
+    expected = torch.zeros(8 * 120, 128)
+    for read, position in enumerate(positions.tolist()):  # the reads of a position in listed order
+        expected[position] += upstream[read]
+
+    def gradient(threads: int) -> torch.Tensor:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            leaf = values.clone().requires_grad_(True)
+            (select_positions(leaf, positions) * upstream).sum().backward()
+            return leaf.grad.flatten(0, 1)
+        finally:
+            torch.set_num_threads(previous)
+
+    assert torch.equal(gradient(1), expected)
+    for _ in range(20):
+        assert torch.equal(gradient(2), expected)
 
 
 @pytest.mark.parametrize("pack_width", [None, 16])
