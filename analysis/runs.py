@@ -64,6 +64,8 @@ class Run:
     history: list[dict[str, Any]] = field(default_factory=list)
     samples_path: Path | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    folder: Path | None = None
+    """The run's folder; None for a run read from W&B."""
     """The flattened config minus the keys that never tell policies apart (seed, tracking, ...)."""
 
     def setting(self, key: str, default: Any = None) -> Any:
@@ -203,7 +205,7 @@ def _load_run(run_dir: Path) -> Run:
         history = []
     config = result.get("config", {})
     run = Run(experiment=result["experiment"], name=name, method=method, seed=seed, config=config, metrics=result["metrics"],
-              history=history, samples_path=intact["samples.jsonl"], settings=_settings(config))
+              history=history, samples_path=intact["samples.jsonl"], settings=_settings(config), folder=run_dir)
     if run.samples_path is not None:
         try:
             columns = run._sample_columns()
@@ -377,5 +379,10 @@ def single_experiment(runs: list[Run], where: str) -> list[Run]:
     """The runs, checked to be of one experiment (figures compare runs of one experiment)."""
     names = sorted({r.experiment for r in runs})
     if len(names) > 1:
-        raise ConfigError(f"{where} holds runs of {len(names)} experiments ({', '.join(names)}); plot one experiment's directory, e.g. {where}/{names[0]}")
+        homes = {name: {r.folder.parent for r in runs if r.experiment == name and r.folder is not None} for name in names}
+        own = [home for name in names if len(homes[name]) == 1 for home in homes[name]
+               if not any(home in homes[other] for other in names if other != name)]
+        hint = (f"plot one experiment's directory, e.g. {own[0]}" if own else
+                "move each experiment's runs to a directory of its own and plot that")
+        raise ConfigError(f"{where} holds runs of {len(names)} experiments ({', '.join(names)}); {hint}")
     return runs

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import types
 from pathlib import Path
 
@@ -447,7 +448,6 @@ def test_sample_efficiency_is_skipped_without_validated_online_runs(runs):
 
 # --- figure 9 and the whole command -------------------------------------------------------------------
 def test_plot_directory_writes_every_figure_and_the_tables(fixture_dir, tmp_path):
-    import shutil
 
     from alignbench.analysis.plot import plot_directory
 
@@ -471,7 +471,6 @@ def test_the_commands_that_read_results_load_no_torch_or_transformers(fixture_di
     its logging) or torch would cost them most of their time and memory. (The model-size figure
     builds the tiny world models to count their parameters: its runs are left out here.)"""
     import os
-    import shutil
     import subprocess
     import sys
 
@@ -489,7 +488,6 @@ def test_the_commands_that_read_results_load_no_torch_or_transformers(fixture_di
 
 
 def test_a_directory_without_sweeps_lists_the_skipped_figures(fixture_dir, tmp_path, capsys):
-    import shutil
 
     from alignbench.analysis.plot import plot_directory
 
@@ -517,7 +515,14 @@ def test_cli_plot_and_its_user_errors(fixture_dir, tmp_path, capsys):
         run.mkdir(parents=True, exist_ok=True)
         (run / "metrics.json").write_text(json.dumps({"experiment": name, "run_name": "run", "method": "sft", "seed": 0, "config": {}, "metrics": {"eval/win_rate": 0.5}}))
     assert main(["plot", str(tmp_path / "two")]) == 2
-    assert "holds runs of 2 experiments (a, b)" in capsys.readouterr().err
+    assert f"holds runs of 2 experiments (a, b); plot one experiment's directory, e.g. {tmp_path / 'two' / 'a'}" in capsys.readouterr().err
+    mixed = tmp_path / "mixed"  # both experiments' runs in one folder: no subfolder to suggest
+    for name in ("a", "b"):
+        shutil.copytree(tmp_path / "two" / name / "run", mixed / "all" / f"run{name}")
+        result = json.loads((mixed / "all" / f"run{name}" / "metrics.json").read_text())
+        (mixed / "all" / f"run{name}" / "metrics.json").write_text(json.dumps({**result, "run_name": f"run{name}"}))
+    assert main(["plot", str(mixed)]) == 2
+    assert "(a, b); move each experiment's runs to a directory of its own and plot that" in capsys.readouterr().err
     assert main(["plot", str(tmp_path / "two" / "a"), "--formats", "png,bmpx"]) == 2
     assert "unknown format(s) bmpx" in capsys.readouterr().err
     assert main(["plot", str(tmp_path / "two" / "a"), "--wandb", "not-a-path"]) == 2
