@@ -72,6 +72,14 @@ def check_out_folder(out: str) -> None:
             return
 
 
+def warn_unread_overrides(overrides: list[str], methods: list[str]) -> None:
+    from alignbench.experiment import unread_overrides
+    from alignbench.log import warn
+
+    for key in unread_overrides(overrides, methods):
+        warn(f"{key} is not read: it is an option of {key.split('.')[0]}, and this runs {', '.join(methods)}")
+
+
 def cmd_run(args) -> None:
     from alignbench.experiment import for_run, load_experiment, run_name
     from alignbench.processes import freeze_imported_objects
@@ -79,7 +87,9 @@ def cmd_run(args) -> None:
 
     freeze_imported_objects()
     config = load_experiment(args.experiment, args.overrides)
-    name = run_name(for_run(config))
+    run_config = for_run(config)
+    name = run_name(run_config)
+    warn_unread_overrides(args.overrides, [run_config.method])
     if args.expect_run_name and name != args.expect_run_name:
         # A sweep names each run before starting its process; the names differ when alignbench
         # or the experiment file changed since. Running anyway would finish a run the sweep does
@@ -106,6 +116,7 @@ def _quickstart_plan(experiment: str, overrides: list[str]) -> tuple[str, list[i
     from alignbench.experiment import load_experiment
 
     config = load_experiment(experiment, overrides)
+    warn_unread_overrides(overrides, [config.method] if config.method else list(config.methods))
     return config.name, list(config.seeds), config.trainer.distributed, torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 

@@ -357,6 +357,13 @@ def method_config(config):
     return getattr(config, config.method)
 
 
+def unread_overrides(overrides: Sequence[str], methods: Sequence[str]) -> list[str]:
+    """The override keys that set an option of a method none of `methods` is: no run of them reads
+    it (`alignbench run quickstart method=dpo ppo.clip_range=0.9`), which a user would want to know."""
+    return [key for key in parse_overrides(overrides)
+            if (section := key.split(".")[0]) in METHODS and section not in _SHARED_SECTIONS and section not in methods]
+
+
 def run_config_dict(config) -> dict[str, Any]:
     """The resolved config of one run: shared sections plus its own method's section only."""
     data = to_dict(config)

@@ -129,6 +129,21 @@ def test_key_value_and_dash_dash_forms_resolve_identically():
     assert a.dpo.beta == 0.3
 
 
+def test_an_option_of_a_method_that_does_not_run_is_named(capsys):
+    """`alignbench run quickstart method=dpo ppo.clip_range=0.9` runs dpo as if ppo.clip_range were
+    not given: accepted (a sweep sets many methods' options), and named on stderr."""
+    from alignbench.cli import warn_unread_overrides
+    from alignbench.experiment import unread_overrides
+
+    overrides = ["method=dpo", "dpo.beta=0.2", "ppo.clip_range=0.9", "--grpo.group_size=4", "eval.seed=1", "sft.lr=1e-3"]
+    assert unread_overrides(overrides, ["dpo"]) == ["ppo.clip_range", "grpo.group_size"]  # sft and eval are shared sections
+    assert unread_overrides(overrides, ["dpo", "ppo", "grpo"]) == []
+    warn_unread_overrides(overrides, ["dpo"])
+    err = capsys.readouterr().err
+    assert "ppo.clip_range is not read: it is an option of ppo, and this runs dpo" in err
+    assert "grpo.group_size is not read" in err and "dpo.beta" not in err
+
+
 def test_console_script_runs_from_another_directory(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "alignbench", "methods"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 0 and "dpo" in proc.stdout
