@@ -4,7 +4,9 @@
   numbers (float sums in another order) without changing a setting, so stages and runs record them
   (stage.json, metrics.json) rather than hash them into cache keys or run names, which must stay
   what the settings alone make them.
-- SHA-256 checksums of the files written, checked where they are read back.
+- SHA-256 checksums of the files written, checked where they are read back; and of a metrics.json's
+  or stage.json's own content (`content_sha256`), so that a number changed in one (edited by hand,
+  damaged on disk) is caught, not reported.
 - A run's metrics.json, read back with an error naming the file when it cannot be; JSON results
   written atomically (`write_json_atomic`), so a kill never leaves half a file.
 
@@ -71,6 +73,35 @@ def is_checksum_map(value: Any) -> bool:
     return isinstance(value, dict) and all(isinstance(name, str) and isinstance(digest, str) for name, digest in value.items())
 
 
+CONTENT_CHECKSUM = "content_sha256"
+"""The key under which a metrics.json or stage.json records the SHA-256 of its other keys."""
+
+
+def content_sha256(record: dict[str, Any]) -> str:
+    """SHA-256 of a JSON record's keys other than `CONTENT_CHECKSUM`, as JSON reads them back
+    (non-finite floats as null, sorted keys, no spaces): the same for the record written and the
+    record read from its file, whatever the file's indentation."""
+    content = json.loads(json.dumps(json_safe({k: v for k, v in record.items() if k != CONTENT_CHECKSUM})))
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def with_content_checksum(record: dict[str, Any]) -> dict[str, Any]:
+    """`record` with the checksum of its own content, to be written."""
+    return {**record, CONTENT_CHECKSUM: content_sha256(record)}
+
+
+def content_checksum_problem(record: dict[str, Any], path: Path) -> str | None:
+    """What is wrong with the content checksum of `record`, read from `path`; None where it matches
+    or the record has none (written before records checked their own content)."""
+    if CONTENT_CHECKSUM not in record:
+        return None
+    recorded, actual = record[CONTENT_CHECKSUM], content_sha256(record)
+    if recorded == actual:
+        return None
+    shown = f"{recorded[:12]}…" if isinstance(recorded, str) else _shown(recorded)
+    return f"{path} has changed since it was written (the sha256 of its content is {actual[:12]}…, recorded {shown}: edited by hand, or damaged)"
+
+
 class UnreadableResult(ValueError):
     """A run's metrics.json that cannot be read back (truncated, not JSON, not a run's result)."""
 
@@ -90,6 +121,8 @@ def read_result(path: Path) -> dict[str, Any]:
     wrong = _wrongly_typed(result)
     if wrong:
         raise UnreadableResult(f"{path} is not a run's result ({'; '.join(wrong[:3])})")
+    if (problem := content_checksum_problem(result, path)) is not None:
+        raise UnreadableResult(problem)
     return result
 
 

@@ -46,7 +46,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import ParallelStrategy
 
 from alignbench.config import ConfigError
-from alignbench.records import UnreadableResult, environment, file_sha256, read_result, write_json_atomic
+from alignbench.records import UnreadableResult, environment, file_sha256, read_result, with_content_checksum, write_json_atomic
 from alignbench.evaluation import evaluate_at_temperatures
 from alignbench.experiment import RunSpec, finished_config_mismatch, output_folder, resolve_run, run_config_dict
 from alignbench.log import log, warn
@@ -330,6 +330,7 @@ def _run(spec: RunSpec, run_dir: Path, out: Path, group, pipeline, split: str, o
         # of the files written beside metrics.json.
         result = {**result, "metrics": metrics, "budget_stages": budget_stages, "versions": versions(), "environment": environment(device, config.trainer.accelerator),
                   "sha256": {name: file_sha256(run_dir / name) for name in ("samples.jsonl", "history.jsonl") if (run_dir / name).exists()}}
+        result = with_content_checksum(result)
         write_json_atomic(run_dir / "metrics.json", result)
         checkpoints.clear()  # only an unfinished run needs them
         failed = False

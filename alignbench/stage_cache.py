@@ -20,7 +20,8 @@ when no finished copy exists:
 - `stage.json` records the SHA-256 of every file of the stage (`sha256`) and what it was built
   with beyond its settings (`environment`: torch threads, device, torch version; not in the key).
   A stage is verified the first time a process reuses it: a file that is missing, truncated or
-  changed gets a warning naming it, and the stage is rebuilt, never used;
+  changed, or a stage.json whose own numbers changed (`content_sha256`), gets a warning naming it,
+  and the stage is rebuilt, never used;
 - temporary folders of builds that died (`.<stage>-<hash>.tmp-<PID>`) are removed once nobody
   holds their stage's lock;
 - a process that waits for another one's lock says so, and on what;
@@ -44,11 +45,18 @@ from pathlib import Path
 from typing import Callable
 
 from alignbench.config import ConfigError, config_hash
-from alignbench.records import checksum_problems, environment, folder_checksums, is_checksum_map
+from alignbench.records import CONTENT_CHECKSUM, checksum_problems, content_checksum_problem, environment, folder_checksums, is_checksum_map, with_content_checksum
 from alignbench.log import log, warn
 from alignbench.processes import release_freed_memory
 
 SUMMARY = "stage.json"
+RECORDED_BY_THE_CACHE = ("seconds", "own_seconds", "built_from", "environment", "sha256", CONTENT_CHECKSUM)
+"""What `cached_stage` adds to the summary a build returns."""
+
+
+def build_summary(summary: dict) -> dict:
+    """A stage's summary as its build returned it, without what the cache recorded beside it."""
+    return {k: v for k, v in summary.items() if k not in RECORDED_BY_THE_CACHE}
 
 STAGE_CACHE_VARIABLE = "ALIGNBENCH_STAGE_CACHE"
 """The environment variable naming a stage cache folder shared by every output folder."""
@@ -215,11 +223,14 @@ def verified_summary(directory: Path) -> dict | None:
     stat = path.stat()
     if _VERIFIED.get(directory) == (stat.st_size, stat.st_mtime_ns):
         return summary
+    if (problem := content_checksum_problem(summary, path)) is not None:
+        warn(f"{problem}; rebuilding the stage")
+        return None
     recorded = summary.get("sha256")
     if recorded is None:
         # Built before stages recorded checksums: record them now, so later corruption is caught.
         summary["sha256"] = folder_checksums(directory, leave_out=(SUMMARY,))
-        _write_summary(directory, summary)
+        summary = _write_summary(directory, summary)
         log(f"{directory} was built before stages recorded checksums; recorded them now")
     else:
         if not is_checksum_map(recorded):
@@ -229,15 +240,21 @@ def verified_summary(directory: Path) -> dict | None:
         if problems:
             warn(f"cached stage {directory} is damaged: {'; '.join(problems)}. It is rebuilt, not used")
             return None
+        if CONTENT_CHECKSUM not in summary:  # built before stage.json checked its own numbers
+            summary = _write_summary(directory, summary)
     stat = path.stat()
     _VERIFIED[directory] = (stat.st_size, stat.st_mtime_ns)
     return summary
 
 
-def _write_summary(directory: Path, summary: dict) -> None:
+def _write_summary(directory: Path, summary: dict) -> dict:
+    """Write `summary` as the stage's stage.json, with the checksum of its own content; returns
+    what was written."""
+    summary = with_content_checksum(summary)
     tmp = directory / f".{SUMMARY}.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(summary, indent=2))
     os.replace(tmp, directory / SUMMARY)
+    return summary
 
 
 def cached_stage(cache: Path, name: str, key: dict, build: Callable[[Path], dict], built_with: Callable[[], dict] | None = None) -> tuple[Path, dict]:
@@ -267,7 +284,7 @@ def cached_stage(cache: Path, name: str, key: dict, build: Callable[[Path], dict
         summary["environment"] = built_with() if built_with is not None else environment("cpu")
         (tmp / "key.json").write_text(json.dumps(key, indent=2))
         summary["sha256"] = folder_checksums(tmp, leave_out=(SUMMARY,))
-        (tmp / SUMMARY).write_text(json.dumps(summary, indent=2))
+        summary = _write_summary(tmp, summary)
         shutil.rmtree(directory, ignore_errors=True)
         os.replace(tmp, directory)
         stat = (directory / SUMMARY).stat()

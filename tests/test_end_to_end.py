@@ -42,7 +42,7 @@ def test_quickstart_writes_every_contract_file_and_metric(quickstart_dir):
     assert set(runs) == set(load_experiment("quickstart").methods)  # every method and baseline the quickstart lists
     assert {"sft", "best_of_n", "dpo", "ppo", "rlaif", "constitutional"} <= set(runs)
     for method, result in runs.items():
-        assert set(result) == {"experiment", "run_name", "method", "seed", "config", "metrics", "budget_stages", "versions", "environment", "sha256"}
+        assert set(result) == {"experiment", "run_name", "method", "seed", "config", "metrics", "budget_stages", "versions", "environment", "sha256", "content_sha256"}
         assert result["metrics"]["budget/wall_s"] >= sum(result["budget_stages"].values())
         missing = [k for k in CONTRACT_EVAL_KEYS if k not in result["metrics"]]
         assert not missing, (method, missing)

@@ -340,9 +340,42 @@ def test_a_metrics_json_with_a_value_of_the_wrong_type_is_left_out_naming_it(tin
     assert load_local_runs(folder) == [] and snapshot(tmp_path) == before
 
 
+def test_an_edited_number_in_a_metrics_json_leaves_the_run_out_and_runs_it_again(tiny, tmp_path, capsys):
+    """metrics.json records the checksum of its own content: a number changed in it (by hand, or
+    damaged on disk: still valid JSON) is caught where it is read, not reported. `results` leaves
+    the run out; rerunning the experiment keeps the changed file beside the run made again."""
+    import json
+    import shutil
+
+    from alignbench.analysis.runs import load_local_runs
+
+    config, out = tiny
+    shutil.copytree(out, tmp_path / "runs")
+    folder = tmp_path / "runs" / "tiny"
+    run_dir = folder / _run_dir(out).name
+    path = run_dir / "metrics.json"
+    original = json.loads(path.read_text())
+    for edit in ({"metrics": {**original["metrics"], "eval/kl": 0.001}}, {"method": "ppo"}, {"seed": 1}, {"content_sha256": None}):
+        path.write_text(json.dumps({**original, **edit}, indent=2))
+        capsys.readouterr()
+        assert load_local_runs(folder) == []
+        err = capsys.readouterr().err
+        assert f"{path} has changed since it was written (the sha256 of its content is" in err and "left out" in err
+    path.write_text(json.dumps(original))  # the same content in another layout reads back
+    assert [r.name for r in load_local_runs(folder)] == [run_dir.name]
+
+    path.write_text(json.dumps({**original, "metrics": {**original["metrics"], "eval/kl": 0.001}}))
+    rc, err = run_cli(["run", str(config), "method=sft", "--out", str(tmp_path / "runs")], capsys)
+    assert rc == 0 and f"{path} has changed since it was written" in err and "runs again" in err
+    again = json.loads(path.read_text())["metrics"]
+    assert {k: v for k, v in again.items() if k != "budget/wall_s"} == {k: v for k, v in original["metrics"].items() if k != "budget/wall_s"}
+    assert json.loads((run_dir / "metrics.json.unreadable").read_text())["metrics"]["eval/kl"] == 0.001
+
+
 def test_a_metric_that_its_own_samples_contradict_leaves_the_run_out(tiny, tmp_path, capsys):
-    """An edited or damaged metrics.json (its samples.jsonl still matching the checksum it holds)
-    must not put a number in the table that the run's own per-prompt results do not give."""
+    """A metrics.json written before results recorded their own checksum, edited or damaged (its
+    samples.jsonl still matching the checksum it holds), must not put a number in the table that
+    the run's own per-prompt results do not give."""
     import json
     import shutil
 
@@ -353,6 +386,7 @@ def test_a_metric_that_its_own_samples_contradict_leaves_the_run_out(tiny, tmp_p
     run_dir = folder / _run_dir(out).name
     shutil.copytree(_run_dir(out), run_dir)
     result = json.loads((run_dir / "metrics.json").read_text())
+    del result["content_sha256"]
     true_value = result["metrics"]["eval/gold_reward"]
     result["metrics"]["eval/gold_reward"] = 0.9
     (run_dir / "metrics.json").write_text(json.dumps(result))
@@ -393,7 +427,7 @@ def test_a_samples_file_without_a_checksum_and_a_line_that_is_not_json_is_not_us
     run_dir = folder / _run_dir(out).name
     shutil.copytree(_run_dir(out), run_dir)
     result = json.loads((run_dir / "metrics.json").read_text())
-    del result["sha256"]
+    del result["sha256"], result["content_sha256"]
     (run_dir / "metrics.json").write_text(json.dumps(result))
     samples = run_dir / "samples.jsonl"
     lines = samples.read_text().splitlines()

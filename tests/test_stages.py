@@ -427,10 +427,33 @@ def test_a_stage_built_before_checksums_gets_them_on_first_reuse(tmp_path):
     directory, _ = StageCache(tmp_path).stage("toy", {"a": 1}, _toy_build(builds))
     summary = json.loads((directory / "stage.json").read_text())
     recorded = summary.pop("sha256")
+    del summary["content_sha256"]
     (directory / "stage.json").write_text(json.dumps(summary))
     _new_process()
     StageCache(tmp_path).stage("toy", {"a": 1}, _toy_build(builds))
     assert len(builds) == 1 and json.loads((directory / "stage.json").read_text())["sha256"] == recorded
+    _new_process()
+    _, again = StageCache(tmp_path).stage("toy", {"a": 1}, _toy_build(builds))  # its content checksum was recorded too
+    assert len(builds) == 1 and again["n"] == 1 and "content_sha256" in again
+
+
+@pytest.mark.parametrize("edit", [{"n": 7}, {"own_seconds": 1234.5}, {"content_sha256": "0" * 64}])
+def test_a_stage_json_whose_numbers_changed_is_rebuilt_naming_it(tmp_path, edit, capsys):
+    """stage.json's own numbers (what a build measured, its seconds) are checked as its files are."""
+    import json
+
+    from alignbench.stage_cache import StageCache
+
+    builds = []
+    directory, _ = StageCache(tmp_path).stage("toy", {"a": 1}, _toy_build(builds))
+    summary = json.loads((directory / "stage.json").read_text())
+    (directory / "stage.json").write_text(json.dumps({**summary, **edit}, indent=2))
+    _new_process()
+    capsys.readouterr()
+    _, rebuilt = StageCache(tmp_path).stage("toy", {"a": 1}, _toy_build(builds))
+    err = capsys.readouterr().err
+    assert len(builds) == 2 and rebuilt["n"] == 2
+    assert f"{directory / 'stage.json'} has changed since it was written" in err and "rebuilding the stage" in err
 
 
 def test_temporary_folders_of_dead_builds_are_removed_and_live_ones_kept(tmp_path):

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Literal
 
 from alignbench.config import to_dict
 from alignbench.models import RewardModel
-from alignbench.stage_cache import read_jsonl
+from alignbench.stage_cache import build_summary, read_jsonl
 from alignbench.stages import ai_labeler, ai_labels
 from alignbench.stages.training import centre, holdout_pairs, train_reward_model
 from alignbench.stages.versions import version
@@ -40,7 +40,7 @@ def build(p: "Pipeline", tmp: Path, labeler: str, n_pairs: int) -> dict:
     sft_dir, _ = p.sft()
     model = trained_on_pairs(p, sft_dir, records, p.config.labels.seed)
     model.save(tmp / "reward_model")
-    return {"labels": len(records), "labeler": labeler, **{f"labels/{k}": v for k, v in label_summary.items()}, **holdout_accuracy(p, model)}
+    return {"labels": len(records), "labeler": labeler, **{f"labels/{k}": v for k, v in build_summary(label_summary).items()}, **holdout_accuracy(p, model)}
 
 
 def trained_on_pairs(p: "Pipeline", sft_dir: Path, records: list[dict], seed: int) -> RewardModel:

@@ -33,6 +33,8 @@ SHARED = ("stages/training.py", "sources.py")
 # what loads, loads as before.
 # Hashes recorded without a bump when stages/training.py's fits went through `trainer_fit` (a
 # Ctrl-C raised again as KeyboardInterrupt): what a fit that ends builds is unchanged.
+# Hashes recorded without a bump when the AI reward model's stage.json stopped copying the AI labels
+# stage's own records (labels/sha256, labels/seconds, ...; stages/pair_reward_model.py): the same model.
 
 BUILD: dict[str, Build] = {
     # 2: fine-tuned on demonstrations packed several to a row (`DemonstrationDataModule(pack=True)`): the
@@ -56,13 +58,13 @@ BUILD: dict[str, Build] = {
     "ai_labels": Build(2, ("stages/ai_labels.py", "stages/ai_labeler.py", *SHARED), "36a7db6e3d0f9f8d"),
     # 2: trained by the one `train_reward_model`, which honours reward_model.architecture and LoRA
     # (version 1 always built the backbone + head, without adapters). 3, 4: as reward_models 3, 4.
-    "pair_reward_model": Build(4, ("stages/pair_reward_model.py", *SHARED), "58702dabf28bbc15"),
+    "pair_reward_model": Build(4, ("stages/pair_reward_model.py", *SHARED), "0472ce4f9ede8b28"),
     # 2: fine-tuned packed, as sft 2.
     "helpful_only": Build(2, ("stages/helpful_only.py", *SHARED), "c4d7d4cdc2290be8"),
     # 2: fine-tuned packed, as sft 2.
     "sl_cai": Build(2, ("stages/sl_cai.py", "stages/helpful_only.py", *SHARED), "e846ce6e90fc5af3"),
     # 2, 3, 4: as pair_reward_model.
-    "cai_preference_model": Build(4, ("stages/cai_preference_model.py", "stages/pair_reward_model.py", *SHARED), "125ead245ec6fa7d"),
+    "cai_preference_model": Build(4, ("stages/cai_preference_model.py", "stages/pair_reward_model.py", *SHARED), "c04cbe141df65114"),
 }
 
 
