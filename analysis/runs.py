@@ -64,9 +64,9 @@ class Run:
     history: list[dict[str, Any]] = field(default_factory=list)
     samples_path: Path | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    """The flattened config minus the keys that never tell policies apart (seed, tracking, ...)."""
     folder: Path | None = None
     """The run's folder; None for a run read from W&B."""
-    """The flattened config minus the keys that never tell policies apart (seed, tracking, ...)."""
 
     def setting(self, key: str, default: Any = None) -> Any:
         return self.settings.get(key, default)
