@@ -221,8 +221,7 @@ def run_experiment_runs(config, out: Path, shared: bool = False) -> list[str]:
 
 def _held_elsewhere(run_dir: Path) -> bool:
     """Whether another process holds the run's claim now."""
-    with _claim(run_dir) as mine:
-        return not mine
+    return _lock_held(run_dir / ".claim")
 
 
 @contextmanager
@@ -242,8 +241,14 @@ def _claim(run_dir: Path):
 
 def run_in_progress(run_dir: Path) -> bool:
     """Whether a process holds the run's lock now: it is running the run (or waits for one that is)."""
+    return _lock_held(run_dir / ".lock")
+
+
+def _lock_held(path: Path) -> bool:
+    """Whether a process holds the lock file `path` now (`_claim`'s or `_exclusive`'s). Only looks:
+    a missing file (or folder) is not created, an existing one not truncated."""
     try:
-        handle = open(run_dir / ".lock")  # read-only: the lock file is not truncated
+        handle = open(path)
     except FileNotFoundError:
         return False
     with handle:
