@@ -40,9 +40,13 @@ ISOLATED_ENVIRONMENT = {
 # ALIGNBENCH_STAGE_CACHE too: the tests' stages go in temporary folders, never in a user's stage cache.
 _UNSET = ("WANDB_MODE", "WANDB_API_KEY", "ALIGNBENCH_STAGE_CACHE")
 _SAVED_ENVIRONMENT = {key: os.environ.get(key) for key in (*ISOLATED_ENVIRONMENT, *_UNSET)}
-os.environ.update(ISOLATED_ENVIRONMENT)
-for _key in _UNSET:
-    os.environ.pop(_key, None)
+# Once, by the process that made the home: the processes it starts inherit the result, and a second
+# import in the same process (`from tests.conftest import TINY_OVERRIDES`: pytest imported this file
+# as `conftest`) must not unset what a fixture has set since (ALIGNBENCH_STAGE_CACHE, for one).
+if _OWNS_HOME:
+    os.environ.update(ISOLATED_ENVIRONMENT)
+    for _key in _UNSET:
+        os.environ.pop(_key, None)
 
 TINY_OVERRIDES = [
     "seeds=[0]",  # the quickstart's three seeds run in processes of their own: tests/test_seeds.py runs two
