@@ -26,6 +26,7 @@ from alignbench.config import ConfigError
 from alignbench.data import PreferenceBatch, PreferenceDataModule, UnpairedBatch, UnpairedDataModule
 from alignbench.logprobs import PackedBatch, SharedPromptBatch, evaluation_mode, sequence_logprobs, shared_prompt_logprobs
 from alignbench.methods.base import AlignmentMethod, MethodConfig
+from alignbench.models import disable_dropout
 from alignbench.training import check_finite
 
 
@@ -41,6 +42,10 @@ class OfflineConfig(MethodConfig):
     per response: the same log-probs up to float rounding (~1e-7 relative), fewer tokens through the
     model (on rankings of 4, about half). Unpaired data (KTO) is scored one row per response
     whatever this says."""
+    disable_dropout: bool = True
+    """Train the policy with its dropout off (LoRA adapters' included), as the DPO authors' code and
+    TRL do: the reference is scored without dropout, so with it the log-ratios start away from 0 and
+    the objective fits dropout noise. The world's models have none; hub models (GPT-2: 0.1) do."""
 
 
 @dataclass
@@ -104,6 +109,8 @@ class OfflineMethod(AlignmentMethod):
 
     def __init__(self, config, context):
         super().__init__(config, context)
+        if config.disable_dropout:
+            disable_dropout(self.policy)
         self._reference_cache: dict[str, torch.Tensor] = {}
         """Field of `reference_scored` -> [num_responses] summed reference log-probs, when precomputed (`on_data`)."""
 

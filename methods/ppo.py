@@ -26,7 +26,7 @@ from torch import Tensor
 
 from alignbench.logprobs import PackedBatch, pack_sequences, position_ids_from_mask
 from alignbench.methods.online import OnlineConfig, OnlineRLMethod, Rollout, kl_penalised_rewards, masked_mean, masked_whiten
-from alignbench.models import RewardModel
+from alignbench.models import RewardModel, disable_dropout
 from alignbench.log import log
 from alignbench.sft import response_nll
 from alignbench.training import OptimConfig, adamw_with_schedule
@@ -118,6 +118,7 @@ class PPO(OnlineRLMethod):
         else:
             self.value_model = RewardModel.from_policy(self.policy)
         self.value_model.train().requires_grad_(True)
+        disable_dropout(self.value_model)  # the rollout's values and each update's are one function (value clipping compares them)
         if config.reward in ("gold", "judge") and config.value_init == "reward_model":
             self.budget.human_labels += context.reward_model_labels  # without the RM as reward, the value function still is one
         self._demonstrations: Iterator[PackedBatch] | None = None

@@ -5,6 +5,7 @@ labels and the unpaired data."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from types import SimpleNamespace
@@ -23,7 +24,7 @@ from alignbench.methods.kto import KTO, KTOConfig, kto_loss
 from alignbench.methods.orpo import ORPO, ORPOConfig, log1mexp, orpo_loss
 from alignbench.methods.simpo import SimPO, SimPOConfig, simpo_loss
 from alignbench.methods.slic import SLiC, SLiCConfig, slic_loss
-from alignbench.models import build_tiny_policy
+from alignbench.models import build_tiny_policy, freeze
 from alignbench.training import Budget
 
 REFUSAL = "sorry i can not help with that"
@@ -166,6 +167,27 @@ def test_simpo_step_uses_mean_log_probs_and_no_reference(codec, step_batch):
     assert torch.allclose(loss, -F.logsigmoid(2.0 * mean[c] - 2.0 * mean[r] - 1.0).mean(), atol=1e-6)
     assert torch.allclose(logged["rewards_chosen"], 2.0 * mean[c].mean(), atol=1e-6)
     assert set(logged) == {"loss", "rewards_chosen", "rewards_rejected", "margin", "accuracy"}
+
+
+def test_offline_methods_train_without_dropout_so_the_policy_starts_at_its_reference(codec, step_batch):
+    """A policy with dropout (here the Llama's attention dropout; a hub GPT-2's nn.Dropout alike)
+    against its own frozen copy: with dropout off, as by default, the first step's log-ratios are 0
+    and the loss is log 2; with `disable_dropout: false` the policy's dropout noise enters them."""
+    def policy_with_dropout():
+        policy = tiny(codec, 0)
+        for module in policy.modules():
+            if hasattr(module, "attention_dropout"):
+                module.attention_dropout = 0.5
+        return policy.train()
+
+    reference = freeze(copy.deepcopy(tiny(codec, 0)))
+    torch.manual_seed(0)
+    default = make_method(DPO, DPOConfig(precompute_reference=False), codec, policy_with_dropout(), reference)
+    assert default.policy.training and all(m.attention_dropout == 0.0 for m in default.policy.modules() if hasattr(m, "attention_dropout"))
+    loss, logged = run_step(default, step_batch)
+    assert abs(loss.item() - math.log(2)) < 1e-6 and abs(logged["margin"].item()) < 1e-5
+    kept = make_method(DPO, DPOConfig(precompute_reference=False, disable_dropout=False), codec, policy_with_dropout(), reference)
+    assert abs(run_step(kept, step_batch)[0].item() - math.log(2)) > 1e-3
 
 
 # --- ORPO ---------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ loss aggregations, clip-higher, online DPO's pairs; and each method raising the 
 bandit task (reward 1 when one word appears) through its own Lightning training step."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -183,6 +184,17 @@ def test_online_methods_train_without_dropout_so_the_rollouts_log_probs_are_the_
     assert module.policy.training and all(m.attention_dropout == 0.0 for m in module.policy.modules() if hasattr(m, "attention_dropout"))
     rollout = module.generate_and_score(context.sample_train_prompts(4, seed=1))
     assert torch.equal(response_token_logprobs(module.policy, rollout.batch, rollout.start), rollout.logprobs)  # ratio exactly 1 at the first update
+
+    from alignbench.methods.ppo import PPO, PPOConfig
+    from alignbench.models import RewardModel
+
+    helpfulness = RewardModel.from_policy(_bandit_context("apple").load_policy())
+    for module in helpfulness.modules():
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.5
+    context.proxy = SimpleNamespace(helpfulness=helpfulness)  # PPO's value model starts from a copy of it
+    ppo = PPO(PPOConfig(iterations=1, batch_size=4, minibatch_size=4, reward="gold", value_init="reward_model"), context)
+    assert ppo.value_model.training and all(m.attention_dropout == 0.0 for m in ppo.value_model.modules() if hasattr(m, "attention_dropout"))
 
     torch.manual_seed(0)
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=16, n_layer=1, n_head=2, n_positions=16, resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5)).train()
