@@ -176,10 +176,13 @@ def draw_head_to_head(runs: list[Run], n_boot: int = 1000) -> Drawn:
     units = int((h2h.counts.sum(axis=(1, 2)) > 0).sum())
     judge = "gold judge rebuilt from the runs' world config"
     low, high = h2h.win_rate_intervals(n_boot=n_boot)
-    cell_intervals = [Interval(0.0, 0.0, 0.0, "two-level" if len(h2h.seeds) > 1 else "prompts", len(h2h.seeds))]
+    met = sorted({int(k) for k in h2h.seeds_met()[np.isfinite(rates)]})
+    cell_intervals = [Interval(0.0, 0.0, 0.0, "two-level" if k > 1 else "prompts", k) for k in met]
     noise = describe_intervals(cell_intervals, what="intervals")
+    pooled = (f"the {met[0]} seed(s) both ran" if len(met) == 1 else
+              f"the seeds both ran: {met[0]} to {met[-1]} of {len(h2h.seeds)} by pair, each cell's interval over its own")
     caption = (f"Left: win rate of each row policy against each column policy on the same {units} test prompts "
-               f"({judge}, ties 1/2, pooled over the {len(h2h.seeds)} seed(s) both ran); `head_to_head.md` gives each cell's {noise}.")
+               f"({judge}, ties 1/2, pooled over {pooled}); `head_to_head.md` gives each cell's {noise}.")
     cells = [[("–" if not np.isfinite(rates[i, j]) else f"{rates[i, j]:.3f} [{low[i, j]:.3f}, {high[i, j]:.3f}]") for j in range(m)] for i in range(m)]
     tables = {
         "head_to_head": pd.DataFrame(cells, index=names, columns=names).reset_index(names="policy"),
@@ -198,16 +201,18 @@ def draw_head_to_head(runs: list[Run], n_boot: int = 1000) -> Drawn:
         ax2.set_yticks(y, [names[i] for i in order])
         ax2.set_xlabel(f"Bradley–Terry strength (log-odds vs {ranking.anchor})")
         bars = describe_intervals([Interval(0.0, 0.0, 0.0, "two-level" if ranking.seeds > 1 else "prompts", ranking.seeds)])
+        every = "" if ranking.seeds == len(h2h.seeds) else f" (of {len(h2h.seeds)}: those every policy ran)"
         _note(ax2, f"{bars.split(':')[0]}: " + ("two-level bootstrap" if ranking.seeds > 1 else "bootstrap over prompts")
-              + f", {ranking.seeds} seed(s) × {ranking.units} prompts ({ranking.bootstrap} resamples)")
+              + f", {ranking.seeds} seed(s){every} × {ranking.units} prompts ({ranking.bootstrap} resamples)")
         _despine(ax2)
-        caption += (f" Right: Bradley–Terry strengths fitted to all comparisons, relative to {ranking.anchor} "
-                    f"(P(i beats j) = σ(θi − θj)); {bars}.")
+        caption += (f" Right: Bradley–Terry strengths fitted to all comparisons at the {ranking.seeds} seed(s) every policy ran{every and f' (of {len(h2h.seeds)})'}, "
+                    f"relative to {ranking.anchor} (P(i beats j) = σ(θi − θj)); {bars}.")
         rows = [{"rank": rank + 1, "policy": names[i], "strength": ranking.strength[i], "ci_low": ranking.low[i], "ci_high": ranking.high[i],
                  f"p_beats_{ranking.anchor}": 1 / (1 + math.exp(-ranking.strength[i]))} for rank, i in enumerate(order[::-1])]
         tables["bradley_terry"] = pd.DataFrame(rows)
     else:
-        caption += " Bradley–Terry ranking omitted: some policies were never compared with the others (different prompts or seeds)."
+        caption += (" Bradley–Terry ranking omitted: " + ("some policies were never compared with the others (different prompts or seeds)." if h2h.ranking_seeds()
+                    else "no seed at which every policy ran (each replicate of its bootstrap needs them all)."))
     texts = {f"{name}.{ext}": format_table(frame, fmt) for name, frame in tables.items() for ext, fmt in (("md", "md"), ("tex", "latex"))}
     return Drawn("head_to_head", "Head-to-head win rates and Bradley–Terry ranking", fig, caption, texts)
 

@@ -35,25 +35,39 @@ class HeadToHead:
     seed_counts: np.ndarray | None = None
     seeds: tuple[int, ...] = (0,)
 
-    def win_rate_intervals(self, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
-        """[M, M] low and high of each cell's win rate under the two-level bootstrap (NaN where never met)."""
-        from alignbench.analysis.stats import replicate_interval, two_level_weights
-
+    def _per_seed(self) -> tuple[np.ndarray, np.ndarray]:
         outcomes = self.seed_outcomes if self.seed_outcomes is not None else self.outcomes[None]
         counts = self.seed_counts if self.seed_counts is not None else self.counts[None]
-        s, u, m = outcomes.shape[0], outcomes.shape[1], outcomes.shape[2]
-        weights = two_level_weights(s, u, n_boot, seed).reshape(n_boot, s * u)
-        wins = (weights @ outcomes.reshape(s * u, m * m)).reshape(n_boot, m, m)
-        met = (weights @ counts.reshape(s * u, m * m)).reshape(n_boot, m, m)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            replicates = np.where(met > 0, wins / met, np.nan)
+        return outcomes, counts
+
+    def seeds_met(self) -> np.ndarray:
+        """[M, M]: at how many seeds each pair was compared."""
+        return (self._per_seed()[1].sum(axis=1) > 0).sum(axis=0)
+
+    def win_rate_intervals(self, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+        """[M, M] low and high of each cell's win rate under the two-level bootstrap (NaN where never
+        met), over the seeds at which that pair met: a seed where one of the two did not run would
+        otherwise enter the draws as nothing, and count towards the t-quantile's degrees of freedom."""
+        from alignbench.analysis.stats import replicate_interval, two_level_weights
+
+        outcomes, counts = self._per_seed()
+        u, m = outcomes.shape[1], outcomes.shape[2]
+        met_at = counts.sum(axis=1) > 0  # [S, M, M]
         rates = self.win_rates()
+        cells_by_seeds: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+        for i, j in zip(*np.nonzero(np.isfinite(rates))):
+            cells_by_seeds.setdefault(tuple(np.flatnonzero(met_at[:, i, j])), []).append((i, j))
         low, high = np.full((m, m), np.nan), np.full((m, m), np.nan)
-        for i in range(m):
-            for j in range(m):
-                if np.isfinite(rates[i, j]):
-                    interval = replicate_interval(float(rates[i, j]), replicates[:, i, j], s, level)
-                    low[i, j], high[i, j] = interval.low, interval.high
+        for seeds, cells in cells_by_seeds.items():
+            s = len(seeds)
+            weights = two_level_weights(s, u, n_boot, seed).reshape(n_boot, s * u)
+            wins = (weights @ outcomes[list(seeds)].reshape(s * u, m * m)).reshape(n_boot, m, m)
+            met = (weights @ counts[list(seeds)].reshape(s * u, m * m)).reshape(n_boot, m, m)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                replicates = np.where(met > 0, wins / met, np.nan)
+            for i, j in cells:
+                interval = replicate_interval(float(rates[i, j]), replicates[:, i, j], s, level)
+                low[i, j], high[i, j] = interval.low, interval.high
         return low, high
 
     def win_rates(self) -> np.ndarray:
@@ -62,9 +76,20 @@ class HeadToHead:
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(counts > 0, wins / np.maximum(counts, 1), np.nan)
 
+    def ranking_seeds(self) -> list[int]:
+        """Indices of the seeds at which every policy was compared: the Bradley–Terry ranking's.
+        A bootstrap replicate that drew none of a policy's seeds would leave its strength to the
+        ridge alone (about 0), and that value would widen and shift its interval."""
+        counts = self._per_seed()[1]
+        return [s for s in range(counts.shape[0]) if (counts[s].sum(axis=(0, 2)) > 0).all()]
+
     def connected(self) -> bool:
-        """Whether every policy is linked to every other by comparisons (Bradley–Terry needs it)."""
-        linked = self.counts.sum(axis=0) > 0
+        """Whether every policy is linked to every other by comparisons at the ranking's seeds
+        (Bradley–Terry needs it); False where no seed has them all."""
+        seeds = self.ranking_seeds()
+        if not seeds:
+            return False
+        linked = self._per_seed()[1][seeds].sum(axis=(0, 1)) > 0
         reached, frontier = {0}, [0]
         while frontier:
             i = frontier.pop()
@@ -75,8 +100,8 @@ class HeadToHead:
         return len(reached) == len(self.names)
 
     def ranking(self, anchor: str | None, n_boot: int = 1000, seed: int = 0) -> Ranking:
-        outcomes = self.seed_outcomes if self.seed_outcomes is not None else self.outcomes
-        return bradley_terry_ranking(self.names, outcomes, anchor=anchor, n_boot=n_boot, seed=seed)
+        """Bradley–Terry strengths from the comparisons at `ranking_seeds` (see `connected`)."""
+        return bradley_terry_ranking(self.names, self._per_seed()[0][self.ranking_seeds()], anchor=anchor, n_boot=n_boot, seed=seed)
 
 
 def _world_judge(world_config: dict):

@@ -49,3 +49,34 @@ def test_ranking_over_seeds_widens_with_the_seeds_disagreement():
     assert two_level.seeds == 3 and pooled.seeds == 1
     np.testing.assert_allclose(two_level.strength, pooled.strength)
     assert two_level.high[1] - two_level.low[1] > 3 * (pooled.high[1] - pooled.low[1])
+
+
+def test_a_policy_missing_seeds_leaves_the_ranking_to_the_seeds_every_policy_ran_and_each_cell_to_its_pairs():
+    """Three policies at seeds 0-2, the third at seed 0 only (a HeadToHead as compare_policies builds
+    it). A replicate drawing none of the third's seeds would have put it at the ridge's 0: the ranking
+    is fitted and resampled at seed 0 only, and each win-rate cell over the seeds its pair met at."""
+    from alignbench.analysis.head_to_head import HeadToHead
+
+    theta = np.array([0.0, 0.5, 1.0])
+    seed_outcomes = np.stack([synthetic_outcomes(theta, 300, seed=s) for s in (5, 6, 7)])
+    seed_outcomes[1:, :, 2, :] = seed_outcomes[1:, :, :, 2] = 0  # the third policy ran at seed 0 only
+    seed_counts = seed_outcomes + np.swapaxes(seed_outcomes, -1, -2)
+    h2h = HeadToHead(["a", "b", "c"], seed_outcomes.sum(0), seed_counts.sum(0), seed_outcomes, seed_counts, (0, 1, 2))
+    assert h2h.ranking_seeds() == [0] and h2h.connected()
+    np.testing.assert_array_equal(h2h.seeds_met(), [[0, 3, 1], [3, 0, 1], [1, 1, 0]])
+    ranking = h2h.ranking("a", n_boot=200)
+    at_seed_0 = bradley_terry_ranking(["a", "b", "c"], seed_outcomes[:1], anchor="a", n_boot=200)
+    assert ranking.seeds == 1
+    np.testing.assert_array_equal(ranking.strength, at_seed_0.strength)
+    np.testing.assert_array_equal(ranking.low, at_seed_0.low)
+    low, high = h2h.win_rate_intervals(n_boot=200)
+    ab = HeadToHead(["a", "b"], seed_outcomes.sum(0)[:, :2, :2], seed_counts.sum(0)[:, :2, :2], seed_outcomes[:, :, :2, :2], seed_counts[:, :, :2, :2], (0, 1, 2))
+    ac = HeadToHead(["a", "c"], seed_outcomes[0][:, [0, 2]][:, :, [0, 2]], seed_counts[0][:, [0, 2]][:, :, [0, 2]],
+                    seed_outcomes[:1, :, [0, 2]][:, :, :, [0, 2]], seed_counts[:1, :, [0, 2]][:, :, :, [0, 2]], (0,))
+    assert low[0, 1] == ab.win_rate_intervals(n_boot=200)[0][0, 1] and high[0, 1] == ab.win_rate_intervals(n_boot=200)[1][0, 1]
+    assert low[0, 2] == ac.win_rate_intervals(n_boot=200)[0][0, 1] and high[0, 2] == ac.win_rate_intervals(n_boot=200)[1][0, 1]
+    # where no seed has every policy there is no ranking
+    seed_counts[0, :, 2, :] = seed_counts[0, :, :, 2] = seed_counts[1, :, 1, :] = seed_counts[1, :, :, 1] = 0
+    seed_counts[1, :, 2, 0] = seed_counts[1, :, 0, 2] = 1  # c met a at seed 1 instead, where b did not run
+    apart = HeadToHead(["a", "b", "c"], seed_outcomes.sum(0), seed_counts.sum(0), seed_outcomes, seed_counts, (0, 1, 2))
+    assert apart.ranking_seeds() == [] and not apart.connected()
