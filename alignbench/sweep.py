@@ -461,7 +461,8 @@ def summary(runs: list[SweepRun], folder: Path) -> str:
         return "no finished runs\n"
     table = summary_table(results_frame(results))
     transposed = table.set_index("method").drop(columns=["experiment"]).T.reset_index().rename(columns={"index": "metric"})
-    return format_table(transposed, "md")
+    return (f"Means over each policy's finished seeds; `alignbench results {folder}` gives each with its 95% interval "
+            "over seeds and prompts.\n\n" + format_table(transposed, "md"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -14,10 +14,11 @@ from alignbench.analysis.paired import PAIRED_METRICS, paired_comparisons
 from alignbench.analysis.runs import group_runs, load_local_runs, policy_interval
 from alignbench.analysis.stats import describe_intervals
 
-# The columns of the head-to-head table, in the order a reader wants them.
+# The columns of a sweep's summary (means over seeds), in the order a reader wants them. No
+# `_ci_low`/`_ci_high`: the mean of each seed's evaluation-only bounds is no interval of the mean
+# (`results_table` gives that).
 TABLE_METRICS = (
-    "eval/win_rate", "eval/win_rate_ci_low", "eval/win_rate_ci_high",
-    "eval/gold_reward", "eval/gold_reward_ci_low", "eval/gold_reward_ci_high",
+    "eval/win_rate", "eval/gold_reward",
     "eval/gold_helpfulness", "eval/gold_harmlessness", "eval/proxy_reward", "eval/kl",
     "eval/length", "eval/distinct_2",
     "budget/human_labels", "budget/ai_labels", "budget/policy_samples", "budget/train_tokens", "budget/wall_s",
@@ -120,6 +121,13 @@ class ResultsTable:
     notes: str
 
 
+def infinite_kl(key: str, metrics: list[dict]) -> bool:
+    """Whether KL `key` is infinite in one of the runs: metrics.json stores inf as null, and
+    `<key>_outside_support` > 0 tells it apart from a KL not measured (evaluation.py). A mean over
+    the other seeds would hide it."""
+    return any(m.get(key) is None and (m.get(f"{key}_outside_support") or 0) > 0 for m in metrics)
+
+
 def results_table(runs, n_boot: int = 1000, fmt: str = "md") -> ResultsTable:
     """Group `runs` (analysis.runs.Run) by their whole config except the seed, and give every
     quality metric as mean ± its interval (two-level bootstrap over seeds and prompts; one seed:
@@ -136,11 +144,16 @@ def results_table(runs, n_boot: int = 1000, fmt: str = "md") -> ResultsTable:
         kinds = set()
         for key, name in RESULT_COLUMNS:
             if any(key in m for m in metrics):
+                if infinite_kl(key, metrics):
+                    row[name] = "inf"
+                    number.update({key: math.inf, f"{key}_ci_low": math.nan, f"{key}_ci_high": math.nan})
+                    continue
                 interval = policy_interval(g.runs, key, n_boot)
                 intervals.append(interval)
                 kinds.add(interval.over)
                 mark = f" {BEST_MARK}" if key in paired.best_group and g.label in paired.best_group[key] else ""
-                row[name] = interval_cell(interval, fmt) + mark
+                reported = sum(m.get(key) is not None for m in metrics)  # null: not a number (NaN) in that run
+                row[name] = interval_cell(interval, fmt) + mark + (f" ({reported}/{len(metrics)} seeds)" if 0 < reported < len(metrics) else "")
                 number.update({key: interval.mean, f"{key}_ci_low": interval.low, f"{key}_ci_high": interval.high})
                 if key in PAIRED_METRICS:
                     number[f"{key}_best_group"] = bool(mark)

@@ -446,6 +446,32 @@ def test_sample_efficiency_is_skipped_without_validated_online_runs(runs):
         draw_sample_efficiency([r for r in runs if r.method != "ppo"])
 
 
+def test_the_results_table_shows_an_infinite_kl_and_a_metric_missing_at_some_seeds_instead_of_averaging_the_rest(fixture_dir, tmp_path):
+    """metrics.json stores an infinite KL (a sample outside the reference's nucleus) as null: the
+    mean over the other seeds is not the policy's KL. A metric null at one seed says over how many."""
+    from alignbench.analysis.tables import results_table
+
+    folder = tmp_path / EXPERIMENT
+    shutil.copytree(fixture_dir, folder)
+
+    def edit(method: str, settings: str, seed: int, **metrics):
+        (path,) = folder.glob(f"{method}-seed{seed}-{settings}world-small/metrics.json")
+        result = json.loads(path.read_text())
+        result["metrics"].update(metrics)
+        path.write_text(json.dumps(result))
+
+    edit("dpo", "beta0.05", 1, **{"eval/kl": None, "eval/kl_outside_support": 0.25})
+    edit("dpo", "beta0.5", 1, **{"eval/proxy_reward": None})
+    table = results_table(load_local_runs(folder), n_boot=50)
+    cells = table.frame.set_index("policy")
+    numbers = table.numbers.set_index("policy")
+    infinite = next(p for p in cells.index if "0.05" in p)
+    missing = next(p for p in cells.index if "0.5" in p and "0.05" not in p)
+    assert cells.loc[infinite, "KL"] == "inf" and numbers.loc[infinite, "eval/kl"] == math.inf
+    assert cells.loc[missing, "proxy reward"].endswith(" (1/2 seeds)") and "seeds" not in cells.loc[missing, "KL"]
+    assert cells.loc[infinite, "proxy reward"].count("seeds") == 0
+
+
 # --- figure 9 and the whole command -------------------------------------------------------------------
 def test_plot_directory_writes_every_figure_and_the_tables(fixture_dir, tmp_path):
 
