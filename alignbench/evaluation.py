@@ -152,10 +152,13 @@ def reference_logprobs(reference, codec: TextCodec, prompt_ids: list[list[int]],
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 
-def sample_policy(policy, reference, codec: TextCodec, prompts: Sequence[str], config: EvalConfig, generator: torch.Generator, desc: str | bool = False, num_samples: int = 1) -> PolicyResponses:
+def sample_policy(policy, reference, codec: TextCodec, prompts: Sequence[str], config: EvalConfig, generator: torch.Generator, desc: str | bool = False, num_samples: int = 1,
+                  reference_prompts: Sequence[str] | None = None) -> PolicyResponses:
     """Sample from a model policy at the config's temperature and top_p; with a reference, the
     per-sample terms log π_{T,p}(y|x) − log π_ref,{T,p}(y|x) of the KL between the two distributions
-    sampled at those settings (see the module docstring; None for the reference itself)."""
+    sampled at those settings (see the module docstring; None for the reference itself).
+    `reference_prompts`: the instructions x where the policy is asked a rewritten one (HIR's
+    "good : x"): the KL is then that of the policy as deployed, x to y, against π_ref(y|x)."""
     prompt_ids = codec.encode_prompts(prompts)
     out = sample(
         policy, prompt_ids, max_new_tokens=config.max_new_tokens, eos_token_id=codec.eos_token_id,
@@ -165,7 +168,8 @@ def sample_policy(policy, reference, codec: TextCodec, prompts: Sequence[str], c
     sampled = np.asarray(out.sampling_logprobs, dtype=np.float64)
     kl = None
     if reference is not None and reference is not policy:
-        repeated = [ids for ids in prompt_ids for _ in range(num_samples)]
+        reference_ids = prompt_ids if reference_prompts is None else codec.encode_prompts(reference_prompts)
+        repeated = [ids for ids in reference_ids for _ in range(num_samples)]
         # At T = 1 and top_p = 1 both terms are the plain log-probabilities (the sampler's are then
         # its temperature-1 log-probs, bit for bit).
         ref = reference_logprobs(reference, codec, repeated, out.response_ids, temperature=config.temperature, top_p=config.top_p)

@@ -71,7 +71,8 @@ class KLMonitor(Callback):
         """The KL on fresh samples, drawn from a stream named by the fit's `step`."""
         from alignbench.evaluation import sample_policy
 
-        responses = sample_policy(module.policy, self.context.reference, self.context.codec, self.prompts, self.context.eval_config, seeded_generator(self.context.seed, "kl", step))
+        responses = sample_policy(module.policy, self.context.reference, self.context.codec, module.asked(self.prompts), self.context.eval_config,
+                                  seeded_generator(self.context.seed, "kl", step), reference_prompts=self.prompts)
         return float(np.mean(responses.kl))
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):

@@ -98,10 +98,15 @@ class AlignmentMethod(StepLoggingModule):
         The default is one fit on `datamodule()`; methods with rounds call it per round."""
         fit(self.datamodule(), self.config.epochs)
 
+    def asked(self, prompts: Sequence[str]) -> list[str]:
+        """What the trained policy is asked for each instruction (HIR in score mode: with its positive
+        phrase). Its KL is always against the reference's answers to the instruction itself."""
+        return list(prompts)
+
     def respond(self, prompts: Sequence[str], generator: torch.Generator, desc: str | bool = False) -> PolicyResponses:
         """The policy's evaluation responses; the default samples the trained policy once."""
         ctx = self.context
-        return sample_policy(self.policy, ctx.reference, ctx.codec, prompts, ctx.eval_config, generator, desc=desc)
+        return sample_policy(self.policy, ctx.reference, ctx.codec, self.asked(prompts), ctx.eval_config, generator, desc=desc, reference_prompts=prompts)
 
     def on_fit_start(self) -> None:
         # The frozen reference follows the policy to the training device (GPU runs), where the

@@ -23,7 +23,6 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from alignbench.evaluation import sample_policy
 from alignbench.logprobs import pack_shared_prompts, position_ids_from_mask, shared_prompt_logprobs
 from alignbench.methods.base import RoundsConfig, SampleAndTuneMethod
 from alignbench.relabel import ScoreConditionedRelabeler, WorldRelabeler
@@ -95,11 +94,9 @@ class HIR(SampleAndTuneMethod):
         relabeled = self.relabeler.relabel(flat_prompts, flat)
         return [{"prompt": p, "response": y} for p, y in zip(relabeled, flat) if p is not None]
 
-    def respond(self, prompts, generator, desc=False):
-        # Evaluation asks the original instruction (with the positive phrase in score mode).
-        ctx = self.context
-        asked = [self.relabeler.evaluation_prompt(p) for p in prompts]
-        return sample_policy(self.policy, ctx.reference, ctx.codec, asked, ctx.eval_config, generator, desc=desc)
+    def asked(self, prompts):
+        # The original instruction, with the positive phrase in score mode.
+        return [self.relabeler.evaluation_prompt(p) for p in prompts]
 
     def training_step(self, batch, batch_idx):
         c, packed = self.config, batch.batch

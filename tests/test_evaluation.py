@@ -182,3 +182,22 @@ def test_kl_is_infinite_where_the_reference_nucleus_misses_the_sample_and_zero_a
     # Greedy decoding: a point mass; the copy's greedy answers are the policy's.
     metrics, _ = _evaluate_kl(policy, _tiny_gpt2(0), 0.0, 1.0, 3)
     assert metrics["eval/kl"] == 0.0 and metrics["eval/kl_outside_support"] == 0.0
+
+
+def test_a_policy_asked_a_rewritten_prompt_has_its_kl_taken_against_the_reference_on_the_instruction():
+    """HIR in score mode asks "good : x": the KL of the policy as deployed (x to y) is against
+    π_ref(y|x), not against what the reference would answer to the rewritten prompt."""
+    import torch
+
+    from alignbench.evaluation import EvalConfig, sample_policy
+
+    policy, reference = _tiny_gpt2(0), _tiny_gpt2(1)
+    asked = [[7, *p] for p in KL_PROMPTS]
+    config = EvalConfig(max_new_tokens=2, batch_size=4096)
+    responses = sample_policy(policy, reference, _fake_codec(), asked, config, torch.Generator().manual_seed(0), num_samples=20, reference_prompts=KL_PROMPTS)
+    for i, (ids, term) in enumerate(zip(responses.response_ids, responses.kl)):
+        pol = _exact_sampled_law(policy, asked[i // 20], 2, 1.0, 1.0)
+        ref = _exact_sampled_law(reference, KL_PROMPTS[i // 20], 2, 1.0, 1.0)
+        assert term == pytest.approx(pol[tuple(ids)] - ref[tuple(ids)], abs=2e-4)
+    rewritten = sample_policy(policy, reference, _fake_codec(), asked, config, torch.Generator().manual_seed(0), num_samples=20)
+    assert rewritten.response_ids == responses.response_ids and not np.allclose(rewritten.kl, responses.kl)

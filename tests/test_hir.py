@@ -88,3 +88,28 @@ def test_the_contrastive_term_over_shared_prompt_rows_equals_a_row_per_instructi
     assert abs(shared.item() - expected.item()) < 1e-5
     for got, want in zip(shared_grads, (p.grad for p in policy.parameters())):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_in_score_mode_the_policy_is_asked_with_the_positive_phrase_and_its_kl_is_against_the_reference_on_the_instruction(world, codec, monkeypatch):
+    """Evaluation (`respond`) and the KL monitor (`train/kl`, `max_kl`) ask HIR's policy "good : x",
+    and take the reference's log-probs of its answers to x: the KL of the policy as deployed."""
+    import alignbench.evaluation as evaluation
+    import alignbench.methods.base as base
+    from alignbench.evaluation import EvalConfig
+    from alignbench.methods.hir import HIR, HIRConfig
+    from alignbench.models import build_tiny_policy
+    from alignbench.runner import KLMonitor
+    from alignbench.training import Budget
+
+    policy = build_tiny_policy("world-tiny", codec.tokenizer, seed=0)
+    context = SimpleNamespace(load_policy=lambda trainable: policy, reference=policy, codec=codec, budget=Budget(), world=world,
+                              gold_judge=SimpleNamespace(score_batch=lambda ps, ys: [1.0] * len(ys)), eval_config=EvalConfig(),
+                              train_prompts=["list 3 fruits", "sort 7 2 5"], seed=0)
+    module = HIR(HIRConfig(relabeler="score"), context)
+    calls = []
+    fake = lambda model, reference, codec, prompts, config, generator, desc=False, reference_prompts=None: calls.append((list(prompts), list(reference_prompts))) or SimpleNamespace(kl=[0.0])  # noqa: E731
+    monkeypatch.setattr(base, "sample_policy", fake)
+    monkeypatch.setattr(evaluation, "sample_policy", fake)  # the monitor's (imported where it runs)
+    module.respond(["list 3 fruits"], torch.Generator())
+    KLMonitor(context, every=1, n_prompts=2, max_kl=None).estimate(module, step=1)
+    assert calls == [(["good : list 3 fruits"], ["list 3 fruits"]), (["good : list 3 fruits", "good : sort 7 2 5"], ["list 3 fruits", "sort 7 2 5"])]
