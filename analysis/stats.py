@@ -8,12 +8,13 @@ sampled on them). The per-run intervals written by the evaluator resample prompt
 cover evaluation noise alone. Across seeds the intervals here are a **two-level bootstrap**
 (Davison & Hinkley 1997, §3.8): a replicate draws S seeds with replacement, then, within each
 drawn seed, its P prompts with replacement, and takes the mean. From the B replicates the
-interval is a bootstrap-t one, mean ± t_{S−1} · sd(replicates), with S−1 degrees of freedom:
-with 3–5 seeds, percentile intervals of a seed bootstrap are far too short. It is on the safe
-side: the second level adds the prompts' noise once more to seed means that already carry it,
-which makes up for the first level's (S−1)/S shrinkage of the seeds' variance. Its coverage of a
-nominal 95% runs from about 93% where the seeds' spread is all there is to nearly 100% where the
-prompts' noise is (tests/test_stats.py simulates it). Without per-prompt values (W&B runs, old
+interval is mean ± t_{S−1} · sd(replicates): the bootstrap's standard error with Student's t at S−1
+degrees of freedom (not a studentised bootstrap-t, which would need a standard error per replicate):
+with 3–5 seeds, percentile intervals of a seed bootstrap are far too short. The second level adds
+the prompts' noise once more to seed means that already carry it, which makes up for the first
+level's (S−1)/S shrinkage of the seeds' variance where the prompts' noise matters: the coverage of
+a nominal 95% runs from about 93% (slightly short) where the seeds' spread is all there is to
+nearly 100% where the prompts' noise is (tests/test_stats.py simulates it). Without per-prompt values (W&B runs, old
 runs) only the seeds are resampled and the sd is scaled by √(S/(S−1)): the t-interval over seeds.
 With one seed it is the percentile bootstrap over prompts (evaluation noise only).
 
@@ -110,7 +111,7 @@ def metric_interval(metrics: Sequence[dict], key: str) -> Interval:
 
 
 INTERVAL_TEXT = {
-    "two-level": "95% two-level bootstrap over {seeds} seeds and the test prompts within each (bootstrap-t): training and evaluation noise",
+    "two-level": "95% two-level bootstrap over {seeds} seeds and the test prompts within each (mean ± t·sd of the replicates): training and evaluation noise",
     "seeds": "95% t-interval over the means of {seeds} seeds: training and evaluation noise",
     "prompts": "95% bootstrap over test prompts of one seed: evaluation noise only",
 }
@@ -254,7 +255,8 @@ def holm(p_values: Sequence[float]) -> np.ndarray:
 # --- KL-matched frontiers and Gao et al.'s functional forms ------------------------------------
 def interpolate_at(kl: np.ndarray, value: np.ndarray, target: float) -> np.ndarray:
     """The value at KL = target along a frontier [..., K] of (KL, value) points: the points are
-    sorted by KL and joined by straight lines; NaN outside [min KL, max KL] (no extrapolation)."""
+    sorted by KL and joined by straight lines; NaN outside [min KL, max KL] (no extrapolation), and
+    NaN along a frontier with a KL that is not a finite number (its shape there is unknown)."""
     kl, value = np.asarray(kl, dtype=float), np.asarray(value, dtype=float)
     order = np.argsort(kl, axis=-1)
     k, v = np.take_along_axis(kl, order, -1), np.take_along_axis(value, order, -1)
@@ -264,7 +266,7 @@ def interpolate_at(kl: np.ndarray, value: np.ndarray, target: float) -> np.ndarr
     with np.errstate(invalid="ignore", divide="ignore"):
         weight = np.where(k1 > k0, (target - k0) / (k1 - k0), 0.0)
     result = v0 + weight * (v1 - v0)
-    return np.where((target < k[..., 0]) | (target > k[..., -1]), math.nan, result)
+    return np.where((target < k[..., 0]) | (target > k[..., -1]) | ~np.isfinite(kl).all(axis=-1), math.nan, result)
 
 
 GAO_FORMS = {
@@ -352,7 +354,7 @@ def bradley_terry_ranking(names: Sequence[str], outcomes: np.ndarray, anchor: st
     outcomes: [S, U, M, M] — per seed s and prompt u, the wins of i over j (ties 1/2 to each
     side); [U, M, M] is one seed. A replicate reweights (seed, prompt) cells by the counts of a
     two-level bootstrap (`two_level_weights`) and refits; the intervals are those of
-    `replicate_interval` (bootstrap-t over S >= 2 seeds, percentile over prompts for one).
+    `replicate_interval` (mean ± t·sd of the replicates over S >= 2 seeds, percentile over prompts for one).
     Strengths are reported relative to `anchor` (default: the mean strength is 0).
     """
     outcomes = np.asarray(outcomes, float)

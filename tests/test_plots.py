@@ -208,8 +208,8 @@ def test_win_rate_bars_one_per_policy_with_two_level_intervals(runs, draw):
     assert len(ax.patches) == len(groups) == 11
     assert [t.get_text() for t in ax.get_xticklabels()] == [g.label for g in groups]
     assert ax.get_ylabel() == "Win rate vs SFT (gold judge)"
-    assert "95% two-level bootstrap over 2 seeds and the test prompts within each (bootstrap-t): training and evaluation noise" in drawn.caption
-    # The first bar is the mean of SFT's two seeds; its error bar is the bootstrap-t interval of
+    assert "95% two-level bootstrap over 2 seeds and the test prompts within each (mean ± t·sd of the replicates): training and evaluation noise" in drawn.caption
+    # The first bar is the mean of SFT's two seeds; its error bar is the interval (mean ± t·sd of the replicates) of
     # the two-level replicates of the per-prompt wins: mean ± t(1 dof) · sd(replicates).
     values = [r.metrics["eval/win_rate"] for r in groups[0].runs]
     assert ax.patches[0].get_height() == pytest.approx(np.mean(values))

@@ -151,6 +151,10 @@ def test_frontier_interpolation():
     assert math.isnan(interpolate_at(kl, gold, 0.1)) and math.isnan(interpolate_at(kl, gold, 1.5))
     batch = interpolate_at(np.array([[0.0, 1.0], [0.0, 2.0]]), np.array([[0.0, 1.0], [0.0, 1.0]]), 0.5)  # replicate by replicate
     np.testing.assert_allclose(batch, [0.5, 0.25])
+    # a point whose KL is no finite number (NaN, or an infinite KL) leaves the curve's shape unknown
+    for bad in (math.nan, math.inf):
+        assert math.isnan(interpolate_at(np.array([0.0, 0.2, 0.6, bad]), np.array([0.5, 0.6, 0.7, 0.9]), 1.0))
+        assert math.isnan(interpolate_at(np.array([0.0, 0.2, 0.6, bad]), np.array([0.5, 0.6, 0.7, 0.9]), 0.4))
 
 
 @pytest.mark.parametrize("form,alpha,beta", [("best_of_n", 0.4, 0.15), ("rl", 0.3, 0.1)])
