@@ -52,6 +52,8 @@ class Frontier:
     kl: np.ndarray
     per_prompt: bool
     anchor_gold: np.ndarray | None
+    prompts: tuple = ()
+    """Each seed's test-prompt digest (where `per_prompt`): two curves pair prompt by prompt only on the same."""
 
     @property
     def label(self) -> str:
@@ -124,7 +126,8 @@ def find_frontiers(runs: list[Run]) -> list[Frontier]:
         per_prompt = all(g.per_prompt for g in golds) and len({g.values.shape[1] for g in golds}) == 1 and len({tuple(g.prompts) for g in golds}) == 1
         gold = np.stack([g.values if per_prompt else g.values.mean(axis=1, keepdims=True) for g in golds])
         kl = np.array([[r.metrics[KL] for r in rs] for rs in point_runs[: len(settings)]], dtype=float)
-        frontiers.append(Frontier(curve, swept, settings, seeds, gold[: len(settings)], kl, per_prompt, gold[-1] if anchor else None))
+        frontiers.append(Frontier(curve, swept, settings, seeds, gold[: len(settings)], kl, per_prompt, gold[-1] if anchor else None,
+                                  tuple(golds[0].prompts) if per_prompt else ()))
     return frontiers
 
 
@@ -162,7 +165,7 @@ def matched_kl(frontiers: list[Frontier], targets: tuple[float, ...] = KL_TARGET
         p, versus = [], {}
         for label in others:
             fa, fb = finite[best][0], finite[label][0]
-            paired = fa.seeds == fb.seeds and fa.gold.shape[1:] == fb.gold.shape[1:] and fa.per_prompt == fb.per_prompt
+            paired = fa.seeds == fb.seeds and fa.gold.shape[1:] == fb.gold.shape[1:] and fa.per_prompt == fb.per_prompt and fa.prompts == fb.prompts
             diff = finite[best][2] - finite[label][2]
             p.append(replicate_p_value(finite[best][1] - finite[label][1], diff, len(fa.seeds), fa.per_prompt) if paired else math.nan)
             if paired:

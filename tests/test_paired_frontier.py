@@ -3,6 +3,7 @@ folders written by hand (per-prompt values chosen so that the answers are known)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -196,6 +197,12 @@ def test_frontier_fits_recover_gao_coefficients_and_interpolate_at_matched_kl(tm
     other = next(m for m in GAO if m != best_at_1)
     assert rows[(best_at_1, 1.0)].best_group and rows[(best_at_1, 1.0)].vs_best is None
     assert rows[(other, 1.0)].vs_best.mean == pytest.approx(rows[(other, 1.0)].interval.mean - rows[(best_at_1, 1.0)].interval.mean)
+    # the same seeds and shapes, other test prompts: no prompt-by-prompt pairing with the best
+    assert all(len(f.prompts) == 3 and None not in f.prompts for f in frontiers)
+    moved = [dataclasses.replace(f, prompts=tuple(f"other{s}" for s in f.seeds)) if f.label == other else f for f in frontiers]
+    apart = {(r.label, r.kl): r for r in matched_kl(moved, n_boot=200)}
+    assert apart[(other, 1.0)].vs_best is None and math.isnan(apart[(other, 1.0)].p_holm_vs_best)
+    assert apart[(other, 1.0)].interval.mean == rows[(other, 1.0)].interval.mean
 
 
 def test_frontier_fits_from_noisy_points_cover_the_truth(tmp_path):
