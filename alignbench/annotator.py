@@ -134,12 +134,25 @@ class SimulatedAnnotator:
 
     def rank(self, prompt: str, responses: list[str], rng: np.random.Generator) -> list[int]:
         """A Plackett-Luce ranking (indices, best first) with logits u / temperature + length bias,
-        sampled by Gumbel-max sorting. Position bias and flips are pairwise notions and do not apply."""
+        sampled by Gumbel-max sorting. Position bias is a pairwise notion and does not apply; flips
+        apply to the pairs a ranking gives (`ranked_pairs`)."""
         if not 2 <= len(responses) <= MAX_RANKED:
             raise ValueError(f"rank got {len(responses)} responses; expected 2 to {MAX_RANKED}")
         c = self.config
         logits = np.array([self.utility(prompt, r) / c.temperature + c.length_bias * len(r.split()) for r in responses])
         return [int(i) for i in np.argsort(-(logits + rng.gumbel(size=len(responses))), kind="stable")]
+
+    def ranked_pairs(self, prompt: str, responses: list[str], rng: np.random.Generator) -> list[tuple[int, int]]:
+        """The (chosen, rejected) index pairs of a ranking (`rank`), each flipped with probability
+        `flip_rate`, as `label_pair` flips a pair shown alone: a pair is labelled with probability
+        (1 − f)·p + f·(1 − p), p the ranking's. Flipped pairs need not form a ranking any more (a
+        careless label is not consistent with the others). No flip draws where flip_rate is 0."""
+        order = self.rank(prompt, responses, rng)
+        pairs = [(order[a], order[b]) for a in range(len(order)) for b in range(a + 1, len(order))]
+        if self.config.flip_rate == 0:
+            return pairs
+        flipped = rng.random(len(pairs)) < self.config.flip_rate
+        return [(b, a) if flip else (a, b) for (a, b), flip in zip(pairs, flipped)]
 
     def prob_thumbs_up(self, prompt: str, response: str, threshold: float = 0.5) -> float:
         """P(thumbs up): σ((u − threshold) / temperature), then flipped with flip_rate. Position and

@@ -247,20 +247,20 @@ class WorldSource(DataSource):
         }
 
     def _ranked_pairs(self, annotator: SimulatedAnnotator, prompt: str, responses: list[str], rng, drop_ties: bool) -> list[dict]:
+        """The labelled pairs of one prompt's ranking: by gold (`labels.source: gold`), or by the
+        annotator, whose label flips reach the pairs. A pair's margin level is the gold gap's."""
+        utilities = [annotator.utility(prompt, y) for y in responses]
         if self.config.labels.source == "gold":
-            utility = [annotator.utility(prompt, y) for y in responses]
-            order = sorted(range(len(responses)), key=lambda j: -utility[j])
+            order = sorted(range(len(responses)), key=lambda j: -utilities[j])
+            indices = [(order[a], order[b]) for a in range(len(order)) for b in range(a + 1, len(order))]
         else:
-            order = annotator.rank(prompt, responses, rng)
-        ranked = [responses[j] for j in order]
-        utilities = [annotator.utility(prompt, y) for y in ranked]
+            indices = annotator.ranked_pairs(prompt, responses, rng)
         pairs = []
-        for a in range(len(ranked)):
-            for b in range(a + 1, len(ranked)):
-                gap = abs(utilities[a] - utilities[b])
-                if drop_ties and gap == 0:
-                    continue  # "equally safe": the safety annotation has no preference here
-                pairs.append({"prompt": prompt, "chosen": ranked[a], "rejected": ranked[b], "margin_level": annotator.margin_level(gap)})
+        for chosen, rejected in indices:
+            gap = abs(utilities[chosen] - utilities[rejected])
+            if drop_ties and gap == 0:
+                continue  # "equally safe": the safety annotation has no preference here
+            pairs.append({"prompt": prompt, "chosen": responses[chosen], "rejected": responses[rejected], "margin_level": annotator.margin_level(gap)})
         return pairs
 
     def reward_key(self, p) -> dict:

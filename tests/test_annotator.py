@@ -115,6 +115,28 @@ def test_plackett_luce_ranking(world):
             soft.rank(prompt, bad, rng)
 
 
+def test_the_pairs_of_a_ranking_carry_the_annotators_label_flips(world):
+    """A ranking's pairs are flipped like a pair shown alone: P(a over b) = (1 − f)·p + f·(1 − p), p
+    the ranking's (for two responses Plackett–Luce is Bradley–Terry). Without flips, the ranking's order."""
+    prompt, better, worse = "list 3 fruits", "apple pear plum", "apple pear"  # utilities 1 and 2/3
+    config = AnnotatorConfig(temperature=0.1, flip_rate=0.2)
+    annotator, rng, n = SimulatedAnnotator(world, config), np.random.default_rng(3), 20000
+    chosen_better = np.mean([annotator.ranked_pairs(prompt, [worse, better], rng) == [(1, 0)] for _ in range(n)])
+    p = sigmoid((1.0 - 2 / 3) / 0.1)
+    expected = 0.8 * p + 0.2 * (1 - p)
+    assert abs(chosen_better - expected) < 4 * math.sqrt(expected * (1 - expected) / n)
+    assert expected == pytest.approx(annotator.prob_first_better(prompt, better, worse))
+    # four responses: six pairs, a fifth of them flipped at a near-zero temperature
+    responses = ["apple", "apple pear plum", "cat", "apple pear"]  # utilities 1/3, 1, 0, 2/3
+    sharp = SimulatedAnnotator(world, AnnotatorConfig(temperature=1e-6, flip_rate=0.2))
+    utilities = [1 / 3, 1.0, 0.0, 2 / 3]
+    pairs = [pair for _ in range(3000) for pair in sharp.ranked_pairs(prompt, responses, rng)]
+    wrong = np.mean([utilities[a] < utilities[b] for a, b in pairs])
+    assert len(pairs) == 18000 and abs(wrong - 0.2) < 4 * math.sqrt(0.16 / 18000)
+    exact = SimulatedAnnotator(world, AnnotatorConfig(temperature=1e-6, flip_rate=0.0))
+    assert exact.ranked_pairs(prompt, responses, rng) == [(1, 3), (1, 0), (1, 2), (3, 0), (3, 2), (0, 2)]
+
+
 def test_margin_levels(world):
     annotator = SimulatedAnnotator(world)
     gaps = [0.0, 0.05, 0.1, 0.2, 0.25, 0.49, 0.5, 1.0, -0.3]

@@ -224,7 +224,9 @@ def test_kl_budget_stops_training_early(quickstart_dir, capsys):
 def test_ppo_stops_at_its_kl_budget_read_from_the_rollouts(quickstart_dir, capsys):
     from tests.conftest import TINY_OVERRIDES
 
-    args = ["run", "quickstart", "--out", str(quickstart_dir), *TINY_OVERRIDES, "method=ppo", "ppo.max_kl=1e-9"]
+    # A large step, so that the second rollout's KL is far above 0: a small one leaves a 16-sample
+    # estimate of log π − log π_ref at the noise's scale, negative as often as not.
+    args = ["run", "quickstart", "--out", str(quickstart_dir), *TINY_OVERRIDES, "method=ppo", "ppo.max_kl=1e-9", "ppo.optim.lr=1e-2"]
     assert main(args) == 0
     # The first rollout is the SFT policy's own (KL exactly 0); the second is past the budget.
     assert "passed the budget max_kl=1e-09 at step 2" in capsys.readouterr().out
