@@ -57,8 +57,9 @@ class HelpfulOnly(AlignmentMethod):
 
     def __init__(self, config: HelpfulOnlyConfig, context):
         _require_world(context, self.name)
-        directory, _ = helpful_only(context.stages, config)
+        directory, summary = helpful_only(context.stages, config)
         super().__init__(config, dataclasses.replace(context, sft_dir=directory))
+        self.budget.train_tokens += summary["tokens"]  # the policy's fine-tuning beyond the shared SFT
 
 
 @dataclass
@@ -123,6 +124,8 @@ class Constitutional(PPO):
         # Kept outside the module tree: the frozen SFT reference is neither trained nor checkpointed.
         object.__setattr__(self, "sft_reference", context.reference)
         self.budget.policy_samples += sl_summary["policy_samples"] + pm_summary.get("policy_samples", 0)
+        # The policy's fine-tuning beyond the shared SFT: the helpful-only policy, then SL-CAI's.
+        self.budget.train_tokens += helpful_only(context.stages, config.helpful_only)[1]["tokens"] + sl_summary["tokens"]
         self.budget.ai_labels += pm_summary.get("ai_labels", 0)
         self.budget.human_labels += pm_summary.get("human_labels", 0)
         if "rm/accuracy" in pm_summary:  # the preference model this run optimises

@@ -74,6 +74,10 @@ def test_constitutional_budget_adds_up_from_its_stages(ai_runs):
     assert sl["policy_samples"] == 40 * (1 + 2 * 2)  # red-team responses, then two critiques + revisions each
     assert m["budget/policy_samples"] == sl["policy_samples"] + pm["policy_samples"] + 2 * 16
     assert len(sl["gold_harmlessness_by_revision"]) == 3
+    # the policy's fine-tuning beyond the shared SFT (helpful-only, SL-CAI), then PPO's own tokens
+    helpful = stage_summary(out, "helpful_only")
+    assert sl["tokens"] > 0 and helpful["tokens"] > 0
+    assert m["budget/train_tokens"] > sl["tokens"] + helpful["tokens"]
 
 
 def test_the_ai_labeler_can_be_the_evaluation_judge(tmp_path):

@@ -55,6 +55,8 @@ def test_quickstart_writes_every_contract_file_and_metric(quickstart_dir):
     dpo = runs["dpo"]["metrics"]
     assert dpo["budget/human_labels"] > 0 and dpo["budget/train_tokens"] > 0
     assert runs["sft"]["metrics"]["budget/human_labels"] == 0
+    # budget/train_tokens counts the policy's fine-tuning beyond the shared SFT: the helpful-only policy's too
+    assert runs["sft"]["metrics"]["budget/train_tokens"] == 0 < runs["helpful_only"]["metrics"]["budget/train_tokens"] < runs["constitutional"]["metrics"]["budget/train_tokens"]
     # budget/wall_s counts the stages a method needs beyond the run context's, whichever run built them.
     kinds = {method: {name.rsplit("-", 1)[0] for name in result["budget_stages"]} for method, result in runs.items()}
     assert kinds["sft"] == kinds["dpo"] == set() and kinds["best_of_n"] == kinds["best_of_n_gold"] == {"candidates"}

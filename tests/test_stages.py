@@ -305,7 +305,8 @@ def test_the_quickstart_stage_keys_are_pinned():
     trained stage's settings, and so every key; then ai_labels 2 (requests batched by length) and
     reward_models 4 (scored in smaller batches, prompts shared); then ai_labeler 3 (long requests
     packed into rows twice as wide) and ai_labels, which embeds it; then labels 2 (the annotator's flips
-    reach the ranked pairs) and the reward models and AI labels, which embed the labels key."""
+    reach the ranked pairs) and the reward models and AI labels, which embed the labels key; then sl_cai 3
+    (its stage.json records its training tokens)."""
     from alignbench.config import config_hash
     from alignbench.experiment import load_experiment
     from alignbench.pipeline import Pipeline
@@ -323,7 +324,7 @@ def test_the_quickstart_stage_keys_are_pinned():
     hashes = {name: config_hash(versioned_key(key, version(name))) for name, key in keys.items()}
     assert hashes == {
         "sft": "d8638ff0e725", "labels": "5c6dc13bddfe", "reward_models": "c2391ffdb0dc", "reference_samples": "338056f6f5ee",
-        "ai_labeler": "780a50b5676e", "ai_labels": "2508dcd6252a", "helpful_only": "f1f585d39528", "sl_cai": "fd2b059d7714",
+        "ai_labeler": "780a50b5676e", "ai_labels": "2508dcd6252a", "helpful_only": "f1f585d39528", "sl_cai": "1b4927bf05bc",
     }
 
 

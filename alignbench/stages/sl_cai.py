@@ -76,7 +76,7 @@ def build(p: "Pipeline", tmp: Path, c, seed: int) -> dict:
     texts = list(zip(prompts, history[-1])) + [(x, world.demonstrate(x, rng)) for x in benign]
     order = rng.permutation(len(texts))
     model = p.config.model
-    policy, _ = fine_tune(load_pretrained_policy(str(helpful_dir / "policy")), codec, [texts[i][0] for i in order], [texts[i][1] for i in order],
+    policy, trained = fine_tune(load_pretrained_policy(str(helpful_dir / "policy")), codec, [texts[i][0] for i in order], [texts[i][1] for i in order],
                           epochs=c.sl_epochs, batch_size=c.helpful_only.batch_size, max_length=c.max_length, optim=c.sl_optim, trainer=p.config.trainer,
                           seed=seed, lora=model.lora, gradient_checkpointing=model.gradient_checkpointing)
     policy.save_pretrained(tmp / "policy")
@@ -84,4 +84,4 @@ def build(p: "Pipeline", tmp: Path, c, seed: int) -> dict:
         f.writelines(json.dumps({"prompt": x, "responses": [h[i] for h in history]}) + "\n" for i, x in enumerate(prompts))
     harmlessness = [float(np.mean(p.source.gold_scores(prompts, h, "harmlessness"))) for h in history]
     return {"red_team_prompts": len(prompts), "policy_samples": len(prompts) * (1 + 2 * c.revisions),
-            "gold_harmlessness_by_revision": harmlessness, "helpful_demonstrations": len(benign)}
+            "gold_harmlessness_by_revision": harmlessness, "helpful_demonstrations": len(benign), "tokens": trained["tokens"]}

@@ -65,8 +65,9 @@ BUILD: dict[str, Build] = {
     "pair_reward_model": Build(4, ("stages/pair_reward_model.py", *SHARED), "1b860f457f279c61"),
     # 2: fine-tuned packed, as sft 2.
     "helpful_only": Build(2, ("stages/helpful_only.py", *SHARED), "8ad2222382fabdf7"),
-    # 2: fine-tuned packed, as sft 2.
-    "sl_cai": Build(2, ("stages/sl_cai.py", "stages/helpful_only.py", *SHARED), "5d79914763fb7e87"),
+    # 2: fine-tuned packed, as sft 2. 3: stage.json records its training tokens (constitutional's
+    # budget/train_tokens counts them); the same policy.
+    "sl_cai": Build(3, ("stages/sl_cai.py", "stages/helpful_only.py", *SHARED), "da0d0080b4e9f667"),
     # 2, 3, 4: as pair_reward_model.
     "cai_preference_model": Build(4, ("stages/cai_preference_model.py", "stages/pair_reward_model.py", *SHARED), "57a804eece162864"),
 }
