@@ -187,18 +187,37 @@ class SharedPromptBatch:
         rows = torch.arange(self.input_ids.shape[0], device=self.input_ids.device)[:, None].expand_as(self.source)[scored]
         return rows * self.input_ids.shape[1] + self.source[scored], self.input_ids[scored], self.owner[scored], self.position_ids[scored]
 
-    def attention_mask(self, dtype: torch.dtype) -> Tensor:
+    def attention_mask(self, dtype: torch.dtype, config=None) -> Tensor | dict[str, Tensor]:
         """``[N, 1, T, T]`` additive mask (0 where a query attends to a key, the dtype's minimum
         elsewhere), in the form transformers takes a custom 4D mask for both SDPA and eager attention:
         a key at or before the query, in the query's group, that is a prompt token or in the query's
         own segment. Padding queries see the padding up to themselves, so no row of the softmax is
-        empty."""
+        empty.
+
+        transformers uses a custom mask as it is, so a model `config` with sliding-window attention
+        (Mistral, Qwen2, Gemma 2 and 3, Phi-3) gets the window here: a key less than
+        `sliding_window` positions (position ids) before the query, as each sequence alone would
+        see. Where its layers mix windowed and full attention (`config.layer_types`), a mask per
+        layer type, the form those models take."""
         width = self.input_ids.shape[1]
         causal = torch.ones(width, width, dtype=torch.bool, device=self.input_ids.device).tril()
         query, key = self.segment[:, :, None], self.segment[:, None, :]
         same_group = self.group[:, :, None] == self.group[:, None, :]
         allowed = causal & same_group & ((key == 0) | (key == query))
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+        def additive(allowed: Tensor) -> Tensor:
+            return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+        window = getattr(config, "sliding_window", None)
+        if not window:
+            return additive(allowed)
+        within = (self.position_ids[:, :, None] - self.position_ids[:, None, :]) < window
+        windowed = additive(allowed & within)  # a query keeps itself: no row is empty
+        layer_types = getattr(config, "layer_types", None)
+        if not layer_types:
+            return windowed
+        full = additive(allowed)
+        return {kind: windowed if kind == "sliding_attention" else full for kind in set(layer_types)}
 
 
 PACKED_TOKENS_WORTH_IT = 0.9
@@ -427,7 +446,7 @@ def shared_prompt_logprobs(model: nn.Module, batch: SharedPromptBatch, *, row_wi
     batch = batch.to(device)
     dtype = next(model.parameters()).dtype
     logits = model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask(dtype), position_ids=batch.position_ids, use_cache=False
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask(dtype, model.config), position_ids=batch.position_ids, use_cache=False
     ).logits
     predicting, targets, owners, positions = batch.response_tokens()
     per_token = target_logprobs(select_positions(logits, predicting), targets)

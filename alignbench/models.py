@@ -489,7 +489,7 @@ class RewardModel(nn.Module):
 
         dtype = next(self.backbone.parameters()).dtype
         batch = batch.to(self.head.weight.device)
-        hidden = self.backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask(dtype), position_ids=batch.position_ids).last_hidden_state
+        hidden = self.backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask(dtype, self.backbone.config), position_ids=batch.position_ids).last_hidden_state
         score = self.head(hidden[batch.ends[:, 0], batch.ends[:, 1]]).squeeze(-1).float()
         if self.likelihood == "none":
             return score

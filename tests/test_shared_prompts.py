@@ -1,6 +1,6 @@
 """Shared-prompt rows (`pack_shared_prompts`, `shared_prompt_logprobs`): a prompt's responses packed
 into one row with a block attention mask score as they do one per row (`sequence_logprobs`), on a
-Llama and a GPT-2, also packed several prompts to a row (`pack_width`); a response never sees its
+Llama, a GPT-2 and models with sliding-window attention, also packed several prompts to a row (`pack_width`); a response never sees its
 row's other responses or prompts; packed demonstrations (in rows twice as wide where they are too
 long to share a row of max_length) give the fine-tuning loss and gradients of one per row; and a DPO
 step over shared rows (and a CPL step, which reads per-token log-probs) gives the loss and
@@ -33,10 +33,28 @@ def one_row_per_response(prompts, responses, max_length=MAX_LENGTH):
     return pack_sequences(flat_prompts, [r for rs in responses for r in rs], pad_token_id=0, max_length=max_length)
 
 
-@pytest.fixture(params=["llama", "gpt2"])
+def sliding_window_model(kind: str):
+    """A tiny model whose attention sees the last 3 positions (all layers, or Qwen2's and Gemma 2's
+    mix of windowed and full layers): shorter than the rows here, so the window changes the scores."""
+    import transformers
+
+    size = dict(vocab_size=40, hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=2, num_hidden_layers=2,
+                max_position_embeddings=64, sliding_window=3)
+    config = {
+        "mistral": lambda: transformers.MistralConfig(**size),
+        "qwen2": lambda: transformers.Qwen2Config(**size, use_sliding_window=True, max_window_layers=1),
+        "gemma2": lambda: transformers.Gemma2Config(**size, head_dim=8),
+    }[kind]()
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+
+
+@pytest.fixture(params=["llama", "gpt2", "mistral", "qwen2", "gemma2"])
 def model(request, tiny_gpt2, codec):
     if request.param == "gpt2":
         return tiny_gpt2
+    if request.param != "llama":
+        return sliding_window_model(request.param)
     torch.manual_seed(0)
     return build_tiny_policy("world-tiny", codec.tokenizer, seed=1).eval()
 
@@ -145,7 +163,8 @@ def test_packed_demonstrations_give_the_loss_and_gradients_of_one_per_row(world,
     assert next(iter(unpacked.train_dataloader())).packed is None
 
 
-@pytest.mark.parametrize("architecture, likelihood", [("llama", "none"), ("llama", "sum"), ("llama", "mean"), ("gpt2", "mean"), ("sequence_classification", "none")])
+@pytest.mark.parametrize("architecture, likelihood", [("llama", "none"), ("llama", "sum"), ("llama", "mean"), ("gpt2", "mean"), ("sequence_classification", "none"),
+                                                      ("gemma2", "mean")])
 def test_a_reward_model_scores_shared_packed_rows_as_one_row_per_response(tiny_gpt2, codec, tmp_path, architecture, likelihood):
     """`RewardModel.score_shared` against `forward` (each response's final state, its likelihood
     term; an empty response scored at its prompt's end), and the gradients of the ranking loss."""
@@ -159,6 +178,8 @@ def test_a_reward_model_scores_shared_packed_rows_as_one_row_per_response(tiny_g
         model = RewardModel.from_policy(tiny_gpt2, likelihood=likelihood)
     elif architecture == "llama":
         model = RewardModel.from_policy(build_tiny_policy("world-tiny", codec.tokenizer, seed=1), likelihood=likelihood)
+    elif architecture == "gemma2":  # windowed and full layers: a mask per layer type
+        model = RewardModel.from_policy(sliding_window_model("gemma2"), likelihood=likelihood)
     else:
         build_tiny_policy("world-tiny", codec.tokenizer, seed=1).save_pretrained(tmp_path / "policy")
         model = RewardModel.from_sequence_classifier(AutoModelForSequenceClassification.from_pretrained(tmp_path / "policy", num_labels=1))
