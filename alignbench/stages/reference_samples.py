@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from alignbench.config import to_dict
-from alignbench.evaluation import sample_policy
+from alignbench.evaluation import EvalConfig, sample_policy
 from alignbench.models import freeze, load_pretrained_policy, weights_dtype
 from alignbench.seeding import seeded_generator
 from alignbench.stages.versions import version
@@ -22,6 +22,10 @@ NOT_READ = ("eval_every", "judge", "bootstrap_samples", "batch_size", "temperatu
 
 def key(p: "Pipeline", seed: int) -> dict:
     key = {"sft": p.sft_key(), "eval": {k: v for k, v in to_dict(p.config.eval).items() if k not in NOT_READ}, "seed": seed}
+    # The batch size sets how the one stream is drawn (which uniform goes to which row), so it
+    # changes the samples; in the key where it is not the default, so default caches stay valid.
+    if p.config.eval.batch_size != EvalConfig().batch_size:
+        key["eval"]["batch_size"] = p.config.eval.batch_size
     prompts = p.source.eval_prompts_key(p)
     if prompts is not None:
         key["prompts"] = prompts
