@@ -56,6 +56,7 @@ from alignbench.config import (
     ConfigError,
     apply_overrides,
     at_least_one,
+    config_hash,
     from_dict,
     parse_overrides,
     to_dict,
@@ -318,8 +319,21 @@ def _counts(trial) -> bool:
     return trial.state == TrialState.FAIL and _ERROR in trial.user_attrs
 
 
+def trial_setup(tune: Tune, method: str) -> str:
+    """What a trial's value of `method` means: the run its trials share (the name of the resolved
+    run at the searched keys' base values: every setting that changes results), the search space
+    and the trial seed. A study's trials are comparable only under one setup."""
+    from alignbench.experiment import experiment_from_data, resolve_run
+
+    base = experiment_from_data(apply_overrides(tune.data, {"name": f"{tune.name}_trials", "method": method, "seed": tune.spec.trial_seed}))
+    space = {key: to_dict(parameter) for key, parameter in sorted(tune.spaces[method].items())}
+    return config_hash({"run": resolve_run(base).name, "space": space})
+
+
 def create_studies(tune: Tune, storage_url: str) -> None:
-    """Create every method's study (or check the existing one) before any worker starts."""
+    """Create every method's study (or check the existing one) before any worker starts. An
+    existing study with trials of another objective or setup (`trial_setup`) is refused: its best
+    trial would be picked by comparing values that do not measure the same thing."""
     import optuna
 
     storage = open_storage(storage_url)
@@ -327,7 +341,18 @@ def create_studies(tune: Tune, storage_url: str) -> None:
         study = optuna.create_study(study_name=tune.study_name(method), storage=storage, direction=tune.spec.objective.direction, load_if_exists=True)
         if study.direction.name.lower() != tune.spec.objective.direction:
             raise ConfigError(f"study {study.study_name!r} in {storage_url} is set to {study.direction.name.lower()}; this tune file says {tune.spec.objective.direction}")
+        setup, recorded = trial_setup(tune, method), study.user_attrs
+        trials = len(study.get_trials(deepcopy=False))
+        differs = [what for what, (old, new) in {
+            f"objective (the study's {recorded.get('objective')}, this search's {tune.spec.objective.key})": (recorded.get("objective"), tune.spec.objective.key),
+            "trial settings (the base config, the search space or tune.trial_seed)": (recorded.get("setup"), setup),
+        }.items() if old is not None and old != new]
+        if trials and differs:
+            raise ConfigError(f"study {study.study_name!r} in {storage_url} holds {trials} trial(s) of another {' and '.join(differs)}: their values "
+                              f"are not comparable with this search's. Give this search another --out or --storage, or delete the study "
+                              f"(optuna delete-study --study-name {study.study_name} --storage {storage_url})")
         study.set_user_attr("objective", tune.spec.objective.key)
+        study.set_user_attr("setup", setup)
 
 
 # --- trials ------------------------------------------------------------------------------
@@ -396,7 +421,7 @@ def work(tune_file: str, overrides: list[str], out: Path, storage_url: str, work
     freeze_imported_objects()
     tune = load_tune(tune_file, overrides)
     storage = open_storage(storage_url)
-    pipeline = stage_pipeline(tune.experiment(), out)
+    pipeline = stage_pipeline(dataclasses.replace(tune.experiment(), seed=tune.spec.trial_seed), out)  # the trials' seed's stages, as prepare_search built them
     heartbeat = isinstance(storage, optuna.storages.RDBStorage)
     for method in tune.spaces:
         c = tune.spec

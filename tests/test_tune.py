@@ -116,6 +116,46 @@ def test_a_trial_that_fails_by_its_own_settings_or_results_takes_its_place_in_th
     assert "error" in failed.user_attrs and _counts(failed)
 
 
+def test_a_study_with_trials_of_another_objective_or_setup_is_refused_and_the_same_search_resumes(tmp_path):
+    """Values of another objective (a length where a win rate is searched), or of trials run from
+    another base config, search space or trial seed, would be compared as if alike."""
+    from alignbench.tune import create_studies
+
+    space = {"dpo": {"dpo.beta": {"type": "float", "low": 0.1, "high": 0.5}}}
+    path = _write(tmp_path / "t.yaml", {"name": "t", "methods": ["dpo"], "tune": {"space": space}})
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    create_studies(load_tune(str(path)), storage)
+    create_studies(load_tune(str(path), ["tune.objective.metric=eval/length"]), storage)  # no trials yet: the study takes the new objective
+    study = optuna.load_study(study_name="t-dpo", storage=storage)
+    study.tell(study.ask(), 0.5)
+    create_studies(load_tune(str(path), ["tune.objective.metric=eval/length", "tune.n_trials=40", "tune.sampler.seed=3"]), storage)  # more trials, another sampler: the same values
+    wider = _write(tmp_path / "wider.yaml", {"name": "t", "methods": ["dpo"], "tune": {"space": {"dpo": {"dpo.beta": {"type": "float", "low": 0.1, "high": 0.9}}}}})
+    for file, overrides, what in [(path, ["tune.objective.metric=eval/win_rate"], r"another objective \(the study's val/length, this search's val/win_rate\)"),
+                                  (path, ["tune.objective.metric=eval/length", "sft.epochs=1"], "another trial settings"),
+                                  (path, ["tune.objective.metric=eval/length", "tune.trial_seed=1"], "another trial settings"),
+                                  (wider, ["tune.objective.metric=eval/length"], "another trial settings")]:
+        with pytest.raises(ConfigError, match=f"study 't-dpo' in {storage} holds 1 trial\\(s\\) of {what}.*optuna delete-study --study-name t-dpo"):
+            create_studies(load_tune(str(file), overrides), storage)
+
+
+def test_a_worker_runs_its_trials_on_the_trial_seeds_stages(tmp_path, monkeypatch):
+    """tune.trial_seed, not the experiment's first seed: the stages prepare_search built."""
+    import alignbench.runner
+    from alignbench.tune import work
+
+    class Built(Exception):
+        pass
+
+    def stage_pipeline(config, out):
+        raise Built(config.seed)
+
+    monkeypatch.setattr(alignbench.runner, "stage_pipeline", stage_pipeline)
+    path = _write(tmp_path / "t.yaml", {"name": "t", "methods": ["dpo"], "seeds": [0], "tune": {"trial_seed": 7, "space": {"dpo": {"dpo.beta": {"type": "float", "low": 0.1, "high": 0.5}}}}})
+    with pytest.raises(Built) as built:
+        work(str(path), [], tmp_path, f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert built.value.args == (7,)
+
+
 def test_a_resumed_search_does_not_draw_the_killed_searchs_first_points_again():
     from alignbench.tune import SamplerConfig, trial_sampler
 
