@@ -280,6 +280,7 @@ def _run(spec: RunSpec, run_dir: Path, out: Path, group, pipeline, split: str, o
     checkpoints = Checkpoints(run_dir / "checkpoints", primary)
     resume = checkpoints.resume_point()
     history_path = run_dir / "history.jsonl"
+    resolved = {**run_config_dict(config), "seed_follows": list(spec.seed_follows)}  # results pool these runs over seeds
     if primary:
         run_dir.mkdir(parents=True, exist_ok=True)
         if (run_dir / "metrics.json").exists():  # unreadable (finished_result said so): kept, not overwritten
@@ -290,8 +291,9 @@ def _run(spec: RunSpec, run_dir: Path, out: Path, group, pipeline, split: str, o
         if resume is None:  # nothing to resume from: partial files are started afresh
             history_path.unlink(missing_ok=True)
             checkpoints.clear()
-        elif (problem := history_problem(history_path, resume.history)) is not None:
-            # Its rows would be lost or wrong in a resumed run's history: run it again whole.
+        elif (problem := checkpoints.config_problem(config) or history_problem(history_path, resume.history)) is not None:
+            # Trained under other settings (a default changed since), or its rows would be lost or
+            # wrong in a resumed run's history: run it again whole.
             warn(f"{problem}; {config.name}/{name} starts again from the beginning, not from {resume}")
             history_path.unlink(missing_ok=True)
             checkpoints.clear()
@@ -299,7 +301,8 @@ def _run(spec: RunSpec, run_dir: Path, out: Path, group, pipeline, split: str, o
         else:
             truncate_history(history_path, resume.history)
             log(f"resuming {config.name}/{name} from {resume}")
-    resolved = {**run_config_dict(config), "seed_follows": list(spec.seed_follows)}  # results pool these runs over seeds
+        if resume is None:
+            checkpoints.record_config(resolved)
     history = HistoryWriter(history_path)
     wandb_logger = make_wandb_logger(config.tracking, run_dir=run_dir, experiment=config.name, run_name=name, method=config.method, group=group, resolved_config=resolved)
     loggers = [HistoryLogger(history, observers=observers)] + ([wandb_logger] if wandb_logger is not None else [])
@@ -383,6 +386,7 @@ class Checkpoints:
     under RUN_STATE. Only the primary process writes them."""
 
     RUN_STATE = "alignbench_run"
+    CONFIG = "run_config.json"
 
     def __init__(self, directory: Path, primary: bool = True):
         self.directory, self.primary = directory, primary
@@ -437,6 +441,27 @@ class Checkpoints:
     @staticmethod
     def load(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
+
+    def record_config(self, resolved: dict) -> None:
+        """The resolved run config the checkpoints are taken under (`run_config.json`)."""
+        if self.primary:
+            write_json_atomic(self.directory / self.CONFIG, resolved)
+
+    def config_problem(self, config) -> str | None:
+        """Why the checkpoints cannot continue a run of `config`: taken under other settings (a
+        run's name hashes only the settings that differ from the defaults, so a default changed
+        since leaves the name as it was), or with no config recorded beside them."""
+        path = self.directory / self.CONFIG
+        try:
+            recorded = json.loads(path.read_text())
+        except FileNotFoundError:
+            return f"{self.directory} records no run config to check them against ({self.CONFIG})"
+        except (OSError, ValueError) as err:
+            return f"{path} cannot be read ({err})"
+        changed = finished_config_mismatch(recorded, config) if isinstance(recorded, dict) else ["the whole config"]
+        if changed:
+            return f"the checkpoints in {self.directory} were taken under other settings (defaults changed since?): {'; '.join(changed[:5])}"
+        return None
 
     def save_mid(self, trainer, fit: int) -> None:
         """Lightning's checkpoint (every rank takes part; rank 0 writes), taken in a step's

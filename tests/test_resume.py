@@ -222,23 +222,35 @@ def test_a_kill_right_after_a_checkpoint_is_put_in_place_loses_no_history_row(ex
     assert [r["step"] for r in _history(run_dir)] == [r["step"] for r in _history(reference)]
 
 
-@pytest.mark.parametrize("damage", ["deleted", "edited"])
+@pytest.mark.parametrize("damage", ["deleted", "edited", "config changed", "config missing"])
 def test_a_history_changed_since_the_checkpoint_runs_the_run_again_from_the_start(experiment, damage, capsys):
     """Resuming keeps the rows the checkpoint covers: deleted or edited, they would be lost or wrong
-    in the finished history (and an edit would be sealed by its checksum), so the run starts over."""
+    in the finished history (and an edit would be sealed by its checksum), so the run starts over.
+    So does a run whose checkpoints were taken under other settings than today's (a default changed
+    since: the run's name hashes only settings that differ from the defaults), or with none recorded:
+    resumed, it would mix two configs."""
     from alignbench.cli import main
     from alignbench.runner import KILL_AFTER_CHECKPOINT
 
     path, out = experiment
     assert main(["run", str(path), "method=ppo", "--out", str(out)]) == 0
     reference = _run_dir(out, "uninterrupted", "ppo")
-    name = f"history-{damage}"
+    name = f"history-{damage.replace(' ', '-')}"
     env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"} | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", KILL_AFTER_CHECKPOINT: "2"}
     command = [sys.executable, "-m", "alignbench", "run", str(path), "method=ppo", f"name={name}", "--out", str(out)]
     assert subprocess.run(command, env=env, capture_output=True, timeout=600).returncode == -signal.SIGKILL
     run_dir = _run_dir(out, name, "ppo")
     history = run_dir / "history.jsonl"
-    if damage == "deleted":
+    recorded = run_dir / "checkpoints" / "run_config.json"
+    if damage == "config changed":
+        config = json.loads(recorded.read_text())
+        config["ppo"]["clip_range"] = 0.9  # as if ppo.clip_range's default had been 0.9 when the run began
+        recorded.write_text(json.dumps(config))
+        problem = "taken under other settings (defaults changed since?): ppo.clip_range: 0.9 -> 0.2"
+    elif damage == "config missing":
+        recorded.unlink()
+        problem = "records no run config to check them against"
+    elif damage == "deleted":
         history.unlink()
         problem = "holds 0 bytes, fewer than the"
     else:
@@ -249,7 +261,7 @@ def test_a_history_changed_since_the_checkpoint_runs_the_run_again_from_the_star
     capsys.readouterr()
     assert main(["run", str(path), "method=ppo", f"name={name}", "--out", str(out)]) == 0
     err = capsys.readouterr().err
-    assert f"{history} {problem}" in err and f"{name}/{run_dir.name} starts again from the beginning" in err
+    assert problem in err and (damage.startswith("config") or f"{history} {problem}" in err) and f"{name}/{run_dir.name} starts again from the beginning" in err
     rows, reference_rows = _history(run_dir), _history(reference)
     assert [r["step"] for r in rows] == [r["step"] for r in reference_rows]
     for row, reference_row in zip(rows[:-1], reference_rows[:-1]):
