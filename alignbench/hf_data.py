@@ -29,6 +29,8 @@ ConfigError naming its row and column, unless `drop_invalid_rows` says to drop s
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import re
 
 from collections.abc import Callable, Sequence
@@ -38,8 +40,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from alignbench.config import ConfigError
+from alignbench.config import ConfigError, to_dict
 from alignbench.models import render_conversation, split_dialogue
+from alignbench.records import file_sha256
 
 PREFERENCE_FORMATS = ("pairs", "dialogue", "scored", "summarization")
 DEMONSTRATION_FORMATS = ("prompt_response", "messages")
@@ -192,6 +195,35 @@ def missing_local_path(path: str) -> bool:
     or ends like a data file (.jsonl, ...). Checked when a config loads, so that a typo fails
     before the SFT stage trains, not after; a hub name (org/name) is left to the loader."""
     return (path.startswith(("/", ".", "~")) or Path(path).suffix in _LOCAL_BUILDERS) and not Path(path).expanduser().exists()
+
+
+def dataset_key(spec: DatasetSpec) -> dict[str, Any]:
+    """What a stage built from `spec` depends on: its settings and, for a local file or folder, a
+    checksum of its content (`content_sha256`): a file edited in place keeps its path, and a stage
+    keyed on the path alone would be reused with the old rows. A hub dataset is keyed by name."""
+    key = to_dict(spec)
+    path = Path(spec.path).expanduser()
+    if path.is_file() or path.is_dir():
+        key["content_sha256"] = _content_sha256(path.resolve())
+    return key
+
+
+def _content_sha256(path: Path) -> str:
+    """SHA-256 over a file's bytes, or over every file of a folder (relative names and bytes)."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for file in files:
+        stat = file.stat()
+        digest.update(f"{file.relative_to(path) if file != path else ''}\0".encode())
+        digest.update(_file_sha256(file, stat.st_size, stat.st_mtime_ns).encode())
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=256)
+def _file_sha256(path: Path, size: int, mtime_ns: int) -> str:
+    """A file's SHA-256, read once a process while its size and modification time stay (stage
+    keys are computed many times a run)."""
+    return file_sha256(path)
 
 
 # --- loading ---------------------------------------------------------------------------

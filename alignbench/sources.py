@@ -331,7 +331,7 @@ class DatasetSource(DataSource):
     def sft_key(self, p) -> dict:
         c = self.config
         # Demonstrations from the SFT dataset, or the preferred responses of the training pairs.
-        source = {"sft": to_dict(c.data.sft)} if c.data.sft is not None else {"preferred_responses": p.labels_key()}
+        source = {"sft": hf_data.dataset_key(c.data.sft)} if c.data.sft is not None else {"preferred_responses": p.labels_key()}
         return {"data": source, "model": model_key(c.model), "sft": to_dict(c.sft), "weights": str(weights_dtype(c.trainer.precision)), **precision_key(c.trainer)}
 
     def demonstrations(self, p):
@@ -357,7 +357,7 @@ class DatasetSource(DataSource):
         # Read, not sampled: the pairs do not depend on the SFT policy; the tokenizer decides
         # which prompts are too long, and the seed and fraction which prompts are held out.
         return {
-            "preferences": to_dict(c.data.preferences), "max_prompt_tokens": c.data.max_prompt_tokens, "tokenizer": c.model.name,
+            "preferences": hf_data.dataset_key(c.data.preferences), "max_prompt_tokens": c.data.max_prompt_tokens, "tokenizer": c.model.name,
             "seed": c.labels.seed, "holdout_fraction": c.reward_model.holdout_fraction,
         }
 
@@ -443,7 +443,7 @@ class DatasetSource(DataSource):
         data = self.config.data
         if data.eval_prompts is None:
             return {"held_out_from": p.labels_key()}
-        return {"eval_prompts": to_dict(data.eval_prompts), "max_prompt_tokens": data.max_prompt_tokens, "tokenizer": self.config.model.name}
+        return {"eval_prompts": hf_data.dataset_key(data.eval_prompts), "max_prompt_tokens": data.max_prompt_tokens, "tokenizer": self.config.model.name}
 
     def train_prompts(self, p, pairs: list[dict]) -> list[str]:
         """Training prompts for methods that sample: data.prompts, or the training pairs'

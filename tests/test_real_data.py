@@ -405,6 +405,34 @@ def test_saved_datasets_and_their_splits_load_too(real, tmp_path):
         prompts(PromptDatasetSpec(path=str(tmp_path / "absent.jsonl")), "data.prompts")
 
 
+def test_a_local_data_file_edited_in_place_gives_its_stages_new_keys(real, tmp_path):
+    """The stages built from a local file are keyed by its content, not only its path: an edited
+    file (chosen and rejected swapped, say) must not reuse the labels and reward models of the old
+    rows. A hub dataset is keyed by its name and settings alone."""
+    import shutil
+
+    from alignbench.experiment import load_experiment
+    from alignbench.hf_data import PreferenceDatasetSpec, dataset_key
+    from alignbench.pipeline import Pipeline
+
+    data = tmp_path / "hh.jsonl"
+    shutil.copy(real["dialogue"], data)
+    args = [a for a in _run_args(real, tmp_path / "runs") if "=" in a and not a.startswith("--")]
+    keys = lambda: Pipeline(load_experiment("real_hh_rlhf", [*args, f"data.preferences.path={data}"]), tmp_path / "runs").labels_key()  # noqa: E731
+    before = keys()
+    assert keys() == before  # the same file, read again
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    data.write_text("".join(json.dumps({**r, "chosen": r["rejected"], "rejected": r["chosen"]}) + "\n" for r in rows))
+    assert keys() != before
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    (saved / "part.jsonl").write_text("{}")
+    folder = dataset_key(PreferenceDatasetSpec(path=str(saved)))
+    (saved / "part.jsonl").write_text("{} ")
+    assert dataset_key(PreferenceDatasetSpec(path=str(saved)))["content_sha256"] != folder["content_sha256"]
+    assert "content_sha256" not in dataset_key(PreferenceDatasetSpec(path="Anthropic/hh-rlhf"))
+
+
 def test_rlaif_reward_model_honours_sequence_classification_and_lora(real, tmp_path):
     """RLAIF's own reward model is trained by the one reward-model fit, so it is the architecture
     and the adapters the config asks for: a transformers sequence classifier, whose LoRA adapters
