@@ -34,11 +34,20 @@ class ConfigError(ValueError):
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-4``, ``3E5`` and ``1.0e5`` as floats.
+    """SafeLoader that also reads ``1e-4``, ``3E5`` and ``1.0e5`` as floats, and refuses aliases.
 
     YAML 1.1 only treats a scalar as a float if it has a dot and a signed exponent, so plain
     ``lr: 1e-4`` would otherwise arrive as the string "1e-4" and fail type checking.
     """
+
+    def compose_node(self, parent, index):
+        # An alias is the same object again: nested aliases make a few hundred bytes into billions
+        # of nodes once walked (the "billion laughs"), and a config is short enough to write out.
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"*{event.anchor} is a YAML alias: anchors and aliases (&name, *name) are not read here; "
+                                              "write the values out where they are used", event.start_mark)
+        return super().compose_node(parent, index)
 
 
 def _construct_mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
@@ -46,6 +55,8 @@ def _construct_mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.Ma
     # silently run with the second value; a config with a repeated key is refused instead.
     seen: dict[Any, Any] = {}
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            raise yaml.constructor.ConstructorError(None, None, "'<<' is a YAML merge key, which is not read here; write the keys out in this section", key_node.start_mark)
         key = loader.construct_object(key_node, deep=deep)
         if isinstance(key, typing.Hashable) and key in seen:
             raise yaml.constructor.ConstructorError(

@@ -4,6 +4,7 @@ the non-finite loss guard and the budget counters."""
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -137,8 +138,21 @@ class TrainerConfig:
             raise ValueError(f"trainer.num_nodes={self.num_nodes} must be >= 1")
         if self.threads < 0:
             raise ValueError(f"trainer.threads={self.threads} must be >= 0 (0 leaves torch's default)")
-        if isinstance(self.devices, bool) or (isinstance(self.devices, int) and (self.devices == 0 or self.devices < -1)):
-            raise ValueError(f"trainer.devices={self.devices!r} must be a number of devices >= 1, -1 (every device), 'auto' or a list of device ids")
+        if not _devices_accepted(self.devices):
+            raise ValueError(f"trainer.devices={self.devices!r} must be a number of devices >= 1, -1 (every device), 'auto' or a list of device ids "
+                             "(e.g. [0, 1] or '0,1')")
+        from lightning.pytorch.accelerators import AcceleratorRegistry
+        from lightning.pytorch.strategies import StrategyRegistry
+
+        # Checked as the config loads: Lightning itself refuses them only when a run's trainer is
+        # made, after the shared stages were built, with a traceback.
+        accelerators = sorted({"auto", "gpu", *AcceleratorRegistry.available_accelerators()})
+        if self.accelerator not in accelerators:
+            raise ValueError(f"trainer.accelerator={self.accelerator!r} is not known; use one of {', '.join(accelerators)}")
+        strategies = ["auto", *StrategyRegistry.available_strategies()]
+        if self.strategy not in strategies:
+            raise ValueError(f"trainer.strategy={self.strategy!r} is not known; use 'auto' or a Lightning strategy such as ddp, ddp_spawn, fsdp, deepspeed "
+                             f"(all: {', '.join(strategies)})")
 
     @property
     def distributed(self) -> bool:
@@ -150,6 +164,20 @@ class TrainerConfig:
         """The same settings on one device: for the shared stages, which every rank of a
         distributed run loads from the cache rather than trains together."""
         return replace(self, devices=1, num_nodes=1, strategy="auto")
+
+
+def _devices_accepted(devices: Any) -> bool:
+    """Lightning's forms of `devices`: a count >= 1, -1 for every device, 'auto', or device ids
+    (a non-empty list of ids >= 0, or a string of them: '0,1')."""
+    if isinstance(devices, bool):
+        return False
+    if isinstance(devices, int):
+        return devices >= 1 or devices == -1
+    if isinstance(devices, str):
+        return devices == "auto" or re.fullmatch(r"-1|\d+|\d+(,\s*\d+)*,?", devices.strip()) is not None and devices.strip() not in ("0", "")
+    if isinstance(devices, (list, tuple)):
+        return len(devices) > 0 and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in devices)
+    return False
 
 
 def steps_per_epoch(loader, world_size: int = 1) -> int:

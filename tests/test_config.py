@@ -202,6 +202,23 @@ def test_load_yaml_top_level_must_be_mapping(tmp_path):
     assert load_yaml(empty) == {}
 
 
+def test_load_yaml_refuses_aliases_and_merge_keys_naming_the_line(tmp_path):
+    """Nested aliases ("billion laughs") turn a few hundred bytes into billions of nodes once walked;
+    a config is refused at its first alias, at once, with where it is and what to write instead."""
+
+    path = tmp_path / "bomb.yaml"
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"] + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]
+    path.write_text("\n".join([*levels, "trainer:", "  devices: *a9", ""]))
+    with pytest.raises(ConfigError, match=r"bomb.yaml, line 2, column \d+: \*a0 is a YAML alias: anchors and aliases \(&name, \*name\) are not read here"):
+        load_yaml(path)
+    path.write_text("common: &common {beta: 0.1}\ndpo:\n  <<: *common\n")
+    with pytest.raises(ConfigError, match="alias"):
+        load_yaml(path)
+    path.write_text("dpo:\n  <<: {beta: 0.1}\n  lr: 3\n")
+    with pytest.raises(ConfigError, match=r"line 2, .*'<<' is a YAML merge key, which is not read here; write the keys out"):
+        load_yaml(path)
+
+
 def test_load_yaml_refuses_a_key_repeated_in_one_section(tmp_path):
     path = tmp_path / "dup.yaml"
     path.write_text("name: demo\ndpo:\n  beta: 0.1\n  lr: 3\n  beta: 0.2\n")

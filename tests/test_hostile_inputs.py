@@ -162,6 +162,11 @@ def test_every_temperature_learning_rate_and_top_p_is_checked_naming_its_key():
     ("hir.entropy_weight=-1", "entropy_weight=-1.0 must be >= 0"),
     ("trainer.threads=-1", "trainer.threads=-1 must be >= 0"),
     ("trainer.devices=0", "trainer.devices=0 must be a number of devices >= 1"),
+    # each once a Lightning traceback (exit 1) after the stages were built, leaving an empty run folder
+    ("trainer.devices=abc", "trainer.devices='abc' must be a number of devices >= 1"),
+    ("trainer.devices=[]", "trainer.devices=[] must be a number of devices >= 1"),
+    ("trainer.accelerator=foo", "trainer.accelerator='foo' is not known; use one of auto, cpu, cuda, gpu, mps, tpu"),
+    ("trainer.strategy=bogus", "trainer.strategy='bogus' is not known; use 'auto' or a Lightning strategy such as ddp"),
 ])
 def test_a_bad_value_on_the_command_line_exits_2_naming_it(world, override, message, capsys):
     before = snapshot(world)
