@@ -201,11 +201,12 @@ def draw_head_to_head(runs: list[Run], n_boot: int = 1000) -> Drawn:
         ax2.set_yticks(y, [names[i] for i in order])
         ax2.set_xlabel(f"Bradley–Terry strength (log-odds vs {ranking.anchor})")
         bars = describe_intervals([Interval(0.0, 0.0, 0.0, "two-level" if ranking.seeds > 1 else "prompts", ranking.seeds)])
-        every = "" if ranking.seeds == len(h2h.seeds) else f" (of {len(h2h.seeds)}: those every policy ran)"
+        all_ran = ranking.seeds == len(h2h.seeds)
+        of_all = "" if all_ran else f" (of {len(h2h.seeds)})"
         _note(ax2, f"{bars.split(':')[0]}: " + ("two-level bootstrap" if ranking.seeds > 1 else "bootstrap over prompts")
-              + f", {ranking.seeds} seed(s){every} × {ranking.units} prompts ({ranking.bootstrap} resamples)")
+              + f", {ranking.seeds} seed(s){'' if all_ran else f' (of {len(h2h.seeds)}: those every policy ran)'} × {ranking.units} prompts ({ranking.bootstrap} resamples)")
         _despine(ax2)
-        caption += (f" Right: Bradley–Terry strengths fitted to all comparisons at the {ranking.seeds} seed(s) every policy ran{every and f' (of {len(h2h.seeds)})'}, "
+        caption += (f" Right: Bradley–Terry strengths fitted to all comparisons at the {ranking.seeds} seed(s) every policy ran{of_all}, "
                     f"relative to {ranking.anchor} (P(i beats j) = σ(θi − θj)); {bars}.")
         rows = [{"rank": rank + 1, "policy": names[i], "strength": ranking.strength[i], "ci_low": ranking.low[i], "ci_high": ranking.high[i],
                  f"p_beats_{ranking.anchor}": 1 / (1 + math.exp(-ranking.strength[i]))} for rank, i in enumerate(order[::-1])]

@@ -16,7 +16,8 @@ from alignbench.stages.versions import version
 if TYPE_CHECKING:
     from alignbench.pipeline import Pipeline
 
-# Evaluation settings that do not change the reference's samples.
+# Evaluation settings left out of the key: those that do not change the reference's samples, and
+# the batch size, which does but enters the key only where it is not the default (below).
 NOT_READ = ("eval_every", "judge", "bootstrap_samples", "batch_size", "temperatures")
 
 
