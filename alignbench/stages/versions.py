@@ -52,7 +52,7 @@ BUILD: dict[str, Build] = {
     # 4: scored (held-out accuracy, the safety calibration) in smaller batches, a prompt's responses
     # with the prompt once (`score_texts`): the same scores up to float rounding.
     "reward_models": Build(4, ("stages/reward_models.py", *SHARED), "1d9d07e0f94c1111"),
-    "reference_samples": Build(1, ("stages/reference_samples.py", *SHARED), "aa6c964117077b8d"),
+    "reference_samples": Build(1, ("stages/reference_samples.py", *SHARED), "37dbf0bf72a7370e"),
     "candidates": Build(1, ("stages/candidates.py", *SHARED), "f2b9db3b1207d6ca"),
     # 2: fine-tuned by the packing fine_tune, as sft 2 (the quickstart's requests do not pack, so
     # its labeler is built as at 1; a shorter request would pack).
