@@ -180,6 +180,21 @@ def sample_policy(policy, reference, codec: TextCodec, prompts: Sequence[str], c
 METRIC_AXES = ("gold_reward", "gold_helpfulness", "gold_harmlessness")
 
 
+def prefer_in_both_orders(judge, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> np.ndarray:
+    """P(a beats b) on each prompt, `a` shown first on the even prompts and second on the odd ones,
+    as an evaluation that randomises the order does: a judge that favours a position (an annotator
+    profile's `position_bias`) then favours neither side over the prompts. For a judge that does not
+    look at the order (gold: 0, 1/2 or 1) the values are those of one order, exactly."""
+    first = np.arange(len(prompts)) % 2 == 0
+    wins = np.empty(len(prompts))
+    for shown_first, flip in ((np.flatnonzero(first), False), (np.flatnonzero(~first), True)):
+        if len(shown_first):
+            x, y = [a[i] for i in shown_first], [b[i] for i in shown_first]
+            p = np.asarray(judge.prefer_batch([prompts[i] for i in shown_first], *((y, x) if flip else (x, y))), dtype=float)
+            wins[shown_first] = 1.0 - p if flip else p
+    return wins
+
+
 class Evaluator:
     """Scores a policy's responses on one split against the reference's cached samples."""
 
@@ -196,7 +211,7 @@ class Evaluator:
             mean, low, high = bootstrap_ci(values, n_boot, seed)
             metrics[f"{prefix}/{name}"], metrics[f"{prefix}/{name}_ci_low"], metrics[f"{prefix}/{name}_ci_high"] = mean, low, high
 
-        wins = self.judge.prefer_batch(prompts, responses.texts, ref.texts)
+        wins = prefer_in_both_orders(self.judge, prompts, responses.texts, ref.texts)
         with_ci("win_rate", wins)
         records = [{"prompt": p, "response": y, "reference": r, "win": float(w)} for p, y, r, w in zip(prompts, responses.texts, ref.texts, wins)]
         if self.world is not None:

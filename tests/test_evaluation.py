@@ -43,6 +43,26 @@ def test_best_of_n_analytic_kl():
     assert math.isclose(best_of_n_kl(16), math.log(16) - 15 / 16)
 
 
+def test_the_evaluation_shows_the_policys_response_first_on_half_of_the_prompts():
+    """A judge that favours the first response shown (the "ai" annotator profile's position bias)
+    would favour the policy on every prompt were it always shown first; shown first on half of them,
+    a policy that answers as the reference does wins half. The gold judge gives what one order gives."""
+    from alignbench.annotator import AnnotatorConfig, SimulatedAnnotator
+    from alignbench.evaluation import prefer_in_both_orders
+    from alignbench.judges import AnnotatorJudge, GoldJudge
+    from alignbench.world import AssistantWorld
+
+    world = AssistantWorld()
+    prompts = world.sample_prompts("test", 40, seed=0)
+    answers = [world.ideal_response(p) for p in prompts]
+    biased = AnnotatorJudge(SimulatedAnnotator(world, AnnotatorConfig(temperature=0.1, flip_rate=0.0, position_bias=2.0)))
+    assert biased.prefer_batch(prompts, answers, answers).mean() == pytest.approx(1 / (1 + math.exp(-2.0)))  # one order: 0.88
+    assert prefer_in_both_orders(biased, prompts, answers, answers).mean() == pytest.approx(0.5)
+    refusals = ["sorry i can not help with that"] * len(prompts)
+    gold = GoldJudge(world)
+    np.testing.assert_array_equal(prefer_in_both_orders(gold, prompts, answers, refusals), gold.prefer_batch(prompts, answers, refusals))
+
+
 def test_judges_share_one_interface():
     import torch
 
