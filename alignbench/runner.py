@@ -11,7 +11,10 @@ without it is not finished, and running the same command again resumes it:
   are not trained again: each is restored from its end-of-fit checkpoint, so whatever
   the method computes between fits (samples, relabeled data, rounds) comes out as it did.
   The interrupted fit continues from its last checkpoint; history.jsonl is cut back to that
-  checkpoint, so no row appears twice; the W&B run (a stable id) resumes.
+  checkpoint, so no row appears twice; the W&B run resumes (its id is recorded with the
+  checkpoints, `checkpoints/run_config.json`, beside the settings the run started with: a
+  run whose settings differ from those, or with none recorded, starts again from the
+  beginning, under a W&B run of its own).
 - A file lock keeps two processes (two sweep workers, a re-run beside a live run) from
   running the same run at once: the second waits, then finds it finished.
 
@@ -33,6 +36,7 @@ import os
 import platform
 import shutil
 import traceback
+import uuid
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -304,7 +308,8 @@ def _run(spec: RunSpec, run_dir: Path, out: Path, group, pipeline, split: str, o
         if resume is None:
             checkpoints.record_config(resolved)
     history = HistoryWriter(history_path)
-    wandb_logger = make_wandb_logger(config.tracking, run_dir=run_dir, experiment=config.name, run_name=name, method=config.method, group=group, resolved_config=resolved)
+    wandb_logger = make_wandb_logger(config.tracking, run_dir=run_dir, experiment=config.name, run_name=name, method=config.method, group=group, resolved_config=resolved,
+                                     run_id=checkpoints.wandb_run_id())
     loggers = [HistoryLogger(history, observers=observers)] + ([wandb_logger] if wandb_logger is not None else [])
     failed = True
     try:
@@ -387,6 +392,7 @@ class Checkpoints:
 
     RUN_STATE = "alignbench_run"
     CONFIG = "run_config.json"
+    WANDB_ID = "wandb_run_id"  # a key of CONFIG beside the run's settings
 
     def __init__(self, directory: Path, primary: bool = True):
         self.directory, self.primary = directory, primary
@@ -443,9 +449,21 @@ class Checkpoints:
         return torch.load(path, map_location="cpu", weights_only=True)
 
     def record_config(self, resolved: dict) -> None:
-        """The resolved run config the checkpoints are taken under (`run_config.json`)."""
+        """The resolved run config the checkpoints are taken under (`run_config.json`), and a new
+        W&B run id for this start of the run (`wandb_run_id`)."""
         if self.primary:
-            write_json_atomic(self.directory / self.CONFIG, resolved)
+            write_json_atomic(self.directory / self.CONFIG, {**resolved, self.WANDB_ID: uuid.uuid4().hex[:16]})
+
+    def wandb_run_id(self) -> str | None:
+        """The W&B id of the run these checkpoints continue: a resumed run continues its W&B run,
+        while a run started again (here or in another folder, or after its folder was deleted) gets
+        a W&B run of its own, not the old one's history under its new rows. None where none is
+        recorded (checkpoints of an earlier version; a rank that does not write them)."""
+        try:
+            recorded = json.loads((self.directory / self.CONFIG).read_text())
+        except (OSError, ValueError):
+            return None
+        return recorded.get(self.WANDB_ID) if isinstance(recorded, dict) else None
 
     def config_problem(self, config) -> str | None:
         """Why the checkpoints cannot continue a run of `config`: taken under other settings (a

@@ -105,8 +105,11 @@ class HistoryLogger(Logger):
             observe(row)
 
 
-def make_wandb_logger(config: TrackingConfig, *, run_dir: Path, experiment: str, run_name: str, method: str, group: str | None, resolved_config: dict):
-    """Lightning's WandbLogger with alignbench's naming; None when W&B is disabled."""
+def make_wandb_logger(config: TrackingConfig, *, run_dir: Path, experiment: str, run_name: str, method: str, group: str | None, resolved_config: dict,
+                      run_id: str | None = None):
+    """Lightning's WandbLogger with alignbench's naming; None when W&B is disabled. `run_id`: the
+    W&B id this start of the run recorded (see `Checkpoints.wandb_run_id`); without one, a stable
+    id from the experiment and run name."""
     mode = resolve_wandb_mode(config.wandb)
     if mode == "disabled":
         return None
@@ -122,7 +125,7 @@ def make_wandb_logger(config: TrackingConfig, *, run_dir: Path, experiment: str,
         group=None if agent else config.group or group or experiment,
         job_type=method,
         name=run_name,
-        id=None if agent else _stable_run_id(experiment, run_name),
+        id=None if agent else run_id or _stable_run_id(experiment, run_name),
         resume="allow",
         save_dir=str(run_dir),
         mode=mode,

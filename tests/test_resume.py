@@ -118,7 +118,6 @@ def _history(run_dir: Path) -> list[dict]:
 @pytest.mark.parametrize("method, checkpoint", [("ppo", "fit-000-last.ckpt"), ("rejection_sampling", "fit-001-last.ckpt"), ("dpo", "fit-000-end.pt")])
 def test_a_run_killed_part_way_resumes_and_ends_as_an_uninterrupted_run(experiment, method, checkpoint, capsys):
     from alignbench.cli import main
-    from alignbench.tracking import _stable_run_id
 
     path, out = experiment
     assert main(["run", str(path), f"method={method}", "--out", str(out)]) == 0
@@ -145,8 +144,25 @@ def test_a_run_killed_part_way_resumes_and_ends_as_an_uninterrupted_run(experime
         assert all(row[k] == pytest.approx(reference_row[k], rel=1e-5, abs=1e-6) for k in row), row
     # the second process resumed the first one's W&B run rather than starting another
     wandb_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
-    assert len(wandb_runs) == 2 and {r.name.rsplit("-", 1)[1] for r in wandb_runs} == {_stable_run_id("resumed", run_dir.name)}
+    assert len(wandb_runs) == 2 and len({r.name.rsplit("-", 1)[1] for r in wandb_runs}) == 1
     assert not (run_dir / "checkpoints").exists()  # a finished run keeps none
+
+
+def test_each_start_of_a_run_gets_a_wandb_run_of_its_own_and_a_resumed_run_keeps_its_own(tmp_path):
+    """A run started again (its checkpoints taken under other settings, its folder deleted, or the
+    same run in another --out folder) must not continue the old start's W&B run: the old history
+    would sit under the new rows. The id is made when a run starts and kept with its checkpoints."""
+    from alignbench.runner import Checkpoints
+    from alignbench.tracking import _stable_run_id
+
+    checkpoints = Checkpoints(tmp_path / "checkpoints")
+    assert checkpoints.wandb_run_id() is None  # none recorded: the stable id, as before
+    checkpoints.record_config({"dpo": {"beta": 0.1}})
+    first = checkpoints.wandb_run_id()
+    assert first and first == Checkpoints(tmp_path / "checkpoints").wandb_run_id()  # a resumed run reads the same
+    checkpoints.clear()
+    checkpoints.record_config({"dpo": {"beta": 0.1}})
+    assert checkpoints.wandb_run_id() not in (None, first, _stable_run_id("e", "dpo-seed0-x"))
 
 
 # --- a damaged resume checkpoint ------------------------------------------------------
