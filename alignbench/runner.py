@@ -179,8 +179,10 @@ def finished_result(run_dir: Path, config) -> dict[str, Any] | None:
     changed = finished_config_mismatch(result.get("config", {}), config)
     if changed:
         raise ConfigError(
-            f"{path} was made with other values of settings you did not set (their defaults changed since): {'; '.join(changed[:5])}. "
-            f"Delete {run_dir} to run it again with today's defaults, or set those keys to the recorded values to reuse it."
+            f"{path} was made with other values of these settings than this run's: {'; '.join(changed[:5])}. Its name hashes only "
+            f"settings that differ from the defaults, so either a default changed since it was made, or the folder holds another "
+            f"run's results (copied or moved here). Delete {run_dir} to run it again with today's settings, or set those keys to "
+            f"the recorded values to reuse it."
         )
     return result
 
