@@ -198,7 +198,7 @@ def from_dict(cls: type[T], data: Mapping | None, path: str = "") -> T:
     kwargs = {}
     for name, f in fields.items():
         if name in data:
-            kwargs[name] = _convert(hints[name], data[name], _join(path, name))
+            kwargs[name] = _convert(hints[name], _over_field_default(f, data[name]), _join(path, name))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"missing required config key '{_join(path, name)}'")
     try:
@@ -208,6 +208,24 @@ def from_dict(cls: type[T], data: Mapping | None, path: str = "") -> T:
         if path and path not in message:
             message = f"config section '{path}': {message}"
         raise ConfigError(message) from err
+
+
+def _over_field_default(f: dataclasses.Field, value: Any) -> Any:
+    """A section given in part (`dpo: {optim: {lr: 1.0e-4}}`) over the field's own default section
+    (DPO's optimiser: warmup 0.1), not over its class's defaults (OptimConfig's: warmup 0.05): the
+    keys not given keep the values `alignbench methods` shows. An empty section is the default one."""
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if not (dataclasses.is_dataclass(default) and not isinstance(default, type)) or not (value is None or isinstance(value, Mapping)):
+        return value
+    return _overlay(to_dict(default), value or {})
+
+
+def _overlay(base: dict, given: Mapping) -> dict:
+    """`given` over `base`, section by section."""
+    merged = dict(base)
+    for key, value in given.items():
+        merged[key] = _overlay(merged[key], value) if isinstance(value, Mapping) and isinstance(merged.get(key), dict) else value
+    return merged
 
 
 def _convert(tp: Any, value: Any, key: str) -> Any:

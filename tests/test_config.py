@@ -73,8 +73,26 @@ def build(data: dict | None = None, *args: str) -> ExperimentConfig:
 def test_defaults_when_data_is_empty_or_none():
     assert from_dict(ExperimentConfig, None) == ExperimentConfig()
     cfg = from_dict(ExperimentConfig, {"dpo": None})  # "dpo:" with nothing under it
-    assert cfg.dpo == DPOConfig()  # the section class's defaults, since the section was given
+    assert cfg.dpo == DPOConfig(beta=0.5)  # the field's own default section, as if not given
     assert from_dict(ExperimentConfig, {}).dpo.beta == 0.5  # untouched section keeps the field default
+
+
+def test_a_section_given_in_part_keeps_the_fields_own_defaults_for_the_rest():
+    """`dpo: {optim: {lr: 1e-4}}` sets the learning rate of DPO's optimiser and nothing else: the
+    keys not given keep DPO's defaults (those `alignbench methods` shows), not the optimiser class's.
+    It once gave the quickstart's DPO OptimConfig's warmup 0.05 instead of DPO's 0.1."""
+    cfg = from_dict(ExperimentConfig, {"dpo": {"lr": 1e-3}})
+    assert cfg.dpo == DPOConfig(beta=0.5, lr=1e-3)
+    with pytest.raises(ConfigError, match="unknown config key 'dpo.betta'"):
+        from_dict(ExperimentConfig, {"dpo": {"betta": 0.2}})
+
+    from alignbench.experiment import ExperimentConfig as Experiment
+    from alignbench.experiment import load_experiment
+
+    defaults = Experiment()
+    assert load_experiment("quickstart").dpo.optim == dataclasses.replace(defaults.dpo.optim, lr=1.0e-4)
+    assert load_experiment("quickstart", ["grpo.optim.lr=1e-4"]).grpo.optim == dataclasses.replace(defaults.grpo.optim, lr=1e-4)
+    assert (defaults.grpo.optim.warmup_ratio, defaults.grpo.optim.schedule) == (0.0, "constant")  # not OptimConfig's 0.05, cosine
 
 
 def test_nested_values_and_types():
