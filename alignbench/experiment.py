@@ -217,6 +217,8 @@ def load_experiment_data(name_or_path: str, _chain: tuple[Path, ...] = ()) -> di
 def _deep_merge(base: dict, top: dict) -> dict:
     merged = dict(base)
     for key, value in top.items():
+        if value is None and isinstance(merged.get(key), dict):
+            continue  # an empty section ("ppo:" with nothing under it) adds nothing, as in an override
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = _deep_merge(merged[key], value)
         else:

@@ -176,6 +176,16 @@ def test_missing_required_field():
 # --- YAML files ----------------------------------------------------------------------------------
 
 
+def test_an_empty_section_in_a_file_keeps_its_bases_section(tmp_path):
+    """`ppo:` with nothing under it in a file built on a base adds nothing, as an override of no key
+    does; it once replaced the base's whole section with the defaults."""
+    from alignbench.experiment import load_experiment
+
+    (tmp_path / "base.yaml").write_text("name: b\nmethods: [ppo]\nppo:\n  iterations: 7\n")
+    (tmp_path / "top.yaml").write_text("base: base.yaml\nppo:\n")
+    assert load_experiment(str(tmp_path / "top.yaml")).ppo.iterations == 7
+
+
 def test_load_yaml_reads_mapping_and_scientific_floats(tmp_path):
     path = tmp_path / "exp.yaml"
     path.write_text("name: demo\ndpo:\n  lr: 1e-4\n  beta: 3E5\n")
