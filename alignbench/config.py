@@ -217,14 +217,18 @@ def _over_field_default(f: dataclasses.Field, value: Any) -> Any:
     default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
     if not (dataclasses.is_dataclass(default) and not isinstance(default, type)) or not (value is None or isinstance(value, Mapping)):
         return value
-    return _overlay(to_dict(default), value or {})
+    return deep_merge(to_dict(default), value or {})
 
 
-def _overlay(base: dict, given: Mapping) -> dict:
-    """`given` over `base`, section by section."""
+def deep_merge(base: dict, top: Mapping) -> dict:
+    """`top` over `base`, section by section (an experiment file over its `base:`, a section given
+    in part over its default). An empty section ("ppo:" with nothing under it) adds nothing, as an
+    override of no key does."""
     merged = dict(base)
-    for key, value in given.items():
-        merged[key] = _overlay(merged[key], value) if isinstance(value, Mapping) and isinstance(merged.get(key), dict) else value
+    for key, value in top.items():
+        if value is None and isinstance(merged.get(key), dict):
+            continue
+        merged[key] = deep_merge(merged[key], value) if isinstance(value, Mapping) and isinstance(merged.get(key), dict) else value
     return merged
 
 

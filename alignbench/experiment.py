@@ -21,7 +21,7 @@ from typing import Any, Literal, Sequence
 
 from alignbench.ai_feedback import AILabelerConfig
 from alignbench.annotator import AnnotatorConfig
-from alignbench.config import ConfigError, apply_overrides, config_hash, did_you_mean, flatten, from_dict, load_yaml, parse_overrides, to_dict
+from alignbench.config import ConfigError, apply_overrides, config_hash, deep_merge, did_you_mean, flatten, from_dict, load_yaml, parse_overrides, to_dict
 from alignbench.evaluation import EvalConfig
 from alignbench.hf_data import DataConfig, missing_local_path
 from alignbench.models import TINY_MODELS, LoRAConfig
@@ -211,19 +211,7 @@ def load_experiment_data(name_or_path: str, _chain: tuple[Path, ...] = ()) -> di
     base_data = load_experiment_data(str(beside) if beside.is_file() else base, _chain + (path,))
     for section in DRIVER_SECTIONS:
         base_data.pop(section, None)
-    return _deep_merge(base_data, data)
-
-
-def _deep_merge(base: dict, top: dict) -> dict:
-    merged = dict(base)
-    for key, value in top.items():
-        if value is None and isinstance(merged.get(key), dict):
-            continue  # an empty section ("ppo:" with nothing under it) adds nothing, as in an override
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
+    return deep_merge(base_data, data)
 
 
 def load_experiment(name_or_path: str, overrides: Sequence[str] = ()):
