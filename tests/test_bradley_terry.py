@@ -73,8 +73,9 @@ def test_a_policy_missing_seeds_leaves_the_ranking_to_the_seeds_every_policy_ran
     ab = HeadToHead(["a", "b"], seed_outcomes.sum(0)[:, :2, :2], seed_counts.sum(0)[:, :2, :2], seed_outcomes[:, :, :2, :2], seed_counts[:, :, :2, :2], (0, 1, 2))
     ac = HeadToHead(["a", "c"], seed_outcomes[0][:, [0, 2]][:, :, [0, 2]], seed_counts[0][:, [0, 2]][:, :, [0, 2]],
                     seed_outcomes[:1, :, [0, 2]][:, :, :, [0, 2]], seed_counts[:1, :, [0, 2]][:, :, :, [0, 2]], (0,))
-    assert low[0, 1] == ab.win_rate_intervals(n_boot=200)[0][0, 1] and high[0, 1] == ab.win_rate_intervals(n_boot=200)[1][0, 1]
-    assert low[0, 2] == ac.win_rate_intervals(n_boot=200)[0][0, 1] and high[0, 2] == ac.win_rate_intervals(n_boot=200)[1][0, 1]
+    for pair, alone in (((0, 1), ab), ((0, 2), ac)):
+        alone_low, alone_high = alone.win_rate_intervals(n_boot=200)
+        assert (low[pair], high[pair]) == (alone_low[0, 1], alone_high[0, 1])
     # where no seed has every policy there is no ranking
     seed_counts[0, :, 2, :] = seed_counts[0, :, :, 2] = seed_counts[1, :, 1, :] = seed_counts[1, :, :, 1] = 0
     seed_counts[1, :, 2, 0] = seed_counts[1, :, 0, 2] = 1  # c met a at seed 1 instead, where b did not run

@@ -233,7 +233,6 @@ def test_load_yaml_top_level_must_be_mapping(tmp_path):
 def test_load_yaml_refuses_aliases_and_merge_keys_naming_the_line(tmp_path):
     """Nested aliases ("billion laughs") turn a few hundred bytes into billions of nodes once walked;
     a config is refused at its first alias, at once, with where it is and what to write instead."""
-
     path = tmp_path / "bomb.yaml"
     levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"] + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]
     path.write_text("\n".join([*levels, "trainer:", "  devices: *a9", ""]))
